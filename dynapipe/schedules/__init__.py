@@ -1,0 +1,67 @@
+"""Pipeline schedules as data: generate, lower, validate and simulate per-rank action tables.
+
+    table = get_schedule("1f1b").build(n_ranks=4, n_stages=4, n_microbatches=8)
+    lowered = validate(table, 4, 4, 8, "loop")          # raises ScheduleError, else adds SEND/RECV
+    timeline = simulate(table, StageCost(forward=1.0, backward_input=1.0, backward_weight=1.0),
+                        n_ranks=4, n_stages=4, placement="loop")
+
+Pure Python: nothing here imports torch.
+"""
+
+from .actions import (
+    Action,
+    Kind,
+    ScheduleError,
+    Table,
+    format_schedule,
+    load_schedule,
+    normalize_table,
+    parse_schedule,
+)
+from .builtin import (
+    SCHEDULES,
+    ScheduleFn,
+    ScheduleSpec,
+    get_schedule,
+    gpipe,
+    interleaved_1f1b,
+    one_f_one_b,
+    zb_h1,
+    zbv,
+)
+from .lowering import lower
+from .placement import Placement, StageGraph, infer_placement, placement_map, stage_graph, stage_to_rank
+from .simulate import StageCost, Timeline, TimelineEvent, simulate
+from .validate import validate
+
+__all__ = [
+    "SCHEDULES",
+    "Action",
+    "Kind",
+    "Placement",
+    "ScheduleError",
+    "ScheduleFn",
+    "ScheduleSpec",
+    "StageCost",
+    "StageGraph",
+    "Table",
+    "Timeline",
+    "TimelineEvent",
+    "format_schedule",
+    "get_schedule",
+    "gpipe",
+    "infer_placement",
+    "interleaved_1f1b",
+    "load_schedule",
+    "lower",
+    "normalize_table",
+    "one_f_one_b",
+    "parse_schedule",
+    "placement_map",
+    "simulate",
+    "stage_graph",
+    "stage_to_rank",
+    "validate",
+    "zb_h1",
+    "zbv",
+]

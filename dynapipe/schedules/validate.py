@@ -1,0 +1,232 @@
+"""Prove a schedule complete and deadlock-free before anything runs.
+
+Checks, in order, each stopping at the first offence and naming the action and its rank:
+
+1. every rank ``0..n_ranks-1`` has a list, and every action names a real stage, microbatch and peer;
+2. every action sits on the rank that holds its stage, and runs once;
+3. same-rank order: F after its producers' F, B/I after its own F and its consumers' B/I, W after its I;
+4. completeness: each (stage, microbatch) has one F and one B, or one I and one W (F only when
+   ``forward_only``);
+5. deadlock freedom: replay the lowered table with blocking receives and non-blocking sends (the
+   runtime's contract). If no rank can move, report the cycle of waiting ranks.
+
+Dependencies between ranks are only checked by the replay: with blocking receives, a rank that runs
+an action "too early" simply waits, and the wait is harmless unless it closes a cycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from .actions import Action, Kind, ScheduleError, Table, normalize_table
+from .lowering import comm_before, lower
+from .placement import Placement, StageGraph, backward_kinds, inputs_of, placement_map
+from .placement import stage_graph as _chain_plus
+
+__all__ = ["ScheduleError", "validate"]
+
+
+def validate(
+    table: Mapping[int, Sequence[Action | str | None]],
+    n_ranks: int,
+    n_stages: int,
+    n_microbatches: int,
+    placement: Placement,
+    edges: Iterable[tuple[int, int]] | None = None,
+    *,
+    stage_graph: StageGraph | None = None,
+    forward_only: bool = False,
+) -> Table:
+    """Raise :class:`ScheduleError` unless ``table`` runs to completion; return its lowered form.
+
+    ``table`` may be compute-only (it is lowered here) or already lowered (its own sends and receives
+    are replayed as written). ``forward_only`` accepts inference tables, which have no backward.
+    """
+    table = normalize_table(table)
+    graph = stage_graph if stage_graph is not None else _chain_plus(n_stages, edges)
+    rank_of = placement_map(placement, n_ranks=n_ranks, n_stages=n_stages)
+    where = f"placement {placement!r}" if isinstance(placement, str) else "the given placement"
+
+    missing = [r for r in range(n_ranks) if r not in table]
+    extra = [r for r in table if not 0 <= r < n_ranks]
+    if missing or extra:
+        fix = " and ".join(
+            f"{verb} ranks {ranks}" for verb, ranks in (("add", missing), ("remove", extra)) if ranks
+        )
+        raise ScheduleError(f"schedule has lists for ranks {sorted(table)} but n_ranks is {n_ranks}: {fix}")
+
+    _check_actions(table, n_stages, n_microbatches, graph, rank_of, where, forward_only)
+    compute = {r: [a for a in acts if a is not None and a.kind.is_compute] for r, acts in table.items()}
+    _check_local_order(compute, graph, rank_of)
+    _check_complete(compute, n_stages, n_microbatches, rank_of, forward_only)
+
+    lowered_given = any(a is not None and not a.kind.is_compute for acts in table.values() for a in acts)
+    lowered = table if lowered_given else lower(table, n_ranks, n_stages, rank_of, graph)
+    _replay(lowered, graph, rank_of, backward_kinds(table))
+    return lowered
+
+
+def _check_actions(table, n_stages, n_mb, graph, rank_of, where, forward_only) -> None:
+    seen: dict[Action, int] = {}
+    for rank, actions in table.items():
+        for action in actions:
+            if action is None:
+                continue
+            at = f"{action} on rank {rank}"
+            if not 0 <= action.stage < n_stages:
+                raise ScheduleError(
+                    f"{at}: stage {action.stage} is outside 0..{n_stages - 1} (n_stages={n_stages})"
+                )
+            if not 0 <= action.mb < n_mb:
+                raise ScheduleError(
+                    f"{at}: microbatch {action.mb} is outside 0..{n_mb - 1} (n_microbatches={n_mb})"
+                )
+            owner = rank_of[action.stage]
+            if owner != rank:
+                raise ScheduleError(
+                    f"{at}: stage {action.stage} lives on rank {owner} under {where}; "
+                    f"move {action} to rank {owner}'s list"
+                )
+            if forward_only and action.kind in (Kind.B, Kind.I, Kind.W, Kind.SEND_B, Kind.RECV_B):
+                raise ScheduleError(f"{at}: a forward-only schedule has no backward actions; remove it")
+            if not action.kind.is_compute:
+                outgoing = action.kind in (Kind.SEND_F, Kind.RECV_B)
+                neighbours = graph.consumers[action.stage] if outgoing else graph.producers[action.stage]
+                if action.peer not in neighbours or rank_of[action.peer] == rank:
+                    raise ScheduleError(
+                        f"{at}: stage {action.peer} is not a stage-graph neighbour of stage {action.stage} on "
+                        f"another rank (neighbours: {list(neighbours)}); fix the peer or let lower() add comms"
+                    )
+            if action in seen:
+                raise ScheduleError(f"{at} appears twice; run each action once")
+            seen[action] = rank
+            if action.kind in (Kind.B, Kind.I, Kind.W):
+                clash = [Action(action.stage, k, action.mb) for k in (Kind.B, Kind.I, Kind.W)]
+                clash = [a for a in clash if a in seen and (a.kind is Kind.B) != (action.kind is Kind.B)]
+                if clash:
+                    raise ScheduleError(
+                        f"{at}: microbatch {action.mb} of stage {action.stage} already has {clash[0]}; "
+                        "use either B or both I and W, not both forms"
+                    )
+
+
+def _check_local_order(compute: Table, graph: StageGraph, rank_of: dict[int, int]) -> None:
+    everywhere = {a for acts in compute.values() for a in acts}
+    kinds = backward_kinds(compute)
+    for rank, actions in compute.items():
+        done: set[Action] = set()
+        for action in actions:
+            for need in inputs_of(action, graph, kinds):
+                if rank_of[need.stage] != rank or need in done or need not in everywhere:
+                    continue  # other ranks: the replay decides; absent: the completeness check says so
+                if need.stage == action.stage:
+                    why = f"its own {need}"
+                elif action.kind is Kind.F:
+                    why = f"{need}, the forward of its producer stage {need.stage}"
+                else:
+                    why = f"{need}, the backward of its consumer stage {need.stage}"
+                raise ScheduleError(f"{action} on rank {rank} runs before {why}; move it after {need}")
+            done.add(action)
+
+
+def _check_complete(compute: Table, n_stages, n_mb, rank_of, forward_only) -> None:
+    present = {a for acts in compute.values() for a in acts}
+    for stage in range(n_stages):
+        rank = rank_of[stage]
+        for mb in range(n_mb):
+            f, b, i, w = (Action(stage, kind, mb) for kind in (Kind.F, Kind.B, Kind.I, Kind.W))
+            if f not in present:
+                raise ScheduleError(
+                    f"stage {stage} has no forward of microbatch {mb}: add {f} to rank {rank}'s list"
+                )
+            if forward_only or b in present or (i in present and w in present):
+                continue
+            if i in present:
+                raise ScheduleError(f"{i} on rank {rank} has no {w}: add {w} after it")
+            if w in present:
+                raise ScheduleError(f"{w} on rank {rank} has no {i}: add {i} before it")
+            raise ScheduleError(f"{f} on rank {rank} has no backward: add {b} (or {i} and {w}) after it")
+
+
+def _message(action: Action) -> tuple[str, int, int, int]:
+    """(direction, source stage, destination stage, mb): the key a send and its receive share."""
+    if action.kind in (Kind.SEND_F, Kind.SEND_B):
+        return action.kind.value[-1], action.stage, action.peer, action.mb
+    return action.kind.value[-1], action.peer, action.stage, action.mb
+
+
+def _replay(lowered: Table, graph: StageGraph, rank_of: dict[int, int], kinds) -> None:
+    """Run every rank until all finish or none can move; blocking receives, non-blocking sends."""
+    pos = dict.fromkeys(lowered, 0)
+    posted: set[tuple] = set()
+    received: dict[int, set[tuple]] = {r: set() for r in lowered}
+    done: set[Action] = set()
+    moved = True
+    while moved:
+        moved = False
+        for rank, actions in lowered.items():
+            while pos[rank] < len(actions):
+                action = actions[pos[rank]]
+                if action is None:
+                    pass
+                elif action.kind.is_compute:
+                    for recv in comm_before(action, graph, rank_of):
+                        if _message(recv) not in received[rank]:
+                            raise ScheduleError(
+                                f"{action} on rank {rank} needs {recv} before it; add it or use lower()"
+                            )
+                    done.add(action)
+                elif action.kind in (Kind.SEND_F, Kind.SEND_B):
+                    kind = (
+                        Kind.F if action.kind is Kind.SEND_F else kinds.get((action.stage, action.mb), Kind.B)
+                    )
+                    source = Action(action.stage, kind, action.mb)
+                    if source not in done:
+                        raise ScheduleError(
+                            f"{action} on rank {rank} sends before {source} has run; move it after"
+                        )
+                    posted.add(_message(action))
+                elif _message(action) in posted:
+                    received[rank].add(_message(action))
+                else:
+                    break  # a receive whose send has not happened: this rank waits
+                pos[rank] += 1
+                moved = True
+    if all(pos[r] == len(acts) for r, acts in lowered.items()):
+        return
+    raise ScheduleError(_deadlock_report(lowered, pos, rank_of, kinds))
+
+
+def _deadlock_report(lowered: Table, pos: dict[int, int], rank_of: dict[int, int], kinds) -> str:
+    def waiting(rank: int) -> tuple[Action, Action, Action | None, int]:
+        recv = lowered[rank][pos[rank]]
+        kind = Kind.F if recv.kind is Kind.RECV_F else kinds.get((recv.peer, recv.mb), Kind.B)
+        needed_by = next((a for a in lowered[rank][pos[rank] :] if a is not None and a.kind.is_compute), None)
+        return recv, Action(recv.peer, kind, recv.mb), needed_by, rank_of[recv.peer]
+
+    def line(rank: int) -> str:
+        recv, source, needed_by, sender = waiting(rank)
+        what = f"{needed_by} on rank {rank}" if needed_by is not None else f"rank {rank}"
+        return f"{what} waits at {recv} for {source} from rank {sender}"
+
+    start = min(r for r, acts in lowered.items() if pos[r] < len(acts))
+    chain = [start]
+    while True:
+        sender = waiting(chain[-1])[3]
+        if pos[sender] == len(lowered[sender]):
+            recv, source = waiting(chain[-1])[:2]
+            send = Action(
+                source.stage, Kind.SEND_F if recv.kind is Kind.RECV_F else Kind.SEND_B, recv.mb, recv.stage
+            )
+            steps = "; ".join(line(r) for r in chain)
+            return (
+                f"deadlock: {steps}, but rank {sender} finished without sending it; add {send} after {source}"
+            )
+        if sender in chain:
+            cycle = chain[chain.index(sender) :]
+            steps = "; ".join(line(r) for r in cycle)
+            return (
+                f"deadlock: {steps} -- a cycle of ranks {cycle + [sender]}; reorder so that on some rank "
+                "the awaited action comes before the wait"
+            )
+        chain.append(sender)
