@@ -1,0 +1,16 @@
+"""dynapipe: pipeline-parallel training and inference through ``torch.compile(model, backend="dynapipe")``."""
+
+from .config import PipelineConfig
+from .errors import CaptureError, ConfigError, DynapipeError, GraphBreakError, PartitionError, PipelineError
+from .partition import pipe_split
+
+__all__ = [
+    "CaptureError",
+    "ConfigError",
+    "DynapipeError",
+    "GraphBreakError",
+    "PartitionError",
+    "PipelineConfig",
+    "PipelineError",
+    "pipe_split",
+]

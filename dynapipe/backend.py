@@ -1,0 +1,227 @@
+"""The ``"dynapipe"`` Dynamo backend: capture -> partition -> codegen -> runtime, on the first call.
+
+Dynamo calls :func:`dynapipe_backend` with the graph it traced at the full batch size. The backend keeps
+the Python frame Dynamo compiled and returns a callable; the first time that callable runs (outside
+Dynamo's compile, where errors read cleanly) it re-captures the frame at the microbatch size, cuts it into
+stages, checks that every rank cut the same way, frees the parameters of other ranks' stages and builds
+the pipeline. Later calls with the same input shapes reuse it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unflatten
+
+from .capture import CapturedGraph, FrameCall, capture_microbatch, frame_being_compiled
+from .codegen import StagePlan, build_stages, partition_digest
+from .config import PipelineConfig
+from .errors import ConfigError, PartitionError
+from .microbatch import check_divisible
+from .partition import assign_by_split_points, layer_boundaries, marker_positions
+from .runtime.comm import Comm, ensure_process_group
+from .runtime.pipeline import OutputSpec, Pipeline, release_foreign_state
+from .schedules import ScheduleSpec, format_schedule, get_schedule, placement_map, validate
+
+__all__ = ["dynapipe_backend"]
+
+
+def dynapipe_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | None = None) -> Any:
+    """Entry point registered as ``torch_dynamo_backends: dynapipe``."""
+    config = PipelineConfig.from_options(options)
+    frame = frame_being_compiled()
+    sources = [n.meta["grapharg"].source.name for n in gm.graph.find_nodes(op="placeholder")]
+    return _LazyPipeline(config, frame, sources)
+
+
+def _path_source(root: str, path: tuple) -> str:
+    """Dynamo's name for a leaf of a frame argument: ``L['kwargs']['labels']``, ``L['args'][0]``."""
+    text = f"L[{root!r}]"
+    for key in path:
+        if hasattr(key, "key"):
+            text += f"[{key.key!r}]"
+        elif hasattr(key, "idx"):
+            text += f"[{key.idx}]"
+        else:
+            text += f".{key.name}"
+    return text
+
+
+class _LazyPipeline:
+    """What the backend returns: builds (and caches, per input shapes) the pipeline on first use."""
+
+    def __init__(self, config: PipelineConfig, frame: FrameCall, sources: list[str]) -> None:
+        self.config, self.frame, self.sources = config, frame, sources
+        self.pipelines: dict[tuple, Pipeline] = {}
+
+    def __call__(self, *args: Any) -> tuple[Any, ...]:
+        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in args)
+        if key not in self.pipelines:
+            self.pipelines[key] = self._build(args)
+        return self.pipelines[key](*args)
+
+    def _arguments_now(self, args: tuple) -> dict[str, Any]:
+        """The frame's arguments with each input tensor swapped for the one of this call."""
+        by_source = dict(zip(self.sources, args, strict=True))
+        arguments = {}
+        for name, value in self.frame.arguments.items():
+            leaves, spec = tree_flatten_with_path(value)
+            new = [by_source.get(_path_source(name, path), leaf) for path, leaf in leaves]
+            arguments[name] = tree_unflatten(new, spec)
+        return arguments
+
+    def _build(self, args: tuple) -> Pipeline:
+        config = self.config
+        arguments = self._arguments_now(args)
+        inputs = {n: v for n, v in arguments.items() if n != self.frame.self_name}
+        batch_size = next(
+            (int(t.shape[0]) for t in tree_flatten(inputs)[0]
+             if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter) and t.dim() >= 1),
+            None,
+        )
+        if batch_size is None:
+            raise ConfigError("the compiled call has no input tensor with a batch dimension to split into microbatches")
+        device = next((t.device for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        ensure_process_group(device, config.timeout_s)
+        comm = Comm(timedelta(seconds=config.timeout_s))
+        world = dist.get_world_size()
+        spec = get_schedule(config.schedule)
+        n_stages = _stage_count(config, spec, world)
+        n_microbatches = config.n_microbatches or world
+        check_divisible(batch_size, n_microbatches)
+
+        captured = capture_microbatch(
+            FrameCall(self.frame.code, self.frame.globals, self.frame.closure, arguments),
+            n_microbatches=n_microbatches,
+            batch_size=batch_size,
+        )
+        plans = build_stages(captured, _assign(captured, config, n_stages), n_stages)
+        rank_of_stage = placement_map(spec.placement, n_ranks=world, n_stages=n_stages)
+        table = spec.build(n_ranks=world, n_stages=n_stages, n_microbatches=n_microbatches)
+        edges = sorted({(b.producer, c) for p in plans for b in p.sends for c in b.consumers})
+        validate(table, world, n_stages, n_microbatches, rank_of_stage, edges=edges)
+        comm.agree(partition_digest(plans) + format_schedule(table), "the partition and schedule")
+
+        local = sorted(s for s, r in rank_of_stage.items() if r == dist.get_rank())
+        pipeline = Pipeline(
+            plans=plans,
+            rank_of_stage=rank_of_stage,
+            table=table,
+            comm=comm,
+            input_positions=_input_positions(captured, self.sources),
+            batch_size=batch_size,
+            n_microbatches=n_microbatches,
+            outputs=_output_specs(captured),
+            loss_index=_loss_index(captured),
+            loss_reduction=config.loss_reduction,
+            tied=_tied_groups(plans, rank_of_stage, config.timeout_s),
+        )
+        release_foreign_state(plans, local)
+        return pipeline
+
+
+def _stage_count(config: PipelineConfig, spec: ScheduleSpec, world: int) -> int:
+    n_stages = config.n_stages or (len(config.split_points) + 1 if config.split_points else None)
+    if n_stages is None:
+        return spec.n_stages(world)
+    if n_stages % world and world % n_stages:
+        raise ConfigError(
+            f"world size ({world}) is not a multiple of the stage count ({n_stages}); launch "
+            f"{n_stages} processes (one per stage) or set n_stages / split_points for {world} stages"
+        )
+    if n_stages < world:
+        raise ConfigError(
+            f"world size ({world}) is {world // n_stages} x the stage count ({n_stages}); launch {n_stages} "
+            f"processes or make {world} stages (n_stages={world} or {world - 1} split_points)"
+        )
+    if n_stages > world:
+        spec.n_stages(world, stages_per_rank=n_stages // world)  # raises if the schedule cannot hold them
+    return n_stages
+
+
+def _assign(captured: CapturedGraph, config: PipelineConfig, n_stages: int) -> dict[fx.Node, int]:
+    markers = marker_positions(captured)
+    if markers and config.split_points:
+        raise ConfigError("the model calls pipe_split() and split_points is set too; use one of the two")
+    points: list = markers or list(config.split_points)
+    if not points and n_stages > 1:
+        blocks = layer_boundaries(captured)
+        if len(blocks) < n_stages:
+            raise PartitionError(
+                f"cannot make {n_stages} stages: the graph has only {len(blocks)} repeated blocks to split at "
+                f"({blocks}); use fewer stages or give split_points"
+            )
+        points = [blocks[round(i * len(blocks) / n_stages)] for i in range(1, n_stages)]
+    if len(points) + 1 != n_stages:
+        raise ConfigError(
+            f"{len(points)} split points make {len(points) + 1} stages, but the pipeline needs {n_stages}; "
+            f"give {n_stages - 1} split points"
+        )
+    return assign_by_split_points(captured, points)
+
+
+def _input_positions(captured: CapturedGraph, sources: list[str]) -> list[int]:
+    positions = []
+    for source in captured.input_sources:
+        if source not in sources:
+            raise ConfigError(
+                f"input {source} of the microbatch graph is not an input of the compiled call; inputs must be "
+                "tensors, or lists/tuples/dicts of tensors, passed as arguments"
+            )
+        positions.append(sources.index(source))
+    return positions
+
+
+def _output_nodes(captured: CapturedGraph) -> list[Any]:
+    out = captured.gm.graph.find_nodes(op="output")[0].args[0]
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _output_specs(captured: CapturedGraph) -> list[OutputSpec]:
+    specs = []
+    for node in _output_nodes(captured):
+        value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+        if not isinstance(value, torch.Tensor):
+            raise ConfigError(f"output {node} of the compiled call is not a tensor; return tensors (or pytrees of them)")
+        shape = tuple(int(d.node.hint) if isinstance(d, torch.SymInt) else int(d) for d in value.shape)
+        if shape:
+            shape = (shape[0] * captured.n_microbatches, *shape[1:])
+        specs.append(OutputSpec(shape, value.dtype))
+    return specs
+
+
+def _loss_index(captured: CapturedGraph) -> int | None:
+    for i, node in enumerate(_output_nodes(captured)):
+        value = node.meta.get("example_value")
+        if value.dim() == 0 and value.is_floating_point() and value.requires_grad:
+            return i
+    return None
+
+
+def _tied_groups(plans: list[StagePlan], rank_of_stage: dict[int, int], timeout_s: float) -> list:
+    """Parameters read by stages on several ranks, each with a process group over just those ranks.
+
+    Every rank calls ``new_group`` for every such parameter in the same order, as torch.distributed needs.
+    """
+    ranks_of: dict[int, set[int]] = {}
+    named: dict[int, tuple[torch.nn.Parameter, str]] = {}
+    for plan in plans:
+        for attr, param in plan.module.named_parameters():
+            if param.requires_grad:
+                ranks_of.setdefault(id(param), set()).add(rank_of_stage[plan.index])
+                named.setdefault(id(param), (param, plan.state_names.get(attr, attr)))
+    groups: dict[tuple[int, ...], Any] = {}
+    tied = []
+    for pid, (param, name) in sorted(named.items(), key=lambda item: item[1][1]):
+        ranks = tuple(sorted(ranks_of[pid]))
+        if len(ranks) < 2:
+            continue
+        if ranks not in groups:
+            groups[ranks] = dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s))
+        if dist.get_rank() in ranks:
+            tied.append((param, groups[ranks], name))
+    return tied

@@ -1,0 +1,242 @@
+"""Dynamo graph in -> one captured, batch-symbolic FX graph of a single microbatch.
+
+Dynamo hands the backend a graph traced at the full batch size, with that size baked into views and
+reshapes. Pipelining runs the graph on microbatches, so dynapipe re-traces the same Python frame (same
+code object, globals, closure and arguments) with its batched inputs cut to one microbatch and their batch
+dimension marked dynamic, under ``fullgraph=True`` so that a graph break becomes an error naming its cause.
+
+The result, :class:`CapturedGraph`, is the contract with the rest of dynapipe:
+
+* placeholders are the microbatched inputs, each tagged with its Dynamo source (``L['x']``);
+* parameters, buffers and other tensors the code reads become ``get_attr`` nodes whose attributes are the
+  user's own tensor objects (so gradients land where the user's optimizer looks);
+* symbolic sizes are specialised to the microbatch size for execution, while each node's
+  ``meta["example_value"]`` keeps its symbolic shape (sympy) for the cost model;
+* ``meta["module_path"]`` is the dotted name of the innermost user module that produced the node.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._dynamo.symbolic_convert import InstructionTranslator
+
+from .errors import CaptureError, GraphBreakError
+from .microbatch import is_batched, split_value
+
+__all__ = ["FrameCall", "CapturedGraph", "frame_being_compiled", "capture_microbatch"]
+
+_ROOT = re.compile(r"^(?:L|G)\[['\"]([^'\"]+)['\"]\]")
+_MODULE_KEY = re.compile(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]")
+
+
+@dataclass(frozen=True)
+class FrameCall:
+    """The Python call that Dynamo compiled: enough to call the same code again on other arguments."""
+
+    code: types.CodeType
+    globals: dict[str, Any]
+    closure: tuple[Any, ...] | None
+    arguments: dict[str, Any]
+
+    def function(self) -> types.FunctionType:
+        return types.FunctionType(self.code, self.globals, self.code.co_name, None, self.closure)
+
+    def bind(self, arguments: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        """Positional and keyword arguments that reproduce the frame's locals ``arguments``."""
+        n_pos = self.code.co_argcount
+        names = self.code.co_varnames
+        args = [arguments[n] for n in names[:n_pos]]
+        kwargs = {n: arguments[n] for n in names[n_pos : n_pos + self.code.co_kwonlyargcount]}
+        extra = n_pos + self.code.co_kwonlyargcount
+        if self.code.co_flags & inspect.CO_VARARGS:
+            args += list(arguments[names[extra]])
+            extra += 1
+        if self.code.co_flags & inspect.CO_VARKEYWORDS:
+            kwargs.update(arguments[names[extra]])
+        return args, kwargs
+
+    @property
+    def self_name(self) -> str | None:
+        """The name of the frame's first argument when it is an nn.Module (``self`` of forward)."""
+        if self.code.co_argcount and isinstance(self.arguments.get(self.code.co_varnames[0]), torch.nn.Module):
+            return self.code.co_varnames[0]
+        return None
+
+
+def frame_being_compiled() -> FrameCall:
+    """Read the frame Dynamo is compiling; call only from inside a Dynamo backend."""
+    tx = InstructionTranslator.current_tx()
+    if tx.f_code.co_name.startswith("torch_dynamo_resume_in_"):
+        raise GraphBreakError(
+            f"Dynamo broke the graph of {tx.f_code.co_name.split('_in_')[-1]}() before this point, so dynapipe "
+            "sees only part of the step. Run the step once with torch.compile(..., fullgraph=True, "
+            "backend='eager') to see the break and its source line, then remove it."
+        )
+    n_args = tx.f_code.co_argcount + tx.f_code.co_kwonlyargcount
+    n_args += bool(tx.f_code.co_flags & inspect.CO_VARARGS) + bool(tx.f_code.co_flags & inspect.CO_VARKEYWORDS)
+    names = tx.f_code.co_varnames[:n_args]
+    return FrameCall(tx.f_code, tx.f_globals, tx.closure, {n: tx.f_locals[n] for n in names})
+
+
+@dataclass
+class CapturedGraph:
+    """One microbatch of the step as a flat FX graph (see the module docstring for the contract)."""
+
+    gm: fx.GraphModule
+    input_sources: list[str]  # Dynamo source name of each placeholder, in placeholder order
+    state_names: dict[str, str]  # get_attr target -> qualified name in the user's model ("layers.0.weight")
+    batch_size: int
+    n_microbatches: int
+    output_is_tensor: list[bool] = field(default_factory=list)
+
+    @property
+    def microbatch_size(self) -> int:
+        return self.batch_size // self.n_microbatches
+
+
+class _Recorded(Exception):
+    """Raised by the recording backend to stop Dynamo once it has handed over the graph."""
+
+
+def _qualified_name(source_name: str, self_name: str | None) -> str:
+    """``L['self']._modules['layers']._modules['0']._parameters['weight']`` -> ``layers.0.weight``."""
+    root = _ROOT.match(source_name)
+    parts = _MODULE_KEY.findall(source_name)
+    if root and root.group(1) != self_name:
+        parts.insert(0, root.group(1))
+    if not parts:  # a tensor reached some other way (a global, an attribute): keep the source readable
+        return re.sub(r"\W+", "_", source_name).strip("_")
+    return ".".join(parts)
+
+
+def _module_path(stack_entry: str, self_name: str | None) -> str:
+    """``L['self'].layers.0`` -> ``layers.0``; ``G['model'].layers.0`` -> ``model.layers.0``."""
+    root = _ROOT.match(stack_entry)
+    rest = stack_entry[root.end() :] if root else stack_entry
+    rest = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", rest).lstrip(".")
+    if root and root.group(1) != self_name:
+        rest = f"{root.group(1)}.{rest}" if rest else root.group(1)
+    return rest
+
+
+def _hint(value: Any) -> Any:
+    """Concrete value of a (backed) SymInt/SymFloat/SymBool at the microbatch size."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return value.node.hint if value.node.hint is not None else value.node.require_hint()
+    return value
+
+
+def _attr_name(qualified: str, taken: set[str]) -> str:
+    name = re.sub(r"\W", "_", qualified) or "state"
+    if name[0].isdigit():
+        name = f"_{name}"
+    base, i = name, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def _record(frame: FrameCall, arguments: dict[str, Any]) -> tuple[fx.GraphModule, list[tuple[str, Any]]]:
+    """Trace ``frame`` on ``arguments`` with Dynamo; return the graph and each placeholder's (source, value)."""
+    box: dict[str, Any] = {}
+
+    def recorder(gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
+        args = []
+        for node in gm.graph.find_nodes(op="placeholder"):
+            grapharg = node.meta["grapharg"]
+            args.append((grapharg.source.name, grapharg.example))
+        box["graph"] = (gm, args)
+        raise _Recorded
+
+    try:
+        args, kwargs = frame.bind(arguments)
+        torch.compile(frame.function(), backend=recorder, fullgraph=True)(*args, **kwargs)
+    except Exception as err:  # Dynamo wraps backend exceptions; find ours or report the break
+        if "graph" in box:
+            return box["graph"]
+        if isinstance(err, torch._dynamo.exc.Unsupported):
+            raise GraphBreakError(
+                "dynapipe needs the whole step as one graph, but Dynamo cannot trace it:\n"
+                f"{err}\nFix: rewrite the line shown above (or move it out of the compiled call); "
+                "torch.compile(..., fullgraph=True, backend='eager') reproduces the break in one process."
+            ) from err
+        raise CaptureError(f"dynapipe could not capture the step at the microbatch size: {err}") from err
+    raise CaptureError("Dynamo produced no graph for the step: the compiled call performs no tensor work")
+
+
+def capture_microbatch(frame: FrameCall, *, n_microbatches: int, batch_size: int) -> CapturedGraph:
+    """Re-trace ``frame`` on microbatch 0 of its own arguments and turn it into a :class:`CapturedGraph`."""
+    mb_args = {k: split_value(v, n_microbatches, batch_size, 0) for k, v in frame.arguments.items()}
+    for leaf in torch.utils._pytree.tree_leaves(mb_args):
+        if is_batched(leaf, batch_size // n_microbatches) and batch_size // n_microbatches > 1:
+            torch._dynamo.maybe_mark_dynamic(leaf, 0)
+    gm, placeholders = _record(frame, mb_args)
+    return _to_captured(gm, placeholders, frame, batch_size, n_microbatches)
+
+
+def _to_captured(
+    gm: fx.GraphModule, placeholders: list[tuple[str, Any]], frame: FrameCall, batch_size: int, n_mb: int
+) -> CapturedGraph:
+    graph = gm.graph
+    self_name = frame.self_name
+    state_names: dict[str, str] = {}
+    input_sources: list[str] = []
+    taken = {n.target for n in graph.nodes if n.op == "get_attr"}
+    for node, (source, value) in zip(list(graph.find_nodes(op="placeholder")), placeholders, strict=True):
+        is_state = isinstance(value, torch.nn.Parameter) or "._buffers[" in source or "._parameters[" in source
+        from_argument = any(source.startswith(f"L['{a}']") for a in frame.arguments if a != self_name)
+        if isinstance(value, torch.Tensor) and not is_state and from_argument:
+            node.meta.pop("grapharg", None)
+            input_sources.append(source)
+            continue
+        if isinstance(value, torch.Tensor):  # parameter, buffer, or a tensor constant the code reads
+            qualified = _qualified_name(source, self_name)
+            name = _attr_name(qualified, taken)
+            state_names[name] = qualified
+            if isinstance(value, torch.nn.Parameter):
+                gm.register_parameter(name, value)
+            else:
+                gm.register_buffer(name, value, persistent=False)
+            with graph.inserting_before(node):
+                attr = graph.get_attr(name)
+            attr.meta = dict(node.meta)
+            node.replace_all_uses_with(attr)
+        else:  # a size or Python scalar: fixed for every microbatch of this graph
+            node.replace_all_uses_with(_hint(value))
+        graph.erase_node(node)
+    _specialise_sizes(graph)
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        node.meta["module_path"] = _module_path(list(stack.values())[-1][0], self_name) if stack else ""
+    graph.lint()
+    gm.recompile()
+    outputs = graph.find_nodes(op="output")[0].args[0]
+    flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    is_tensor = [isinstance(o, fx.Node) and isinstance(o.meta.get("example_value"), torch.Tensor) for o in flat]
+    return CapturedGraph(gm, input_sources, state_names, batch_size, n_mb, is_tensor)
+
+
+def _specialise_sizes(graph: fx.Graph) -> None:
+    """Replace nodes that compute sizes (``x.size(0)``, ``s0 * 4``) with their value at this microbatch size."""
+    for node in list(graph.nodes):
+        if node.op not in ("call_function", "call_method"):
+            continue
+        value = node.meta.get("example_value")
+        if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)) or (
+            isinstance(value, (tuple, list, torch.Size))
+            and value
+            and all(isinstance(v, (torch.SymInt, int)) for v in value)
+        ):
+            concrete = type(value)(_hint(v) for v in value) if isinstance(value, (tuple, list)) else _hint(value)
+            if isinstance(value, torch.Size):
+                concrete = tuple(_hint(v) for v in value)
+            node.replace_all_uses_with(concrete)
+            graph.erase_node(node)

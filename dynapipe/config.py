@@ -1,0 +1,68 @@
+"""Every option of ``torch.compile(..., backend="dynapipe", options={...})``, validated once, here."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["PipelineConfig"]
+
+_LOSS_REDUCTIONS = ("mean", "sum")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """Options of the dynapipe backend. All are optional.
+
+    n_stages: pipeline stages (default: world size / dp_degree, times virtual_stages).
+    n_microbatches: microbatches per step (default: the number of pipeline ranks).
+    schedule: a built-in name ("gpipe", "1f1b", ...), a schedule function, a per-rank action table,
+        or the path of a text/CSV file holding one.
+    split_points: module names (as in ``model.named_modules()``); a stage starts right before each.
+    loss_reduction: how the per-microbatch losses combine into the step's loss: "mean" (as a loss
+        averaged over the batch, HuggingFace's default) or "sum". With "mean", a loss that averages over
+        a varying number of non-padded tokens per microbatch differs slightly from one process: the
+        microbatch means are averaged with equal weights.
+    timeout_s: limit for every collective and point-to-point wait; a dead peer fails the step after it.
+    """
+
+    n_stages: int | None = None
+    n_microbatches: int | None = None
+    schedule: Any = "gpipe"
+    split_points: tuple[str, ...] = ()
+    loss_reduction: str = "mean"
+    timeout_s: float = 300.0
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> PipelineConfig:
+        options = dict(options or {})
+        valid = sorted(f.name for f in dataclasses.fields(cls) if not f.name.startswith("_"))
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown dynapipe option(s) {unknown}; valid options are {valid}")
+        if "split_points" in options:
+            points = options["split_points"]
+            if isinstance(points, str) or not all(isinstance(p, str) for p in points):
+                raise ConfigError(f"split_points must be a list of module names, got {points!r}")
+            options["split_points"] = tuple(points)
+        config = cls(**options)
+        config._check()
+        return config
+
+    def _check(self) -> None:
+        for name in ("n_stages", "n_microbatches"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        if self.loss_reduction not in _LOSS_REDUCTIONS:
+            raise ConfigError(f"loss_reduction must be one of {_LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
+        if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
+            raise ConfigError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+        if self.n_stages is not None and self.split_points and len(self.split_points) != self.n_stages - 1:
+            raise ConfigError(
+                f"{len(self.split_points)} split_points make {len(self.split_points) + 1} stages, but "
+                f"n_stages is {self.n_stages}; give n_stages - 1 split points or drop n_stages"
+            )

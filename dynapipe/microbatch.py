@@ -1,0 +1,63 @@
+"""Splitting a batch into microbatches and merging per-microbatch outputs back.
+
+The rule, as in torch.distributed.pipelining's default chunk spec: every input tensor whose first
+dimension equals the batch size is split along dim 0 into equal chunks; every other value (parameters,
+modules, Python scalars, tensors of another length) is given whole to each microbatch.
+Outputs: 0-dim tensors are reduced (mean or sum, as the loss is), others are concatenated on dim 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .errors import ConfigError
+
+__all__ = ["infer_batch_size", "split_value", "merge_outputs"]
+
+
+def _is_data_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) and x.dim() >= 1
+
+
+def infer_batch_size(values: Any) -> int | None:
+    """Batch size = first dim of the first data tensor among the call's arguments."""
+    for leaf in tree_flatten(values)[0]:
+        if _is_data_tensor(leaf):
+            return int(leaf.shape[0])
+    return None
+
+
+def check_divisible(batch_size: int, n_microbatches: int) -> None:
+    if batch_size % n_microbatches:
+        fits = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+        raise ConfigError(
+            f"n_microbatches ({n_microbatches}) must divide the batch size ({batch_size}); "
+            f"use one of {fits} or change the batch size"
+        )
+
+
+def is_batched(x: Any, batch_size: int) -> bool:
+    return _is_data_tensor(x) and x.shape[0] == batch_size
+
+
+def split_value(value: Any, n_microbatches: int, batch_size: int, index: int) -> Any:
+    """Microbatch `index` of a (pytree) value: batched tensors are sliced, all else passes through."""
+    size = batch_size // n_microbatches
+
+    def pick(x: Any) -> Any:
+        if is_batched(x, batch_size):
+            return x.narrow(0, index * size, size)
+        return x
+
+    return tree_map(pick, value)
+
+
+def merge_outputs(per_microbatch: list[torch.Tensor], reduction: str) -> torch.Tensor:
+    """One graph output over all microbatches: reduce scalars, concatenate the rest on dim 0."""
+    if per_microbatch[0].dim() == 0:
+        total = torch.stack(per_microbatch).sum()
+        return total / len(per_microbatch) if reduction == "mean" else total
+    return torch.cat(per_microbatch, dim=0)

@@ -1,0 +1,118 @@
+"""Stage assignment from split points a person chose: module names, or ``pipe_split()`` markers in code."""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+import torch
+import torch.fx as fx
+
+from ..capture import CapturedGraph
+from ..errors import ConfigError, PartitionError
+
+__all__ = ["pipe_split", "SPLIT_MARKERS", "assign_by_split_points", "marker_positions", "layer_boundaries"]
+
+torch.library.define("dynapipe::pipe_split", "() -> ()")
+
+
+@torch.library.impl("dynapipe::pipe_split", "CompositeExplicitAutograd")
+def _pipe_split_impl() -> None:
+    return None
+
+
+@torch.library.register_fake("dynapipe::pipe_split")
+def _pipe_split_fake() -> None:
+    return None
+
+
+def pipe_split() -> None:
+    """Mark a stage boundary inside ``forward``; a no-op when the model runs eagerly."""
+    torch.ops.dynapipe.pipe_split()
+
+
+def _split_markers() -> tuple[object, ...]:
+    markers: list[object] = [torch.ops.dynapipe.pipe_split.default, torch.ops.dynapipe.pipe_split]
+    if hasattr(torch.ops, "pippy") and hasattr(torch.ops.pippy, "_pipe_split"):  # torch.distributed.pipelining's
+        markers += [torch.ops.pippy._pipe_split.default, torch.ops.pippy._pipe_split]
+    return tuple(markers)
+
+
+SPLIT_MARKERS = _split_markers
+
+
+def _compute_nodes(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+
+
+def marker_positions(captured: CapturedGraph) -> list[int]:
+    """Positions (in compute-node order) of ``pipe_split()`` markers; the markers are removed."""
+    graph, positions, index = captured.gm.graph, [], 0
+    markers = SPLIT_MARKERS()
+    for node in _compute_nodes(graph):
+        if node.target in markers:
+            positions.append(index)
+            graph.erase_node(node)
+        else:
+            index += 1
+    captured.gm.recompile()
+    return positions
+
+
+def _inside(path: str, name: str) -> bool:
+    """Whether module ``path`` is ``name`` or inside it; ``name`` may omit the captured root variable
+    (``layers.2`` matches ``model.layers.2`` when the compiled function reads a global ``model``)."""
+    for candidate in (path, path.partition(".")[2]):
+        if candidate == name or candidate.startswith(name + "."):
+            return True
+    return False
+
+
+def _module_start(nodes: list[fx.Node], name: str) -> int:
+    """Index of the first compute node produced inside module ``name`` (dotted, as in named_modules())."""
+    for i, node in enumerate(nodes):
+        if _inside(node.meta.get("module_path", ""), name):
+            return i
+    known = sorted({n.meta.get("module_path", "") for n in nodes} - {""})
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; modules in the graph include {known[:8]}"
+    raise ConfigError(f"split point {name!r} names no module that runs in the compiled call{hint}")
+
+
+def assign_by_split_points(captured: CapturedGraph, split_points: list[str] | list[int]) -> dict[fx.Node, int]:
+    """Stage of each compute node: a split goes right before each named module (or marker position)."""
+    nodes = _compute_nodes(captured.gm.graph)
+    starts = [p if isinstance(p, int) else _module_start(nodes, p) for p in split_points]
+    for a, b, name in zip(starts, starts[1:], split_points[1:], strict=False):
+        if b <= a:
+            raise ConfigError(
+                f"split points must follow execution order and enclose work: {name!r} starts at node {b}, "
+                f"not after the previous split at node {a}; list split points in the order the modules run"
+            )
+    if starts and (starts[0] == 0 or starts[-1] >= len(nodes)):
+        raise PartitionError(f"split point {split_points[0]!r} leaves stage 0 empty; drop it or split later")
+    stage_of, stage = {}, 0
+    for i, node in enumerate(nodes):
+        while stage < len(starts) and i >= starts[stage]:
+            stage += 1
+        stage_of[node] = stage
+    return stage_of
+
+
+_LAYER = re.compile(r"^(.*\.)?\d+$")
+
+
+def layer_boundaries(captured: CapturedGraph) -> list[str]:
+    """Names of the repeated blocks (``layers.0``, ``layers.1`` …) in execution order: even-split candidates."""
+    seen, blocks = set(), []
+    for node in _compute_nodes(captured.gm.graph):
+        path = node.meta.get("module_path", "")
+        parts = path.split(".")
+        for depth in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            if _LAYER.match(prefix):
+                if prefix not in seen:
+                    seen.add(prefix)
+                    blocks.append(prefix)
+                break
+    return blocks

@@ -1,0 +1,156 @@
+"""One rank's pipeline for one captured graph: the single-device call semantics on top of the executor.
+
+A training call runs the whole schedule, forward and backward of every microbatch, inside the call (1F1B
+interleaves them, so the backward cannot wait for ``loss.backward()``). The parameter gradients it
+produces are held, not written to ``.grad``; the returned loss is tied to this rank's parameters by an
+autograd Function whose backward hands them out scaled by the incoming gradient. So ``loss.backward()``,
+``(loss * 0.5).backward()``, gradient accumulation and ``zero_grad()`` behave as on one device, and a
+call whose loss is never back-propagated leaves ``.grad`` untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..codegen import StagePlan
+from ..errors import ConfigError
+from ..microbatch import merge_outputs, split_value
+from ..schedules import Action, Kind
+from .comm import Comm
+from .executor import Executor
+
+__all__ = ["Pipeline", "release_foreign_state"]
+
+
+class _HeldGradients(torch.autograd.Function):
+    """Identity on the loss value whose backward returns the held parameter gradients times grad_output."""
+
+    @staticmethod
+    def forward(ctx, loss, grads, anchor, *params):  # noqa: ARG004 - params only connect the graph
+        ctx.grads = grads
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        scaled = [None if g is None else g * grad_output for g in ctx.grads]
+        return (None, None, None, *scaled)
+
+
+@dataclass
+class OutputSpec:
+    shape: tuple[int, ...]  # merged over microbatches
+    dtype: torch.dtype
+
+
+@dataclass
+class Pipeline:
+    plans: list[StagePlan]
+    rank_of_stage: dict[int, int]
+    table: dict[int, list[Action | None]]  # the training schedule, per rank
+    comm: Comm
+    input_positions: list[int]  # for each graph input, its position among the backend's arguments
+    batch_size: int
+    n_microbatches: int
+    outputs: list[OutputSpec]
+    loss_index: int | None
+    loss_reduction: str
+    tied: list[tuple[torch.nn.Parameter, dist.ProcessGroup, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rank = dist.get_rank()
+        self.local_stages = sorted(s for s, r in self.rank_of_stage.items() if r == self.rank)
+        self.last_rank = self.rank_of_stage[len(self.plans) - 1]
+        self.params = [
+            p for s in self.local_stages for p in self.plans[s].module.parameters() if p.requires_grad
+        ]
+        self.params = list({id(p): p for p in self.params}.values())
+        scale = 1.0 / self.n_microbatches if self.loss_reduction == "mean" else 1.0
+        self.executor = Executor(self.plans, self.rank_of_stage, self.comm, self.n_microbatches, self.loss_index, scale)
+
+    def __call__(self, *args: Any) -> tuple[Any, ...]:
+        values = [args[i] for i in self.input_positions]
+        for v in values:
+            if isinstance(v, torch.Tensor) and v.requires_grad:
+                raise ConfigError(
+                    "an input of the pipelined call requires grad; dynapipe returns gradients for parameters "
+                    "only. Detach the input, or make it an nn.Parameter of the model."
+                )
+        inputs = [
+            [split_value(v, self.n_microbatches, self.batch_size, mb) for v in values]
+            for mb in range(self.n_microbatches)
+        ]
+        train = torch.is_grad_enabled()
+        if train and self.loss_index is None:
+            raise ConfigError(
+                "with gradients enabled the compiled call must return a scalar loss that requires grad "
+                "(e.g. `loss = F.cross_entropy(model(x), y)` or a HuggingFace model called with labels); "
+                "for inference call it under torch.no_grad()"
+            )
+        actions = self.table[self.rank] if train else self._forward_only()
+        held = {p: p.grad for p in self.params}
+        for p in self.params:
+            p.grad = None
+        try:
+            results = self.executor.run(actions, inputs, train)
+            grads = [p.grad for p in self.params]
+        finally:
+            for p, g in held.items():
+                p.grad = g
+        if train:
+            self._reduce_tied(grads)
+        outputs = self._gather_outputs(results)
+        if train:
+            anchor = torch.zeros((), requires_grad=True)
+            outputs[self.loss_index] = _HeldGradients.apply(outputs[self.loss_index], grads, anchor, *self.params)
+        return tuple(outputs)
+
+    def _forward_only(self) -> list[Action]:
+        return [Action(s, Kind.F, mb) for s in self.local_stages for mb in range(self.n_microbatches)]
+
+    def _reduce_tied(self, grads: list[torch.Tensor | None]) -> None:
+        """Sum the gradient of each parameter used by stages on several ranks over just those ranks."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        for param, group, name in self.tied:
+            i = index[id(param)]
+            if grads[i] is None:
+                grads[i] = torch.zeros_like(param)
+            self.comm.all_reduce(grads[i], group, f"the gradient of shared parameter {name}")
+
+    def _gather_outputs(self, results: dict[int, tuple]) -> list[torch.Tensor]:
+        """Merge the last stage's per-microbatch outputs and give them to every rank of the pipeline."""
+        merged = []
+        for k, spec in enumerate(self.outputs):
+            if self.rank == self.last_rank:
+                value = merge_outputs([results[mb][k] for mb in range(self.n_microbatches)], self.loss_reduction)
+            else:
+                value = torch.empty(spec.shape, dtype=spec.dtype, device=self.executor.device)
+            if len(self.rank_of_stage) > 1 and len(set(self.rank_of_stage.values())) > 1:
+                self.comm.broadcast(value, self.last_rank, f"output {k} of the step")
+            merged.append(value)
+        return merged
+
+
+def release_foreign_state(plans: list[StagePlan], local_stages: list[int]) -> int:
+    """Free the storage of every parameter/buffer that no local stage uses; return the bytes freed.
+
+    The tensors keep their shape, so the user's model, its optimizer and Dynamo's guards stay valid;
+    they hold no memory and are never read on this rank.
+    """
+    def state(plan: StagePlan):
+        return [*plan.module.parameters(), *plan.module.buffers()]
+
+    keep = {t.untyped_storage().data_ptr() for s in local_stages for t in state(plans[s])}
+    freed = 0
+    for plan in plans:
+        for t in state(plan):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in keep and storage.nbytes():
+                freed += storage.nbytes()
+                storage.resize_(0)
+                if isinstance(t, torch.nn.Parameter):
+                    t.grad = None
+    return freed
