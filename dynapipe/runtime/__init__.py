@@ -1,0 +1,7 @@
+"""Running stages across processes: the only package that talks to torch.distributed."""
+
+from .comm import Comm, ensure_process_group
+from .executor import Executor
+from .pipeline import Pipeline, release_foreign_state
+
+__all__ = ["Comm", "Executor", "Pipeline", "ensure_process_group", "release_foreign_state"]
