@@ -71,11 +71,11 @@ class Timeline:
     """What one training step did, per rank; from :func:`simulate` or recorded by the runtime."""
 
     events: list[TimelineEvent] = field(default_factory=list)
-    n_ranks: int = 0  # 0: infer from the events
+    n_ranks: int = 0  # 0: the ranks that appear in events (one rank's own recording covers just that rank)
 
     @property
     def ranks(self) -> list[int]:
-        return list(range(max(self.n_ranks, 1 + max((e.rank for e in self.events), default=-1))))
+        return list(range(self.n_ranks)) if self.n_ranks else sorted({e.rank for e in self.events})
 
     @property
     def makespan(self) -> float:

@@ -1,0 +1,359 @@
+"""Schedules as data: builtin tables validate, round-trip through text, lower, and simulate to the
+textbook step times; bad tables fail with the offending action and rank.
+
+    python -m pytest tests/test_schedules.py -q
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+
+from dynapipe.schedules import (
+    SCHEDULES,
+    Action,
+    Kind,
+    ScheduleError,
+    StageCost,
+    Timeline,
+    TimelineEvent,
+    format_schedule,
+    get_schedule,
+    load_schedule,
+    lower,
+    parse_schedule,
+    simulate,
+    stage_to_rank,
+    validate,
+)
+
+RANKS = (1, 2, 3, 4)
+MICROBATCHES = (1, 2, 4, 8, 16)
+UNIFORM = StageCost(forward=1.0, backward_input=1.0, backward_weight=1.0)
+
+
+def _stages(name: str, p: int) -> int:
+    """Builtins fix their stages per rank; interleaved-1f1b takes the user's v, 2 here."""
+    spec = SCHEDULES[name]
+    return spec.n_stages(p) if spec.stages_per_rank else spec.n_stages(p, stages_per_rank=2)
+
+
+def _grid():
+    for name, p, m in itertools.product(SCHEDULES, RANKS, MICROBATCHES):
+        if name == "interleaved-1f1b" and m % p:
+            continue
+        yield name, p, m
+
+
+def _build(name: str, p: int, m: int):
+    n = _stages(name, p)
+    return SCHEDULES[name].build(n_ranks=p, n_stages=n, n_microbatches=m), n
+
+
+def _run(name: str, p: int, m: int, cost: StageCost = UNIFORM) -> Timeline:
+    """Simulate with the whole model's cost per microbatch fixed: v chunks per rank each cost 1/v."""
+    table, n = _build(name, p, m)
+    v = n // p
+    per_chunk = StageCost(
+        forward=cost.forward / v,
+        backward_input=cost.backward_input / v,
+        backward_weight=cost.backward_weight / v,
+    )
+    return simulate(table, per_chunk, n_ranks=p, n_stages=n, placement=SCHEDULES[name].placement)
+
+
+# --- builtin schedules ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,p,m", list(_grid()))
+def test_builtin_validates_lowers_and_round_trips(name, p, m):
+    spec = SCHEDULES[name]
+    table, n = _build(name, p, m)
+    lowered = validate(table, p, n, m, spec.placement)
+
+    compute = [a for acts in table.values() for a in acts if a is not None]
+    assert len(compute) == len(set(compute)) == n * m * (3 if spec.splits_backward else 2)
+    for rank, acts in lowered.items():
+        assert [a for a in acts if a.kind.is_compute] == table[rank]
+        assert all(stage_to_rank(a.stage, p, n, spec.placement) == rank for a in acts)
+    comm = [a for acts in lowered.values() for a in acts if not a.kind.is_compute]
+    sends = sorted(
+        (a.stage, a.peer, a.mb, a.kind.value[-1]) for a in comm if a.kind in (Kind.SEND_F, Kind.SEND_B)
+    )
+    recvs = sorted(
+        (a.peer, a.stage, a.mb, a.kind.value[-1]) for a in comm if a.kind in (Kind.RECV_F, Kind.RECV_B)
+    )
+    assert sends == recvs
+    # every chain edge that crosses ranks carries one activation and one gradient per microbatch
+    crossing = sum(
+        stage_to_rank(s, p, n, spec.placement) != stage_to_rank(s + 1, p, n, spec.placement)
+        for s in range(n - 1)
+    )
+    assert len(sends) == 2 * crossing * m
+
+    assert parse_schedule(format_schedule(table)) == table
+    assert parse_schedule(format_schedule(lowered)) == lowered
+    validate(lowered, p, n, m, spec.placement)  # an already-lowered table is replayed as written
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("p,m", list(itertools.product(RANKS, MICROBATCHES)))
+def test_fill_drain_and_1f1b_match_textbook_step_time(name, p, m):
+    f, b = 1.0, 2.5
+    timeline = _run(name, p, m, StageCost(forward=f, backward_input=1.5, backward_weight=1.0))
+    assert timeline.makespan == pytest.approx((m + p - 1) * (f + b))
+    assert timeline.bubble_fraction == pytest.approx((p - 1) / (m + p - 1))
+    assert timeline.ideal_step_time == pytest.approx(m * (f + b))
+
+
+@pytest.mark.parametrize("p,m", list(itertools.product(RANKS, MICROBATCHES)))
+def test_peak_inflight_activations(p, m):
+    assert _run("gpipe", p, m).peak_inflight_activations == dict.fromkeys(range(p), m)
+    one_f_one_b = _run("1f1b", p, m).peak_inflight_activations
+    assert one_f_one_b == {r: min(p - r, m) for r in range(p)}
+    zb = _run("zb-h1", p, m).peak_inflight_activations
+    assert zb[0] == min(p, m) <= p
+    assert max(zb.values()) == max(one_f_one_b.values())  # ZB-H1 never exceeds 1F1B's peak
+    zbv = _run("zbv", p, m).peak_inflight_activations
+    assert max(zbv.values()) <= 2 * p  # 2p half-size chunks = 1F1B's p whole stages
+
+
+@pytest.mark.parametrize("p,m", [(p, m) for p, m in itertools.product(RANKS, MICROBATCHES) if p > 1])
+def test_zero_bubble_beats_1f1b_when_weight_grads_cost_time(p, m):
+    zb, base = _run("zb-h1", p, m).makespan, _run("1f1b", p, m).makespan
+    assert zb < base
+    if m >= p:  # Qi et al. 2023: ZB-H1's bubble is (p-1)(F + I - W) against 1F1B's (p-1)(F + I + W)
+        assert zb == pytest.approx(3 * m + (p - 1) * 1.0)
+    assert _run("zbv", p, m).makespan < zb
+    no_w = StageCost(forward=1.0, backward_input=2.0, backward_weight=0.0)
+    assert _run("zb-h1", p, m, no_w).makespan == pytest.approx(_run("1f1b", p, m, no_w).makespan)
+
+
+@pytest.mark.parametrize(
+    "p,m", [(p, m) for p, m in itertools.product(RANKS, MICROBATCHES) if p > 1 and m % p == 0]
+)
+def test_interleaved_shrinks_the_bubble_by_v(p, m):
+    inter, base = _run("interleaved-1f1b", p, m), _run("1f1b", p, m)
+    assert inter.bubble_fraction < base.bubble_fraction
+    assert inter.makespan == pytest.approx(3 * m + (p - 1) * 3 / 2)  # v = 2 chunks per rank
+
+
+def test_interleaved_needs_microbatches_divisible_by_ranks():
+    with pytest.raises(
+        ScheduleError, match=r"n_microbatches \(6\) to be a multiple of n_ranks \(4\); use 4, 8"
+    ):
+        SCHEDULES["interleaved-1f1b"].build(n_ranks=4, n_stages=8, n_microbatches=6)
+    with pytest.raises(ScheduleError, match=r"use n_stages=8 for 4 ranks"):
+        SCHEDULES["zbv"].build(n_ranks=4, n_stages=4, n_microbatches=4)
+
+
+def test_small_tables_are_exact():
+    assert format_schedule(SCHEDULES["1f1b"].build(n_ranks=2, n_stages=2, n_microbatches=3)) == (
+        "rank 0: 0F0 0F1 0B0 0F2 0B1 0B2\nrank 1: 1F0 1B0 1F1 1B1 1F2 1B2"
+    )
+    assert format_schedule(SCHEDULES["zb-h1"].build(n_ranks=2, n_stages=2, n_microbatches=3)) == (
+        "rank 0: 0F0 0F1 0I0 0W0 0F2 0I1 0W1 0I2 0W2\nrank 1: 1F0 1I0 1F1 1I1 1W0 1F2 1I2 1W1 1W2"
+    )
+    lowered = lower(SCHEDULES["1f1b"].build(n_ranks=2, n_stages=2, n_microbatches=1), 2, 2, "loop")
+    assert lowered == parse_schedule(
+        "rank 0: 0F0 0SEND_F0->1 0RECV_B0<-1 0B0\nrank 1: 1RECV_F0<-0 1F0 1B0 1SEND_B0->0"
+    )
+
+
+def test_placements():
+    assert [stage_to_rank(s, 4, 8, "loop") for s in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert [stage_to_rank(s, 4, 8, "v") for s in range(8)] == [0, 1, 2, 3, 3, 2, 1, 0]
+    with pytest.raises(ScheduleError, match="unknown placement style 'zigzag'"):
+        stage_to_rank(0, 2, 4, "zigzag")
+
+
+# --- lowering and simulation ------------------------------------------------------------------------
+
+
+def test_skip_connection_edges_are_lowered_and_timed():
+    # rank 0: stages 0, 1, 2; rank 1: stage 3; a skip 0 -> 3 crosses ranks next to the chain edge 2 -> 3
+    placement = {0: 0, 1: 0, 2: 0, 3: 1}
+    table = parse_schedule("rank 0: 0F0 1F0 2F0 2B0 1B0 0B0\nrank 1: 3F0 3B0")
+    lowered = validate(table, 2, 4, 1, placement, edges=[(0, 3)])
+    assert format_schedule({1: lowered[1]}).split() == (
+        "rank 1: 3RECV_F0<-0 3RECV_F0<-2 3F0 3B0 3SEND_B0->0 3SEND_B0->2".split()
+    )
+    assert lowered[0][:2] == [Action.parse("0F0"), Action.parse("0SEND_F0->3")]
+    assert lowered[0][-2:] == [Action.parse("0RECV_B0<-3"), Action.parse("0B0")]
+
+    slow_skip = [StageCost(1.0, 1.0, 0.0, send_bytes=b) for b in (4e6, 0, 0, 0)]
+    kwargs = dict(n_ranks=2, n_stages=4, placement=placement, link_bandwidth=1e6)
+    chain, skip = simulate(table, slow_skip, **kwargs), simulate(table, slow_skip, **kwargs, edges=[(0, 3)])
+    chain_start, skip_start = ({e.action: e.start for e in t.events} for t in (chain, skip))
+    assert chain_start["3F0"] == 3.0  # after 2F0
+    assert skip_start["3F0"] == 5.0  # 0F0 ends at 1.0, plus 4e6 bytes at 1e6 B/s
+    with pytest.raises(ScheduleError, match=r"edge \(3, 1\) must satisfy 0 <= producer < consumer"):
+        lower(table, 2, 4, placement, edges=[(3, 1)])
+
+
+def test_link_latency_and_timeline_exports():
+    table = SCHEDULES["1f1b"].build(n_ranks=2, n_stages=2, n_microbatches=1)
+    timeline = simulate(
+        table, StageCost(1.0, 0.5, 0.5), n_ranks=2, n_stages=2, placement="loop", link_latency=0.5
+    )
+    assert [(e.rank, e.action, e.start, e.end) for e in timeline.events] == [
+        (0, "0F0", 0.0, 1.0),
+        (1, "1F0", 1.5, 2.5),
+        (1, "1B0", 2.5, 3.5),
+        (0, "0B0", 4.0, 5.0),
+    ]
+    assert timeline.bubble_fraction == pytest.approx(1 - 4 / 10)
+
+    trace = timeline.to_chrome_trace()
+    slices = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert [(e["pid"], e["name"], e["ts"], e["dur"]) for e in slices][-1] == (0, "0B0", 4e6, 1e6)
+    assert {e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"} == {"rank 0", "rank 1"}
+
+    # the runtime records one rank at a time, with comm events mixed in: metrics cover just that rank
+    recorded = Timeline([e for e in timeline.events if e.rank == 1])
+    recorded.events.insert(0, TimelineEvent(1, "1RECV_F0<-0", 0.0, 1.5))
+    assert recorded.ranks == [1]
+    assert recorded.busy_time(1) == 2.0
+    assert recorded.peak_inflight_activations == {1: 1}
+    assert recorded.bubble_fraction == pytest.approx(1 - 2 / 3.5)
+
+
+# --- bad schedules ----------------------------------------------------------------------------------
+
+BAD = {
+    "missing backward": (
+        "rank 0: 0F0 0F1 0B0\nrank 1: 1F0 1B0 1F1 1B1",
+        2,
+        r"0F1 on rank 0 has no backward: add 0B1",
+    ),
+    "deadlock": (
+        "rank 0: 0F0 0B0 0F1 0B1\nrank 1: 1F1 1B1 1F0 1B0",
+        2,
+        r"deadlock: 0B0 on rank 0 waits at 0RECV_B0<-1 for 1B0 from rank 1; "
+        r"1F1 on rank 1 waits at 1RECV_F1<-0 for 0F1 from rank 0",
+    ),
+    "wrong rank": (
+        "rank 0: 0F0 1F0 0B0\nrank 1: 1B0",
+        1,
+        r"1F0 on rank 0: stage 1 lives on rank 1 under placement 'loop'",
+    ),
+    "W before I": ("rank 0: 0F0 0W0 0I0\nrank 1: 1F0 1I0 1W0", 1, r"0W0 on rank 0 runs before its own 0I0"),
+    "I without W": ("rank 0: 0F0 0I0\nrank 1: 1F0 1B0", 1, r"0I0 on rank 0 has no 0W0"),
+    "duplicate": ("rank 0: 0F0 0F0 0B0\nrank 1: 1F0 1B0", 1, r"0F0 on rank 0 appears twice"),
+    "B and W mixed": ("rank 0: 0F0 0B0 0W0\nrank 1: 1F0 1B0", 1, r"0W0 on rank 0: .* already has 0B0"),
+    "backward first": ("rank 0: 0B0 0F0\nrank 1: 1F0 1B0", 1, r"0B0 on rank 0 runs before its own 0F0"),
+    "missing forward": (
+        "rank 0: 0F0 0B0\nrank 1: 1B0",
+        1,
+        r"stage 1 has no forward of microbatch 0: add 1F0 to rank 1",
+    ),
+    "missing rank": ("rank 0: 0F0 0B0", 1, r"n_ranks is 2: add ranks \[1\]"),
+    "bad microbatch": (
+        "rank 0: 0F0 0B0 0F5\nrank 1: 1F0 1B0",
+        1,
+        r"0F5 on rank 0: microbatch 5 is outside 0..0",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_schedules_name_the_action_and_rank(case):
+    text, m, message = BAD[case]
+    with pytest.raises(ScheduleError, match=message):
+        validate(parse_schedule(text), 2, 2, m, "loop")
+
+
+def test_local_order_across_stages_of_one_rank():
+    with pytest.raises(
+        ScheduleError, match=r"0B0 on rank 0 runs before 1B0, the backward of its consumer stage 1"
+    ):
+        validate(parse_schedule("rank 0: 0F0 1F0 0B0 1B0"), 1, 2, 1, "loop")
+    with pytest.raises(
+        ScheduleError, match=r"1F0 on rank 0 runs before 0F0, the forward of its producer stage 0"
+    ):
+        validate(parse_schedule("rank 0: 1F0 0F0 1B0 0B0"), 1, 2, 1, "loop")
+
+
+def test_hand_lowered_tables_are_checked_as_written():
+    lowered = lower(SCHEDULES["1f1b"].build(n_ranks=2, n_stages=2, n_microbatches=2), 2, 2, "loop")
+    no_recv = {r: [a for a in acts if a.kind is not Kind.RECV_B] for r, acts in lowered.items()}
+    with pytest.raises(ScheduleError, match=r"0B0 on rank 0 needs 0RECV_B0<-1 before it"):
+        validate(no_recv, 2, 2, 2, "loop")
+    no_send = {0: lowered[0], 1: [a for a in lowered[1] if a.kind is not Kind.SEND_B]}
+    with pytest.raises(ScheduleError, match=r"rank 1 finished without sending it; add 1SEND_B0->0 after 1B0"):
+        validate(no_send, 2, 2, 2, "loop")
+
+
+def test_forward_only_tables():
+    table = {r: [Action(r, Kind.F, k) for k in range(4)] for r in range(2)}
+    assert validate(table, 2, 2, 4, "loop", forward_only=True)[1][0] == Action.parse("1RECV_F0<-0")
+    with pytest.raises(ScheduleError, match=r"0F0 on rank 0 has no backward"):
+        validate(table, 2, 2, 4, "loop")
+
+
+# --- user schedules ---------------------------------------------------------------------------------
+
+USER_TEXT = """
+# a hand-written 1F1B for 2 ranks and 3 microbatches
+rank 0: 0F0 0F1 0B0 0F2 0B1 _   0B2
+rank 1: -   1F0 1B0 1F1 1B1 1F2 1B2
+"""
+
+
+def test_user_schedule_as_text_and_csv(tmp_path):
+    table = parse_schedule(USER_TEXT)
+    assert table[0][5] is None and table[1][0] is None
+    validate(table, 2, 2, 3, "loop")
+
+    csv_path = tmp_path / "mine.csv"
+    csv_path.write_text("rank 0,0F0,0F1,0B0,0F2,0B1,,0B2\nrank 1,,1F0,1B0,1F1,1B1,1F2,1B2,,\n")
+    assert load_schedule(csv_path) == table
+    txt_path = tmp_path / "mine.txt"
+    txt_path.write_text(USER_TEXT)
+    assert load_schedule(txt_path) == table
+
+    for given in (
+        USER_TEXT,
+        str(txt_path),
+        csv_path,
+        {0: [str(a) if a else None for a in table[0]], 1: table[1]},
+    ):
+        spec = get_schedule(given)
+        built = spec.build(n_ranks=2, n_stages=2, n_microbatches=3)
+        assert built == table
+        validate(built, 2, 2, 3, spec.placement)
+    assert get_schedule(csv_path).placement == {0: 0, 1: 1}
+
+
+def test_user_schedule_as_callable_and_builtin_names():
+    def reversed_gpipe(n_ranks, n_stages, n_microbatches):
+        mbs = range(n_microbatches)
+        return {r: [f"{r}F{k}" for k in mbs] + [f"{r}B{k}" for k in reversed(mbs)] for r in range(n_ranks)}
+
+    spec = get_schedule(reversed_gpipe)
+    assert (spec.name, spec.placement, spec.splits_backward) == ("reversed_gpipe", "loop", None)
+    table = spec.build(n_ranks=3, n_stages=3, n_microbatches=4)
+    validate(table, 3, 3, 4, spec.placement)
+    assert simulate(table, UNIFORM, n_ranks=3, n_stages=3, placement="loop").makespan == pytest.approx(6 * 3)
+
+    assert get_schedule("ZB_H1") is SCHEDULES["zb-h1"]
+    assert get_schedule("1F1B", placement="v").placement == "v"
+    assert SCHEDULES["interleaved-1f1b"].n_stages(4, stages_per_rank=3) == 12
+    assert SCHEDULES["zbv"].n_stages(4) == 8
+    with pytest.raises(ScheduleError, match=r"unknown schedule 'pipedream': use one of \['1f1b', 'gpipe'"):
+        get_schedule("pipedream")
+
+
+def test_action_text_form():
+    every_kind = [Action(2, kind, 7, None if kind.is_compute else 3) for kind in Kind]
+    assert [str(a) for a in every_kind] == [
+        "2F7", "2B7", "2I7", "2W7", "2SEND_F7->3", "2RECV_F7<-3", "2SEND_B7->3", "2RECV_B7<-3",
+    ]  # fmt: skip
+    assert [Action.parse(str(a)) for a in every_kind] == every_kind
+    for bad in ("F0", "0X1", "2SEND_F0<-3", "0F0->1", "2RECV_B1"):
+        with pytest.raises(ScheduleError, match=re.escape(repr(bad))):
+            Action.parse(bad)
+    with pytest.raises(ScheduleError, match=r"line 2: cannot read action '0Q1'"):
+        parse_schedule("rank 0: 0F0\nrank 1: 0Q1")
