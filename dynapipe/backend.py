@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unflatten
 
-from .capture import CapturedGraph, FrameCall, capture_microbatch, frame_being_compiled
+from .capture import CapturedGraph, FrameCall, capture_microbatch, frame_being_compiled, ignore_logging_in_graphs
 from .codegen import StagePlan, build_stages, partition_digest
 from .config import PipelineConfig
 from .errors import ConfigError, PartitionError
@@ -28,6 +28,8 @@ from .runtime.pipeline import OutputSpec, Pipeline, release_foreign_state
 from .schedules import ScheduleSpec, format_schedule, get_schedule, placement_map, validate
 
 __all__ = ["dynapipe_backend"]
+
+ignore_logging_in_graphs()  # this module is imported when torch.compile looks the backend up, before tracing
 
 
 def dynapipe_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | None = None) -> Any:

@@ -30,7 +30,21 @@ from torch._dynamo.symbolic_convert import InstructionTranslator
 from .errors import CaptureError, GraphBreakError
 from .microbatch import is_batched, split_value
 
-__all__ = ["FrameCall", "CapturedGraph", "frame_being_compiled", "capture_microbatch"]
+__all__ = ["FrameCall", "CapturedGraph", "frame_being_compiled", "capture_microbatch", "ignore_logging_in_graphs"]
+
+_LOGGER_METHODS = ("debug", "info", "warning", "warn", "error", "exception", "critical", "log")
+
+
+def ignore_logging_in_graphs() -> None:
+    """Let Dynamo drop ``logger.warning(...)``-style calls instead of breaking the graph on them.
+
+    Libraries log inside forward (HuggingFace's ``logger.warning_once``); on one device a graph break
+    there costs little, but a pipeline needs one graph, so such calls are skipped while tracing.
+    """
+    import logging
+
+    names = [n for n in dir(logging.Logger) if n in _LOGGER_METHODS or n.endswith("_once")]
+    torch._dynamo.config.ignore_logging_functions.update(getattr(logging.Logger, n) for n in names)
 
 _ROOT = re.compile(r"^(?:L|G)\[['\"]([^'\"]+)['\"]\]")
 _MODULE_KEY = re.compile(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]")
@@ -174,6 +188,7 @@ def _record(frame: FrameCall, arguments: dict[str, Any]) -> tuple[fx.GraphModule
 
 def capture_microbatch(frame: FrameCall, *, n_microbatches: int, batch_size: int) -> CapturedGraph:
     """Re-trace ``frame`` on microbatch 0 of its own arguments and turn it into a :class:`CapturedGraph`."""
+    ignore_logging_in_graphs()
     mb_args = {k: split_value(v, n_microbatches, batch_size, 0) for k, v in frame.arguments.items()}
     for leaf in torch.utils._pytree.tree_leaves(mb_args):
         if is_batched(leaf, batch_size // n_microbatches) and batch_size // n_microbatches > 1:

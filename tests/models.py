@@ -1,0 +1,205 @@
+"""The model set every pipelined run is checked on, each with its inputs and split points.
+
+``CASES[name](n_stages)`` returns a :class:`Case`: a fresh model (seeded, so every rank builds the same
+weights), the step function to compile (the model itself, or a callable returning the loss), example
+inputs, and split points for ``n_stages`` stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dynapipe
+
+__all__ = ["CASES", "Case", "HF_CASES"]
+
+BATCH = 8
+
+
+@dataclass
+class Case:
+    model: nn.Module
+    step: Callable
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+    split_points: list[str] = field(default_factory=list)
+    options: dict = field(default_factory=dict)  # case-specific backend options
+
+
+def _points(prefix: str, n_layers: int, n_stages: int) -> list[str]:
+    return [f"{prefix}.{round(i * n_layers / n_stages)}" for i in range(1, n_stages)]
+
+
+class MLPStack(nn.Module):
+    def __init__(self, width: int = 16, n_layers: int = 8, n_classes: int = 5):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(n_layers))
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = F.gelu(layer(x))
+        return self.head(x)
+
+
+def mlp(n_stages: int) -> Case:
+    torch.manual_seed(0)
+    model = MLPStack()
+    x, y = torch.randn(BATCH, 16), torch.randint(0, 5, (BATCH,))
+    step = lambda x, y: F.cross_entropy(model(x), y)  # noqa: E731 - a loss callable, as users write it
+    return Case(model, step, (x, y), split_points=_points("layers", 8, n_stages))
+
+
+class SkipNet(nn.Module):
+    """The embedding output is read again by the head: a skip connection over every middle stage."""
+
+    def __init__(self, width: int = 16, n_blocks: int = 4):
+        super().__init__()
+        self.embed = nn.Linear(12, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(n_blocks))
+        self.head = nn.Linear(2 * width, 3)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        e = self.embed(x)
+        h = e
+        for block in self.blocks:
+            h = block(h) + h
+        logits = self.head(torch.cat([h, e], dim=-1))
+        return F.mse_loss(logits, target)
+
+
+def skip(n_stages: int) -> Case:
+    torch.manual_seed(1)
+    model = SkipNet()
+    return Case(model, model, (torch.randn(BATCH, 12), torch.randn(BATCH, 3)),
+                split_points=_points("blocks", 4, n_stages))
+
+
+class MultiIO(nn.Module):
+    """Two streams that cross every stage boundary together, a kwarg mask, a buffer, a sum-reduced loss."""
+
+    def __init__(self, width: int = 8, n_blocks: int = 4):
+        super().__init__()
+        self.a = nn.ModuleList(nn.Linear(width, width) for _ in range(n_blocks))
+        self.b = nn.ModuleList(nn.Linear(width, width) for _ in range(n_blocks))
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, *, mask: torch.Tensor | None = None) -> dict:
+        for la, lb in zip(self.a, self.b):
+            x, z = torch.tanh(la(x) + z * self.scale), torch.sigmoid(lb(z) - x)
+        if mask is not None:
+            x = x * mask
+        return {"loss": ((x - z) ** 2).sum(), "x": x, "z": z}
+
+
+def multi_io(n_stages: int) -> Case:
+    torch.manual_seed(2)
+    model = MultiIO()
+    x, z = torch.randn(BATCH, 8), torch.randn(BATCH, 8)
+    mask = (torch.rand(BATCH, 8) > 0.3).float()
+    step = lambda x, z, mask: model(x, z, mask=mask)["loss"]  # noqa: E731
+    return Case(model, step, (x, z), {"mask": mask}, split_points=_points("a", 4, n_stages),
+                options={"loss_reduction": "sum"})
+
+
+class TiedLM(nn.Module):
+    """The token embedding is also the output projection: one parameter in the first and last stage."""
+
+    def __init__(self, vocab: int = 20, width: int = 16, n_layers: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = h + torch.relu(layer(h))
+        logits = self.norm(h) @ self.embed.weight.t()
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def tied(n_stages: int) -> Case:
+    torch.manual_seed(3)
+    model = TiedLM()
+    ids = torch.randint(0, 20, (BATCH, 6))
+    return Case(model, model, (ids, torch.roll(ids, 1, dims=1)), split_points=_points("layers", 4, n_stages))
+
+
+class LoopIfNet(nn.Module):
+    """A Python loop over a config-chosen depth and a config-dependent branch: Dynamo specialises both."""
+
+    def __init__(self, depth: int = 6, residual: bool = True, use_norm: bool = False):
+        super().__init__()
+        self.depth, self.residual, self.use_norm = depth, residual, use_norm
+        self.cells = nn.ModuleList(nn.Linear(10, 10) for _ in range(depth))
+        self.norm = nn.LayerNorm(10)
+        self.out = nn.Linear(10, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for i in range(self.depth):
+            h = torch.relu(self.cells[i](x))
+            x = x + h if self.residual and i % 2 == 0 else h
+        if self.use_norm:
+            x = self.norm(x)
+        return F.mse_loss(self.out(x).squeeze(-1), y)
+
+
+def loop_if(n_stages: int) -> Case:
+    torch.manual_seed(4)
+    model = LoopIfNet()
+    return Case(model, model, (torch.randn(BATCH, 10), torch.randn(BATCH)), split_points=_points("cells", 6, n_stages))
+
+
+def llama(n_stages: int) -> Case:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, 96, (BATCH, 12))
+    step = lambda ids, labels: model(input_ids=ids, labels=labels).loss  # noqa: E731
+    return Case(model, step, (ids, ids.clone()), split_points=_points("model.layers", 4, n_stages))
+
+
+def gpt2(n_stages: int) -> Case:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(6)
+    config = GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=4, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    ids = torch.randint(0, 96, (BATCH, 12))
+    step = lambda ids, labels: model(input_ids=ids, labels=labels).loss  # noqa: E731
+    return Case(model, step, (ids, ids.clone()), split_points=_points("transformer.h", 4, n_stages))
+
+
+class MarkedNet(nn.Module):
+    """Split by ``pipe_split()`` calls in forward, as torch.distributed.pipelining users write."""
+
+    def __init__(self, use_torch_marker: bool = False):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+        self.use_torch_marker = use_torch_marker
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.use_torch_marker:
+            from torch.distributed.pipelining import pipe_split
+        else:
+            pipe_split = dynapipe.pipe_split
+        x = torch.relu(self.l1(x))
+        pipe_split()
+        x = torch.relu(self.l2(x))
+        return F.cross_entropy(self.l3(x), y)
+
+
+CASES: dict[str, Callable[[int], Case]] = {
+    "mlp": mlp, "skip": skip, "multi_io": multi_io, "tied": tied, "loop_if": loop_if,
+}
+HF_CASES: dict[str, Callable[[int], Case]] = {"llama": llama, "gpt2": gpt2}
