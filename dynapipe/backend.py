@@ -93,7 +93,7 @@ class _LazyPipeline:
         world = dist.get_world_size()
         spec = get_schedule(config.schedule)
         n_stages = _stage_count(config, spec, world)
-        n_microbatches = config.n_microbatches or world
+        n_microbatches = config.n_microbatches or n_stages
         check_divisible(batch_size, n_microbatches)
 
         captured = capture_microbatch(
