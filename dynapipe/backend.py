@@ -15,12 +15,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .capture import CapturedGraph, FrameCall, capture_microbatch, frame_being_compiled, ignore_logging_in_graphs
 from .codegen import StagePlan, build_stages, partition_digest
 from .config import PipelineConfig
-from .errors import ConfigError, PartitionError
+from .errors import ConfigError, DynapipeError, PartitionError
 from .microbatch import check_divisible
 from .partition import assign_by_split_points, layer_boundaries, marker_positions
 from .runtime.comm import Comm, ensure_process_group
@@ -33,52 +33,68 @@ ignore_logging_in_graphs()  # this module is imported when torch.compile looks t
 
 
 def dynapipe_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | None = None) -> Any:
-    """Entry point registered as ``torch_dynamo_backends: dynapipe``."""
-    config = PipelineConfig.from_options(options)
-    frame = frame_being_compiled()
-    sources = [n.meta["grapharg"].source.name for n in gm.graph.find_nodes(op="placeholder")]
-    return _LazyPipeline(config, frame, sources)
+    """Entry point registered as ``torch_dynamo_backends: dynapipe``.
+
+    Errors found here are raised when the returned callable runs (at once), so that they reach the user
+    as themselves rather than wrapped in Dynamo's BackendCompilerFailed.
+    """
+    try:
+        config = PipelineConfig.from_options(options)
+        frame = frame_being_compiled()
+    except DynapipeError as err:
+        return _Raise(err)
+    examples = [n.meta["grapharg"].example for n in gm.graph.find_nodes(op="placeholder")]
+    return _LazyPipeline(config, frame, examples)
 
 
-def _path_source(root: str, path: tuple) -> str:
-    """Dynamo's name for a leaf of a frame argument: ``L['kwargs']['labels']``, ``L['args'][0]``."""
-    text = f"L[{root!r}]"
-    for key in path:
-        if hasattr(key, "key"):
-            text += f"[{key.key!r}]"
-        elif hasattr(key, "idx"):
-            text += f"[{key.idx}]"
-        else:
-            text += f".{key.name}"
-    return text
+class _Raise:
+    def __init__(self, err: Exception) -> None:
+        self.err = err
+
+    def __call__(self, *args: Any) -> Any:
+        raise self.err
 
 
 class _LazyPipeline:
-    """What the backend returns: builds (and caches, per input shapes) the pipeline on first use."""
+    """What the backend returns: builds (and caches, per input shapes) the pipeline on first use.
 
-    def __init__(self, config: PipelineConfig, frame: FrameCall, sources: list[str]) -> None:
-        self.config, self.frame, self.sources = config, frame, sources
-        self.pipelines: dict[tuple, Pipeline] = {}
+    Dynamo calls it with the full-batch graph's flat arguments. Each is matched, by identity at compile
+    time, to a leaf of the frame's arguments, so every call can rebuild those arguments (aliased inputs
+    included: Dynamo passes one tensor for ``f(x, x)``) and read the microbatch graph's inputs from them
+    by their Dynamo source names.
+    """
+
+    def __init__(self, config: PipelineConfig, frame: FrameCall, examples: list[Any]) -> None:
+        self.config, self.frame = config, frame
+        by_id = {id(e): i for i, e in enumerate(examples) if isinstance(e, torch.Tensor)}
+        self.leaf_positions = {
+            name: [by_id.get(id(leaf)) for leaf in tree_flatten(value)[0]] for name, value in frame.arguments.items()
+        }
+        self.pipelines: dict[tuple, tuple[Pipeline, list[Any]]] = {}
 
     def __call__(self, *args: Any) -> tuple[Any, ...]:
+        arguments = self._arguments_now(args)
         key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in args)
         if key not in self.pipelines:
-            self.pipelines[key] = self._build(args)
-        return self.pipelines[key](*args)
+            pipeline = self._build(arguments)
+            readers = [compile(source, "<dynamo source>", "eval") for source in pipeline.input_sources]
+            self.pipelines[key] = (pipeline, readers)
+        pipeline, readers = self.pipelines[key]
+        return pipeline(*[eval(reader, {"L": arguments}) for reader in readers])  # noqa: S307 - Dynamo source names
 
     def _arguments_now(self, args: tuple) -> dict[str, Any]:
-        """The frame's arguments with each input tensor swapped for the one of this call."""
-        by_source = dict(zip(self.sources, args, strict=True))
+        """The frame's arguments with each tensor Dynamo passed swapped in for its compile-time twin."""
         arguments = {}
         for name, value in self.frame.arguments.items():
-            leaves, spec = tree_flatten_with_path(value)
-            new = [by_source.get(_path_source(name, path), leaf) for path, leaf in leaves]
-            arguments[name] = tree_unflatten(new, spec)
+            leaves, spec = tree_flatten(value)
+            positions = self.leaf_positions[name]
+            arguments[name] = tree_unflatten(
+                [leaf if i is None else args[i] for leaf, i in zip(leaves, positions, strict=True)], spec
+            )
         return arguments
 
-    def _build(self, args: tuple) -> Pipeline:
+    def _build(self, arguments: dict[str, Any]) -> Pipeline:
         config = self.config
-        arguments = self._arguments_now(args)
         inputs = {n: v for n, v in arguments.items() if n != self.frame.self_name}
         batch_size = next(
             (int(t.shape[0]) for t in tree_flatten(inputs)[0]
@@ -114,7 +130,7 @@ class _LazyPipeline:
             rank_of_stage=rank_of_stage,
             table=table,
             comm=comm,
-            input_positions=_input_positions(captured, self.sources),
+            input_sources=captured.input_sources,
             batch_size=batch_size,
             n_microbatches=n_microbatches,
             outputs=_output_specs(captured),
@@ -164,18 +180,6 @@ def _assign(captured: CapturedGraph, config: PipelineConfig, n_stages: int) -> d
             f"give {n_stages - 1} split points"
         )
     return assign_by_split_points(captured, points)
-
-
-def _input_positions(captured: CapturedGraph, sources: list[str]) -> list[int]:
-    positions = []
-    for source in captured.input_sources:
-        if source not in sources:
-            raise ConfigError(
-                f"input {source} of the microbatch graph is not an input of the compiled call; inputs must be "
-                "tensors, or lists/tuples/dicts of tensors, passed as arguments"
-            )
-        positions.append(sources.index(source))
-    return positions
 
 
 def _output_nodes(captured: CapturedGraph) -> list[Any]:

@@ -76,7 +76,10 @@ def _module_start(nodes: list[fx.Node], name: str) -> int:
     known = sorted({n.meta.get("module_path", "") for n in nodes} - {""})
     close = difflib.get_close_matches(name, known, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; modules in the graph include {known[:8]}"
-    raise ConfigError(f"split point {name!r} names no module that runs in the compiled call{hint}")
+    raise ConfigError(
+        f"split point {name!r} names no module that runs in the compiled call{hint} (a module that runs "
+        "only inside torch.cond is never split: split before or after the cond)"
+    )
 
 
 def assign_by_split_points(captured: CapturedGraph, split_points: list[str] | list[int]) -> dict[fx.Node, int]:

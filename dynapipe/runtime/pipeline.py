@@ -52,7 +52,7 @@ class Pipeline:
     rank_of_stage: dict[int, int]
     table: dict[int, list[Action | None]]  # the training schedule, per rank
     comm: Comm
-    input_positions: list[int]  # for each graph input, its position among the backend's arguments
+    input_sources: list[str]  # Dynamo source of each graph input (``L['x']``), read by the caller
     batch_size: int
     n_microbatches: int
     outputs: list[OutputSpec]
@@ -71,8 +71,8 @@ class Pipeline:
         scale = 1.0 / self.n_microbatches if self.loss_reduction == "mean" else 1.0
         self.executor = Executor(self.plans, self.rank_of_stage, self.comm, self.n_microbatches, self.loss_index, scale)
 
-    def __call__(self, *args: Any) -> tuple[Any, ...]:
-        values = [args[i] for i in self.input_positions]
+    def __call__(self, *values: Any) -> tuple[Any, ...]:
+        """Run one step on the full-batch values of the graph inputs."""
         for v in values:
             if isinstance(v, torch.Tensor) and v.requires_grad:
                 raise ConfigError(
