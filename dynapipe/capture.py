@@ -141,9 +141,10 @@ def _module_path(stack_entry: str, self_name: str | None) -> str:
 
 
 def _hint(value: Any) -> Any:
-    """Concrete value of a (backed) SymInt/SymFloat/SymBool at the microbatch size."""
+    """Concrete value of a size-derived SymInt/SymFloat/SymBool at the microbatch size (None if the
+    value depends on tensor data, like ``x.item()``: that is computed at run time instead)."""
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return value.node.hint if value.node.hint is not None else value.node.require_hint()
+        return value.node.hint
     return value
 
 
@@ -250,8 +251,10 @@ def _specialise_sizes(graph: fx.Graph) -> None:
             and value
             and all(isinstance(v, (torch.SymInt, int)) for v in value)
         ):
-            concrete = type(value)(_hint(v) for v in value) if isinstance(value, (tuple, list)) else _hint(value)
-            if isinstance(value, torch.Size):
-                concrete = tuple(_hint(v) for v in value)
+            concrete = tuple(_hint(v) for v in value) if isinstance(value, (tuple, list)) else _hint(value)
+            if concrete is None or (isinstance(concrete, tuple) and None in concrete):
+                continue  # data-dependent: stays a node of the graph
+            if isinstance(value, list):
+                concrete = list(concrete)
             node.replace_all_uses_with(concrete)
             graph.erase_node(node)

@@ -73,7 +73,8 @@ def _module_start(nodes: list[fx.Node], name: str) -> int:
     for i, node in enumerate(nodes):
         if _inside(node.meta.get("module_path", ""), name):
             return i
-    known = sorted({n.meta.get("module_path", "") for n in nodes} - {""})
+    paths = {n.meta.get("module_path", "") for n in nodes}
+    known = sorted((paths | {p.partition(".")[2] for p in paths}) - {""})
     close = difflib.get_close_matches(name, known, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; modules in the graph include {known[:8]}"
     raise ConfigError(

@@ -1,0 +1,120 @@
+"""Bad input gets a clear error that names the value and the fix; a dead or stalled rank never hangs the rest."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from harness import run_distributed
+
+
+class Breaks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        torch._dynamo.graph_break()  # stands for any untraceable call in user code
+        return F.cross_entropy(self.b(h), y)
+
+
+class Depth(nn.Module):
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x.pow(2).mean()
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - the message is what the test checks
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+def bad_input_worker(rank: int, world: int) -> dict[str, str]:
+    from models import mlp
+
+    out = {}
+
+    def run(case, **options):
+        step = torch.compile(case.step, backend="dynapipe", options=options)
+        return step(*case.args)
+
+    out["unknown_option"] = _error(lambda: run(mlp(2), n_microbatch=4))
+    out["not_divisible"] = _error(lambda: run(mlp(2), n_microbatches=3, split_points=["layers.4"]))
+    out["world_not_multiple"] = _error(lambda: run(mlp(3), n_microbatches=2, n_stages=3))
+    out["bad_split_point"] = _error(lambda: run(mlp(2), split_points=["layer.4"]))
+    tiny = Depth(1)
+    out["too_many_stages"] = _error(lambda: torch.compile(tiny, backend="dynapipe")(torch.randn(4, 4)))
+    breaks = Breaks()
+    out["graph_break"] = _error(
+        lambda: torch.compile(breaks, backend="dynapipe", options={"split_points": ["b"]})(
+            torch.randn(4, 4), torch.randint(0, 2, (4,))
+        )
+    )
+    differs = Depth(4 + rank)  # rank 1 builds a different model: the ranks capture different graphs
+    out["ranks_differ"] = _error(
+        lambda: torch.compile(differs, backend="dynapipe", options={"split_points": ["layers.2"]})(torch.randn(4, 4))
+    )
+    return out
+
+
+def test_bad_input_is_a_clear_error() -> None:
+    results = run_distributed(bad_input_worker, 2, timeout=180)
+    for rank, out in results.items():
+        assert "ConfigError: unknown dynapipe option(s) ['n_microbatch']" in out["unknown_option"]
+        assert "n_microbatches" in out["unknown_option"]  # lists the valid names
+        assert "n_microbatches (3) must divide the batch size (8); use one of [1, 2, 4, 8]" in out["not_divisible"]
+        assert "world size (2) is not a multiple of the stage count (3)" in out["world_not_multiple"]
+        assert "split point 'layer.4' names no module" in out["bad_split_point"]
+        assert "did you mean layers.4" in out["bad_split_point"]
+        assert "PartitionError: cannot make 2 stages" in out["too_many_stages"]
+        assert "GraphBreakError" in out["graph_break"]
+        assert "test_errors.py" in out["graph_break"] and "torch._dynamo.graph_break()" in out["graph_break"]
+        assert "PipelineError: ranks disagree on the partition" in out["ranks_differ"], out["ranks_differ"]
+
+
+def dying_worker(rank: int, world: int, mode: str) -> float:
+    from models import mlp
+
+    case = mlp(world)
+    step = torch.compile(case.step, backend="dynapipe",
+                         options={"split_points": case.split_points, "n_microbatches": 4, "timeout_s": 6})
+    step(*case.args).backward()  # one good step: everything is set up
+    if rank == world - 1:
+        if mode == "dies":
+            os._exit(3)
+        time.sleep(14)  # stalls: never sends its next activations or gradients
+        return 0.0
+    start = time.monotonic()
+    try:
+        step(*case.args)
+    except Exception as err:  # noqa: BLE001
+        elapsed = time.monotonic() - start
+        raise RuntimeError(f"noticed after {elapsed:.1f} seconds: {err}") from err
+    raise AssertionError("the step finished although a peer was gone")
+
+
+@pytest.mark.parametrize("mode", ["dies", "stalls"])
+def test_dead_or_stalled_rank_fails_the_others_fast(mode: str) -> None:
+    start = time.monotonic()
+    results = run_distributed(dying_worker, 2, mode, timeout=90, allow_failure=True)
+    message = str(results[0])
+    assert "PipelineError: rank 0:" in message and "rank 1" in message, message
+    assert "relaunch" in message
+    seconds = float(re.search(r"noticed after ([0-9.]+) seconds", message).group(1))
+    assert seconds < 20, f"rank 0 needed {seconds:.1f} s to notice"
+    assert time.monotonic() - start < 80
