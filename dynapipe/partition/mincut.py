@@ -57,9 +57,11 @@ from .manual import _inside, layer_boundaries
 __all__ = ["BalancedPartition", "assign_balanced", "balanced_partition"]
 
 # Stages may be this much slower than the best balance if that lets the cuts send fewer bytes.
-BALANCE_SLACK = 0.15
+BALANCE_SLACK = 0.25
 # A node costing at least this share of an average stage never moves during min-cut refinement.
 _HEAVY_SHARE = 0.01
+# Splits sending this much more than the fewest bytes count as equal (a mask sent to one more stage).
+_BYTES_TOLERANCE = 0.05
 # Relative precision of the bottleneck searches.
 _BALANCE_TOLERANCE = 1e-4
 _INF = math.inf
@@ -142,15 +144,16 @@ def balanced_partition(
     limit = bound * (1 + slack)
     if layer_bound is not None:
         limit = min(limit, max(bound, layer_bound))
-    best = chain.fewest_bytes(limit * (1 + 1e-12), memory)
+    busy = chain.fewest_bytes(limit * (1 + 1e-12), memory) is not None  # too few busy nodes: allow idle stages
+    best = chain.fewest_bytes(limit * (1 + 1e-12), memory, busy=busy)
     if best is None:  # cannot happen: the bottleneck search found a split within ``bound <= limit``
         raise PartitionError(f"no {n_stages}-stage split within {limit:.3g} s per stage; this is a dynapipe bug")
     sent, cuts = best
-    lo, hi = bound, limit  # the best balance among the splits that send that few bytes
+    lo, hi = bound, limit  # the best balance among the splits that send about that few bytes
     while hi - lo > _BALANCE_TOLERANCE * hi:
         mid = (lo + hi) / 2
-        found = chain.fewest_bytes(mid * (1 + 1e-12), memory)
-        if found is not None and found[0] <= sent:
+        found = chain.fewest_bytes(mid * (1 + 1e-12), memory, busy=busy)
+        if found is not None and found[0] <= sent * (1 + _BYTES_TOLERANCE):
             hi, cuts = mid, found[1]
         else:
             lo = mid
@@ -199,6 +202,10 @@ class _Chain:
         self.allowed = [p for p in range(n - 1) if self.cross[p] < _INF]
         self.layer_cuts = self._layer_cuts(captured)
         self.suffix_memory = self._suffix_memory()
+        self.last_busy, last = [], -1  # per position, the last position up to it that does work
+        for i, w in enumerate(weight):
+            last = i if w > 0 else last
+            self.last_busy.append(last)
 
     # ---------------------------------------------------------------------------------- set-up
 
@@ -341,37 +348,35 @@ class _Chain:
             "the limit, use more stages, or fewer microbatches in flight"
         )
 
-    def fewest_bytes(self, bound: float, memory: float) -> tuple[float, list[int]] | None:
+    def fewest_bytes(self, bound: float, memory: float, *, busy: bool = True) -> tuple[float, list[int]] | None:
         """The fewest bytes crossing k-1 allowed cut positions with every stage within the limits, and the
-        positions; None if no such split exists."""
-        allowed, k = self.allowed, self.k
-        # lo[a]: smallest previous cut q (-1: the start) such that a stage q+1..allowed[a] fits
+        positions; None if no such split exists. ``busy``: every stage must do some work (without it, a
+        stage holding only ``input_ids.view()`` would win by sending token ids instead of a hidden state)."""
+        allowed, k, n = self.allowed, self.k, len(self.nodes)
+        # A stage after a cut at q and up to a cut at allowed[a] needs lo[a] <= q <= up[a] (q = -1: the start)
         lo = [bisect.bisect_left(self.prefix, self.prefix[p + 1] - bound) - 1 for p in allowed]
         if memory < _INF:
-            lo_m = self._memory_window(allowed, memory)
-            lo = [max(a, b) for a, b in zip(lo, lo_m, strict=True)]
-        fits_last = [self._fits_last(p + 1, bound, memory) for p in allowed]
-        best = [cost if lo_a <= -1 else _INF for cost, lo_a in zip((self.cross[p] for p in allowed), lo, strict=True)]
+            lo = [max(a, b) for a, b in zip(lo, self._memory_window(allowed, memory), strict=True)]
+        up = [self.last_busy[p] - 1 if busy else p - 1 for p in allowed]
+        last_ok = [self._fits_last(p + 1, bound, memory) and (not busy or self.last_busy[n - 1] > p) for p in allowed]
+        best = [self.cross[p] if lo[a] <= -1 <= up[a] else _INF for a, p in enumerate(allowed)]
         back: list[list[int]] = []
-        for _ in range(2, k):
-            new, arg, window = [_INF] * len(allowed), [-1] * len(allowed), deque()
-            left = 0
+        for _ in range(2, k):  # best[a]: fewest bytes of j cuts, the last at allowed[a]
+            new, arg, window, right = [_INF] * len(allowed), [-1] * len(allowed), deque(), 0
             for a, p in enumerate(allowed):
-                # candidates: earlier allowed positions b < a with allowed[b] >= lo[a]
-                if a > 0:
-                    b = a - 1
-                    while window and best[window[-1]] > best[b]:
-                        window.pop()
-                    window.append(b)
-                while left < a and allowed[left] < lo[a]:
-                    left += 1
-                while window and window[0] < left:
+                while right < len(allowed) and allowed[right] <= up[a]:  # sliding-window minimum of best
+                    if best[right] < _INF:
+                        while window and best[window[-1]] > best[right]:
+                            window.pop()
+                        window.append(right)
+                    right += 1
+                while window and allowed[window[0]] < lo[a]:
                     window.popleft()
-                if window and best[window[0]] < _INF:
+                if window:
                     new[a], arg[a] = best[window[0]] + self.cross[p], window[0]
             back.append(arg)
             best = new
-        finals = [(best[a], a) for a in range(len(allowed)) if fits_last[a] and best[a] < _INF]
+        finals = [(best[a], a) for a in range(len(allowed)) if last_ok[a] and best[a] < _INF]
         if not finals:
             return None
         sent, a = min(finals)
@@ -427,7 +432,7 @@ class _Chain:
                 return chain_cuts, False
             ideals.append(ideal)
         bounds = [set(), *ideals, set(range(len(self.nodes)))]
-        stages = [b - a for a, b in zip(bounds, bounds[1:])]
+        stages = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
         if not all(stages) or (memory < _INF and any(self._set_memory(s) > memory for s in stages)):
             return chain_cuts, False  # the chain cuts satisfy every limit by construction
         return ideals, ideals != chain_cuts
@@ -447,7 +452,7 @@ class _Chain:
         for i in range(n):  # descendants of the sink side are on it
             if not sink_side[i] and any(sink_side[a] for a in self.inputs[i]):
                 sink_side[i] = True
-        if any(a and b for a, b in zip(source_side, sink_side)):
+        if any(a and b for a, b in zip(source_side, sink_side, strict=True)):
             return None  # cannot happen for cuts between chain positions; the caller keeps the chain cut
         free = [i for i in range(n) if not source_side[i] and not sink_side[i]]
         fixed = {i for i in range(n) if source_side[i]}
