@@ -137,6 +137,7 @@ class _LazyPipeline:
             loss_index=_loss_index(captured),
             loss_reduction=config.loss_reduction,
             tied=_tied_groups(plans, rank_of_stage, config.timeout_s),
+            on_step=config.on_step,
         )
         release_foreign_state(plans, local)
         return pipeline

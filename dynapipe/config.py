@@ -27,6 +27,8 @@ class PipelineConfig:
         a varying number of non-padded tokens per microbatch differs slightly from one process: the
         microbatch means are averaged with equal weights.
     timeout_s: limit for every collective and point-to-point wait; a dead peer fails the step after it.
+    on_step: called after every step with a :class:`dynapipe.runtime.StepReport` (timeline, in-flight
+        activations, the stage modules): for logging, timelines and tests.
     """
 
     n_stages: int | None = None
@@ -35,6 +37,7 @@ class PipelineConfig:
     split_points: tuple[str, ...] = ()
     loss_reduction: str = "mean"
     timeout_s: float = 300.0
+    on_step: Any = None
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> PipelineConfig:
@@ -61,6 +64,8 @@ class PipelineConfig:
             raise ConfigError(f"loss_reduction must be one of {_LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
         if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
             raise ConfigError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+        if self.on_step is not None and not callable(self.on_step):
+            raise ConfigError(f"on_step must be a callable taking a StepReport, got {self.on_step!r}")
         if self.n_stages is not None and self.split_points and len(self.split_points) != self.n_stages - 1:
             raise ConfigError(
                 f"{len(self.split_points)} split_points make {len(self.split_points) + 1} stages, but "

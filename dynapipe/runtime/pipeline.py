@@ -11,7 +11,7 @@ call whose loss is never back-propagated leaves ``.grad`` untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -19,11 +19,11 @@ import torch.distributed as dist
 from ..codegen import StagePlan
 from ..errors import ConfigError
 from ..microbatch import merge_outputs, split_value
-from ..schedules import Action, Kind
+from ..schedules import Action, Kind, Timeline
 from .comm import Comm
 from .executor import Executor
 
-__all__ = ["Pipeline", "release_foreign_state"]
+__all__ = ["Pipeline", "StepReport", "release_foreign_state"]
 
 
 class _HeldGradients(torch.autograd.Function):
@@ -38,6 +38,17 @@ class _HeldGradients(torch.autograd.Function):
     def backward(ctx, grad_output):
         scaled = [None if g is None else g * grad_output for g in ctx.grads]
         return (None, None, None, *scaled)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one call did on this rank, handed to ``options["on_step"]``."""
+
+    rank: int
+    train: bool
+    timeline: Timeline  # this rank's compute actions, seconds from the step's start
+    peak_inflight: dict[int, int]  # stage -> most microbatches whose activations were alive at once
+    stages: dict[int, StagePlan]  # this rank's stages (``stages[i].module.code`` is readable)
 
 
 @dataclass
@@ -59,6 +70,7 @@ class Pipeline:
     loss_index: int | None
     loss_reduction: str
     tied: list[tuple[torch.nn.Parameter, dist.ProcessGroup, str]] = field(default_factory=list)
+    on_step: Callable[[StepReport], None] | None = None
 
     def __post_init__(self) -> None:
         self.rank = dist.get_rank()
@@ -103,6 +115,9 @@ class Pipeline:
         if train:
             self._reduce_tied(grads)
         outputs = self._gather_outputs(results)
+        if self.on_step is not None:
+            self.on_step(StepReport(self.rank, train, self.executor.timeline, dict(self.executor.peak_inflight),
+                                    {s: self.plans[s] for s in self.local_stages}))
         if train:
             anchor = torch.zeros((), requires_grad=True)
             outputs[self.loss_index] = _HeldGradients.apply(outputs[self.loss_index], grads, anchor, *self.params)
