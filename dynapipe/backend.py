@@ -13,7 +13,6 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -24,6 +23,7 @@ from .errors import ConfigError, DynapipeError, PartitionError
 from .microbatch import check_divisible
 from .partition import assign_by_split_points, layer_boundaries, marker_positions
 from .runtime.comm import Comm, ensure_process_group
+from .runtime.layout import build_layout, tied_groups
 from .runtime.pipeline import OutputSpec, Pipeline, release_foreign_state
 from .schedules import ScheduleSpec, format_schedule, get_schedule, placement_map, validate
 
@@ -106,9 +106,10 @@ class _LazyPipeline:
         device = next((t.device for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)), torch.device("cpu"))
         ensure_process_group(device, config.timeout_s)
         comm = Comm(timedelta(seconds=config.timeout_s))
-        world = dist.get_world_size()
+        layout = build_layout(device, dp_degree=config.dp_degree, mesh=config.mesh)
+        n_pp = layout.n_pp
         spec = get_schedule(config.schedule)
-        n_stages = _stage_count(config, spec, world)
+        n_stages = _stage_count(config, spec, n_pp)
         n_microbatches = config.n_microbatches or n_stages
         check_divisible(batch_size, n_microbatches)
 
@@ -118,25 +119,26 @@ class _LazyPipeline:
             batch_size=batch_size,
         )
         plans = build_stages(captured, _assign(captured, config, n_stages), n_stages)
-        rank_of_stage = placement_map(spec.placement, n_ranks=world, n_stages=n_stages)
-        table = spec.build(n_ranks=world, n_stages=n_stages, n_microbatches=n_microbatches)
+        pp_of_stage = placement_map(spec.placement, n_ranks=n_pp, n_stages=n_stages)
+        table = spec.build(n_ranks=n_pp, n_stages=n_stages, n_microbatches=n_microbatches)
         edges = sorted({(b.producer, c) for p in plans for b in p.sends for c in b.consumers})
-        validate(table, world, n_stages, n_microbatches, rank_of_stage, edges=edges)
+        validate(table, n_pp, n_stages, n_microbatches, pp_of_stage, edges=edges)
         comm.agree(partition_digest(plans) + format_schedule(table), "the partition and schedule")
 
-        local = sorted(s for s, r in rank_of_stage.items() if r == dist.get_rank())
+        local = sorted(s for s, pp in pp_of_stage.items() if pp == layout.pp_index)
         pipeline = Pipeline(
             plans=plans,
-            rank_of_stage=rank_of_stage,
-            table=table,
+            rank_of_stage={s: layout.global_rank(pp) for s, pp in pp_of_stage.items()},
+            actions=table[layout.pp_index],
             comm=comm,
+            layout=layout,
             input_sources=captured.input_sources,
             batch_size=batch_size,
             n_microbatches=n_microbatches,
             outputs=_output_specs(captured),
             loss_index=_loss_index(captured),
             loss_reduction=config.loss_reduction,
-            tied=_tied_groups(plans, rank_of_stage, config.timeout_s),
+            tied=tied_groups(plans, pp_of_stage, layout, config.timeout_s),
             on_step=config.on_step,
         )
         release_foreign_state(plans, local)
@@ -144,6 +146,7 @@ class _LazyPipeline:
 
 
 def _stage_count(config: PipelineConfig, spec: ScheduleSpec, world: int) -> int:
+    """Stages to cut; ``world`` is the number of pipeline ranks (world size / dp_degree)."""
     n_stages = config.n_stages or (len(config.split_points) + 1 if config.split_points else None)
     if n_stages is None:
         return spec.n_stages(world)
@@ -154,8 +157,9 @@ def _stage_count(config: PipelineConfig, spec: ScheduleSpec, world: int) -> int:
         )
     if n_stages < world:
         raise ConfigError(
-            f"world size ({world}) is {world // n_stages} x the stage count ({n_stages}); launch {n_stages} "
-            f"processes or make {world} stages (n_stages={world} or {world - 1} split_points)"
+            f"the pipeline has {world} ranks (world size / dp_degree), {world // n_stages} x the stage count "
+            f"({n_stages}); set dp_degree={world // n_stages} for data parallelism, launch fewer processes, or "
+            f"make {world} stages (n_stages={world} or {world - 1} split_points)"
         )
     if n_stages > world:
         spec.n_stages(world, stages_per_rank=n_stages // world)  # raises if the schedule cannot hold them
@@ -207,28 +211,3 @@ def _loss_index(captured: CapturedGraph) -> int | None:
         if value.dim() == 0 and value.is_floating_point() and value.requires_grad:
             return i
     return None
-
-
-def _tied_groups(plans: list[StagePlan], rank_of_stage: dict[int, int], timeout_s: float) -> list:
-    """Parameters read by stages on several ranks, each with a process group over just those ranks.
-
-    Every rank calls ``new_group`` for every such parameter in the same order, as torch.distributed needs.
-    """
-    ranks_of: dict[int, set[int]] = {}
-    named: dict[int, tuple[torch.nn.Parameter, str]] = {}
-    for plan in plans:
-        for attr, param in plan.module.named_parameters():
-            if param.requires_grad:
-                ranks_of.setdefault(id(param), set()).add(rank_of_stage[plan.index])
-                named.setdefault(id(param), (param, plan.state_names.get(attr, attr)))
-    groups: dict[tuple[int, ...], Any] = {}
-    tied = []
-    for pid, (param, name) in sorted(named.items(), key=lambda item: item[1][1]):
-        ranks = tuple(sorted(ranks_of[pid]))
-        if len(ranks) < 2:
-            continue
-        if ranks not in groups:
-            groups[ranks] = dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s))
-        if dist.get_rank() in ranks:
-            tied.append((param, groups[ranks], name))
-    return tied

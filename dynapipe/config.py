@@ -27,6 +27,9 @@ class PipelineConfig:
         a varying number of non-padded tokens per microbatch differs slightly from one process: the
         microbatch means are averaged with equal weights.
     timeout_s: limit for every collective and point-to-point wait; a dead peer fails the step after it.
+    dp_degree: data-parallel replicas of the pipeline; world size = pipeline ranks x dp_degree. Each rank
+        feeds its own data shard (as with DDP); the ranks of one pipeline must get the same shard.
+    mesh: a DeviceMesh with dims ("pp", "dp") to use instead of the default init_device_mesh layout.
     on_step: called after every step with a :class:`dynapipe.runtime.StepReport` (timeline, in-flight
         activations, the stage modules): for logging, timelines and tests.
     """
@@ -37,6 +40,8 @@ class PipelineConfig:
     split_points: tuple[str, ...] = ()
     loss_reduction: str = "mean"
     timeout_s: float = 300.0
+    dp_degree: int = 1
+    mesh: Any = None
     on_step: Any = None
 
     @classmethod
@@ -56,7 +61,7 @@ class PipelineConfig:
         return config
 
     def _check(self) -> None:
-        for name in ("n_stages", "n_microbatches"):
+        for name in ("n_stages", "n_microbatches", "dp_degree"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name} must be a positive int, got {value!r}")

@@ -17,10 +17,13 @@ def train_and_compare(rank: int, world: int, names: list[str], options: dict, st
     """Train each case pipelined and on one process side by side; assert equality; report ownership."""
     from models import CASES, HF_CASES
 
+    from dynapipe.microbatch import split_value
+
     cases = {**CASES, **HF_CASES}
     report = {}
+    dp = options.get("dp_degree", 1)
     for name in names:
-        n_stages = options.get("n_stages", world)
+        n_stages = options.get("n_stages", world // dp)
         pipe, ref = cases[name](n_stages), cases[name](n_stages)
         opts = {"split_points": pipe.split_points, **pipe.options, **options}
         opts.pop("n_stages", None)
@@ -29,10 +32,14 @@ def train_and_compare(rank: int, world: int, names: list[str], options: dict, st
         # divides by sqrt(v) and would amplify it on near-zero gradients)
         opt = torch.optim.SGD(pipe.model.parameters(), lr=0.1, momentum=0.9)
         ref_opt = torch.optim.SGD(ref.model.parameters(), lr=0.1, momentum=0.9)
+        # with data parallelism each replica feeds its own shard of the global batch (global rank = pp * dp + dp_index)
+        shard = [split_value(a, dp, len(pipe.args[0]), rank % dp) for a in (pipe.args, pipe.kwargs)]
+        # one process over the global batch; a summed loss is averaged over replicas, as DDP averages
+        ref_scale = 1.0 / dp if opts.get("loss_reduction") == "sum" else 1.0
         for i in range(steps):
-            loss = step(*pipe.args, **pipe.kwargs)
+            loss = step(*shard[0], **shard[1])
             loss.backward()
-            ref_loss = ref.step(*ref.args, **ref.kwargs)
+            ref_loss = ref.step(*ref.args, **ref.kwargs) * ref_scale
             ref_loss.backward()
             torch.testing.assert_close(loss, ref_loss, msg=lambda m: f"{name} step {i} loss: {m}")
             assert loss.dim() == 0 and loss.grad_fn is not None

@@ -43,7 +43,6 @@ class Comm:
     """Point-to-point traffic of one pipeline, plus the few collectives a step needs."""
 
     timeout: timedelta
-    group: dist.ProcessGroup | None = None  # the pipeline's ranks (None: the default group)
     pending: list[tuple[dist.Work, torch.Tensor, str]] = field(default_factory=list)
 
     @property
@@ -61,14 +60,14 @@ class Comm:
     def isend(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> None:
         tensor = tensor.detach().contiguous()
         try:
-            work = dist.isend(tensor, peer, group=self.group, tag=tag)
+            work = dist.isend(tensor, peer, tag=tag)
         except RuntimeError as err:
             raise self._fail(err, f"sending {what} to rank {peer}", peer) from err
         self.pending.append((work, tensor, f"sending {what} to rank {peer}"))
 
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> dist.Work:
         try:
-            return dist.irecv(tensor, peer, group=self.group, tag=tag)
+            return dist.irecv(tensor, peer, tag=tag)
         except RuntimeError as err:
             raise self._fail(err, f"posting a receive from rank {peer}", peer) from err
 
@@ -85,9 +84,9 @@ class Comm:
         for work, _, what in pending:
             self.wait(work, what, None)
 
-    def broadcast(self, tensor: torch.Tensor, src: int, what: str) -> None:
+    def broadcast(self, tensor: torch.Tensor, src: int, what: str, group: dist.ProcessGroup | None = None) -> None:
         try:
-            work = dist.broadcast(tensor, src, group=self.group, async_op=True)
+            work = dist.broadcast(tensor, src, group=group, async_op=True)
         except RuntimeError as err:
             raise self._fail(err, f"broadcasting {what} from rank {src}", src) from err
         self.wait(work, f"broadcasting {what} from rank {src}", src)
@@ -101,10 +100,9 @@ class Comm:
 
     def agree(self, digest: str, what: str) -> None:
         """Fail unless every rank computed the same ``digest`` (e.g. of its partition)."""
-        world = dist.get_world_size(self.group)
-        digests: list[str | None] = [None] * world
+        digests: list[str | None] = [None] * dist.get_world_size()
         try:
-            dist.all_gather_object(digests, digest, group=self.group)
+            dist.all_gather_object(digests, digest)
         except RuntimeError as err:
             raise self._fail(err, f"comparing {what} across ranks", None) from err
         if len(set(digests)) > 1:

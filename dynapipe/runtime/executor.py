@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,7 @@ class Executor:
     n_microbatches: int
     loss_index: int | None  # which final output is the loss (training only)
     loss_scale: float  # d(step loss) / d(microbatch loss): 1/M for a mean, 1 for a sum
+    reducers: dict[int, Any] = field(default_factory=dict)  # stage -> its DDP wrapper (data parallel)
     peak_inflight: dict[int, int] = field(default_factory=dict)
     timeline: Timeline | None = None
     _tags: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -115,8 +117,13 @@ class Executor:
         self.peak_inflight = {}
         events = []
         start = time.perf_counter()
+        last_weight_work = {a.stage: i for i, a in enumerate(compute) if a.kind in (Kind.B, Kind.W)}
         posted = self._post(compute[0]) if compute else []
         for i, action in enumerate(compute):
+            if train and action.stage in self.reducers and last_weight_work[action.stage] == i:
+                # DDP all-reduces the gradients, accumulated over every microbatch, exactly once per step:
+                # armed only for the stage's last weight-gradient work (a B, or a W of zero-bubble schedules)
+                self.reducers[action.stage].reducer.prepare_for_backward([])
             upcoming = self._post(compute[i + 1]) if i + 1 < len(compute) else []
             received = self._wait(posted)
             t0 = time.perf_counter()

@@ -20,8 +20,11 @@ from ..codegen import StagePlan
 from ..errors import ConfigError
 from ..microbatch import merge_outputs, split_value
 from ..schedules import Action, Kind, Timeline
+from torch.nn.parallel import DistributedDataParallel
+
 from .comm import Comm
 from .executor import Executor
+from .layout import Layout
 
 __all__ = ["Pipeline", "StepReport", "release_foreign_state"]
 
@@ -60,9 +63,10 @@ class OutputSpec:
 @dataclass
 class Pipeline:
     plans: list[StagePlan]
-    rank_of_stage: dict[int, int]
-    table: dict[int, list[Action | None]]  # the training schedule, per rank
+    rank_of_stage: dict[int, int]  # global rank holding each stage, in this rank's data-parallel replica
+    actions: list[Action | None]  # this rank's training schedule
     comm: Comm
+    layout: Layout
     input_sources: list[str]  # Dynamo source of each graph input (``L['x']``), read by the caller
     batch_size: int
     n_microbatches: int
@@ -81,7 +85,14 @@ class Pipeline:
         ]
         self.params = list({id(p): p for p in self.params}.values())
         scale = 1.0 / self.n_microbatches if self.loss_reduction == "mean" else 1.0
-        self.executor = Executor(self.plans, self.rank_of_stage, self.comm, self.n_microbatches, self.loss_index, scale)
+        reducers = {}
+        if self.layout.dp_degree > 1:
+            for s in self.local_stages:
+                if any(p.requires_grad for p in self.plans[s].module.parameters()):
+                    reducers[s] = DistributedDataParallel(self.plans[s].module, process_group=self.layout.dp_group,
+                                                          broadcast_buffers=False)
+        self.executor = Executor(self.plans, self.rank_of_stage, self.comm, self.n_microbatches, self.loss_index,
+                                 scale, reducers)
 
     def __call__(self, *values: Any) -> tuple[Any, ...]:
         """Run one step on the full-batch values of the graph inputs."""
@@ -102,7 +113,7 @@ class Pipeline:
                 "(e.g. `loss = F.cross_entropy(model(x), y)` or a HuggingFace model called with labels); "
                 "for inference call it under torch.no_grad()"
             )
-        actions = self.table[self.rank] if train else self._forward_only()
+        actions = self.actions if train else self._forward_only()
         held = {p: p.grad for p in self.params}
         for p in self.params:
             p.grad = None
@@ -143,9 +154,13 @@ class Pipeline:
                 value = merge_outputs([results[mb][k] for mb in range(self.n_microbatches)], self.loss_reduction)
             else:
                 value = torch.empty(spec.shape, dtype=spec.dtype, device=self.executor.device)
-            if len(self.rank_of_stage) > 1 and len(set(self.rank_of_stage.values())) > 1:
-                self.comm.broadcast(value, self.last_rank, f"output {k} of the step")
+            if len(set(self.rank_of_stage.values())) > 1:
+                self.comm.broadcast(value, self.last_rank, f"output {k} of the step", self.layout.pp_group)
             merged.append(value)
+        if self.loss_index is not None and self.layout.dp_degree > 1:  # the global loss: mean over replicas
+            loss = merged[self.loss_index]
+            self.comm.all_reduce(loss, self.layout.dp_group, "the loss over data-parallel replicas")
+            loss /= self.layout.dp_degree
         return merged
 
 
