@@ -200,6 +200,10 @@ class _Chain:
         self.pinned = self._pinned(c, groups)
         self.cross, self.reasons = self._sweep(groups)
         self.allowed = [p for p in range(n - 1) if self.cross[p] < _INF]
+        # Between cuts that send the same bytes, prefer the outermost module boundary (after a whole layer
+        # rather than after its norm's first op): a fraction of a byte per module level the cut is inside.
+        paths = [node.meta.get("module_path", "").split(".") for node in self.nodes]
+        self.score = [self.cross[p] + _shared_depth(paths[p], paths[p + 1]) / 64 for p in range(n - 1)]
         self.layer_cuts = self._layer_cuts(captured)
         self.suffix_memory = self._suffix_memory()
         self.last_busy, last = [], -1  # per position, the last position up to it that does work
@@ -359,7 +363,7 @@ class _Chain:
             lo = [max(a, b) for a, b in zip(lo, self._memory_window(allowed, memory), strict=True)]
         up = [self.last_busy[p] - 1 if busy else p - 1 for p in allowed]
         last_ok = [self._fits_last(p + 1, bound, memory) and (not busy or self.last_busy[n - 1] > p) for p in allowed]
-        best = [self.cross[p] if lo[a] <= -1 <= up[a] else _INF for a, p in enumerate(allowed)]
+        best = [self.score[p] if lo[a] <= -1 <= up[a] else _INF for a, p in enumerate(allowed)]
         back: list[list[int]] = []
         for _ in range(2, k):  # best[a]: fewest bytes of j cuts, the last at allowed[a]
             new, arg, window, right = [_INF] * len(allowed), [-1] * len(allowed), deque(), 0
@@ -373,7 +377,7 @@ class _Chain:
                 while window and allowed[window[0]] < lo[a]:
                     window.popleft()
                 if window:
-                    new[a], arg[a] = best[window[0]] + self.cross[p], window[0]
+                    new[a], arg[a] = best[window[0]] + self.score[p], window[0]
             back.append(arg)
             best = new
         finals = [(best[a], a) for a in range(len(allowed)) if last_ok[a] and best[a] < _INF]
@@ -491,6 +495,15 @@ class _Chain:
                 f"flow graph written to {path}"
             ) from err
         return fixed | {i for i in free if f"{self.names[i]}_in" in reachable}
+
+
+def _shared_depth(a: list[str], b: list[str]) -> int:
+    depth = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y or not x:
+            break
+        depth += 1
+    return depth
 
 
 def _chain_order(nodes: list[fx.Node]) -> list[fx.Node]:

@@ -1,0 +1,140 @@
+"""How dynapipe would cut a model into pipeline stages, in one process and without a process group.
+
+    python -c "import dynapipe, torch, transformers as t; \\
+        m = t.LlamaForCausalLM(t.LlamaConfig(num_hidden_layers=8, hidden_size=256, intermediate_size=512, \\
+        num_attention_heads=4, vocab_size=8000)); ids = torch.randint(0, 8000, (4, 64)); \\
+        print(dynapipe.explain(m, dict(input_ids=ids, labels=ids), n_stages=4))"
+
+:func:`explain` captures the call the way the ``"dynapipe"`` backend does (one microbatch, batch size
+symbolic), costs it, partitions it (automatically, or at ``split_points``) and returns the per-stage
+table: FLOPs, time estimate, parameter and activation bytes, bytes sent to the next stage, the modules
+each stage covers, and the imbalance (slowest stage / mean).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .capture import CapturedGraph, FrameCall, capture_microbatch
+from .cost import StageRecord, format_bytes, graph_costs, stage_costs
+from .errors import ConfigError
+from .microbatch import check_divisible, infer_batch_size
+from .partition import assign_by_split_points, balanced_partition
+
+__all__ = ["Explanation", "capture", "explain"]
+
+
+def _frame(fn: Any, args: tuple, kwargs: dict) -> FrameCall:
+    """The frame ``torch.compile(fn)(*args, **kwargs)`` hands to a backend, built without tracing."""
+    if isinstance(fn, torch.nn.Module):
+        fn = fn.forward
+    if inspect.ismethod(fn):
+        fn, args = fn.__func__, (fn.__self__, *args)
+    if not inspect.isfunction(fn):
+        raise ConfigError(f"explain needs an nn.Module or a Python function, got {type(fn).__name__}")
+    bound = inspect.signature(fn, follow_wrapped=False).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return FrameCall(fn.__code__, fn.__globals__, fn.__closure__, dict(bound.arguments))
+
+
+def capture(fn: Any, example_inputs: Any, *, n_microbatches: int = 1) -> CapturedGraph:
+    """Capture ``fn(*example_inputs)`` (a tuple of arguments, a dict of keyword arguments, or one tensor)
+    as the backend would: one microbatch of ``n_microbatches``, batch size symbolic."""
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        args, kwargs = (example_inputs,), {}
+    batch_size = infer_batch_size((args, kwargs))
+    if batch_size is None:
+        raise ConfigError("example_inputs hold no tensor with a batch dimension to split into microbatches")
+    check_divisible(batch_size, n_microbatches)
+    return capture_microbatch(_frame(fn, args, kwargs), n_microbatches=n_microbatches, batch_size=batch_size)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """A partition and its per-stage costs; ``str()`` is the table."""
+
+    stage_of: dict[fx.Node, int]
+    stages: list[StageRecord]
+    captured: CapturedGraph
+    layer_imbalance: float | None = None  # the best split at layer boundaries, for comparison
+
+    @property
+    def imbalance(self) -> float:
+        """Slowest stage time over mean stage time (1.0 is perfect balance)."""
+        times = [s.time_s for s in self.stages]
+        mean = sum(times) / len(times)
+        return max(times) / mean if mean > 0 else 1.0
+
+    def table(self) -> str:
+        head = ("stage", "FLOPs", "time", "params", "activations", "sends next", "modules")
+        rows = [head]
+        for s in self.stages:
+            rows.append((
+                str(s.index), f"{s.flops:.3e}", _seconds(s.time_s), format_bytes(s.param_bytes),
+                format_bytes(s.activation_bytes), format_bytes(s.send_bytes), ", ".join(s.modules),
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        foot = f"imbalance (slowest / mean stage time): {self.imbalance:.3f}"
+        if self.layer_imbalance is not None:
+            foot += f"; best split at layer boundaries: {self.layer_imbalance:.3f}"
+        per_mb = f"per microbatch of {self.captured.microbatch_size}; FLOPs and time are forward + backward"
+        return "\n".join([*lines, foot, per_mb])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _seconds(t: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if t >= scale:
+            return f"{t / scale:.3g} {unit}"
+    return f"{t / 1e-9:.3g} ns"
+
+
+def explain(
+    model: Any,
+    example_inputs: Any,
+    *,
+    n_stages: int,
+    n_microbatches: int = 1,
+    split_points: Sequence[str] = (),
+    unsplittable: Sequence[str] = (),
+    max_stage_memory: int | None = None,
+    profile: bool = False,
+    optimizer: str = "adamw",
+    in_flight: int | None = None,
+) -> Explanation:
+    """Partition ``model`` called on ``example_inputs`` into ``n_stages`` and return the per-stage table.
+
+    ``split_points`` (module names) override the automatic partition, as in the backend; the other
+    options are those of :func:`dynapipe.partition.assign_balanced`.
+    """
+    captured = capture(model, example_inputs, n_microbatches=n_microbatches)
+    costs = graph_costs(captured, optimizer=optimizer, profile=profile)
+    layer_imbalance = None
+    if split_points:
+        if len(split_points) != n_stages - 1:
+            raise ConfigError(f"{len(split_points)} split_points make {len(split_points) + 1} stages, not {n_stages}")
+        stage_of = assign_by_split_points(captured, list(split_points))
+    else:
+        part = balanced_partition(
+            captured, n_stages, unsplittable=unsplittable, max_stage_memory=max_stage_memory,
+            optimizer=optimizer, in_flight=in_flight, costs=costs,
+        )
+        stage_of = part.stage_of
+        mean = sum(c.time_s for c in costs.nodes.values()) / n_stages
+        if part.layer_bottleneck_s is not None and mean > 0 and part.layer_bottleneck_s < float("inf"):
+            layer_imbalance = part.layer_bottleneck_s / mean
+    return Explanation(stage_of, stage_costs(captured, stage_of, costs=costs), captured, layer_imbalance)
