@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from harness import run_distributed
-from models import CASES, HF_CASES
+from models import CASES
 
 
 def _owned(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -15,7 +15,7 @@ def _owned(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 def train_and_compare(rank: int, world: int, names: list[str], options: dict, steps: int = 2) -> dict:
     """Train each case pipelined and on one process side by side; assert equality; report ownership."""
-    from models import CASES, HF_CASES
+    from models import CASES
 
     from dynapipe.microbatch import split_value
 
@@ -73,20 +73,26 @@ def _check_coverage(results: dict, names: list[str]) -> None:
         assert all(o != all_params for o in owned), f"{name}: some rank kept every parameter"
 
 
-SMALL = list(CASES)
+def _check_tied(results: dict, name: str, param: str, holders: int) -> None:
+    """A tied parameter lives on exactly ``holders`` ranks (its first and last stage, per replica)."""
+    held = [r for r, out in results.items() if param in out[name]]
+    assert len(held) == holders, f"{name}: {param} should live on {holders} ranks, found on {held}"
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-@pytest.mark.parametrize("world", [2, 4])
+# Schedules beyond these two are checked in test_schedule_runtime.py; here every model on both widths.
+@pytest.mark.parametrize(("world", "schedule"), [(2, "gpipe"), (4, "1f1b")])
 def test_small_models_match_single_process(world: int, schedule: str) -> None:
-    results = run_distributed(train_and_compare, world, SMALL, {"schedule": schedule, "n_microbatches": 4},
+    names = list(CASES)
+    results = run_distributed(train_and_compare, world, names, {"schedule": schedule, "n_microbatches": 4},
                               timeout=240)
-    _check_coverage(results, SMALL)
+    _check_coverage(results, names)
+    _check_tied(results, "tied", "embed.weight", 2)
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_huggingface_models_match_single_process(world: int) -> None:
-    names = list(HF_CASES)
+@pytest.mark.parametrize(("world", "names"), [(2, ["llama", "gpt2"]), (4, ["llama"])])
+def test_huggingface_models_match_single_process(world: int, names: list[str]) -> None:
     results = run_distributed(train_and_compare, world, names, {"schedule": "1f1b", "n_microbatches": 4},
                               timeout=300)
     _check_coverage(results, names)
+    if "gpt2" in names:
+        _check_tied(results, "gpt2", "transformer.wte.weight", 2)

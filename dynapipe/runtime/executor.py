@@ -20,6 +20,7 @@ import torch.distributed as dist
 from ..codegen import Boundary, StagePlan
 from ..schedules import Action, Kind, Timeline, TimelineEvent
 from .comm import Comm
+from .split_backward import WeightWork, backward_input, backward_weight
 
 __all__ = ["Executor"]
 
@@ -34,7 +35,7 @@ class _InFlight:
     leaf_boundaries: list[Boundary]
     outputs: list[torch.Tensor]  # outputs that carry a gradient back
     output_boundaries: list[Boundary | None]  # None: the loss
-    output_grads: list[torch.Tensor] | None = None  # kept between I and W
+    weight_work: WeightWork | None = None  # kept between I and W
 
 
 @dataclass
@@ -191,17 +192,11 @@ class Executor:
             del inflight[(action.stage, action.mb)]
             leaf_grads = [leaf.grad for leaf in state.leaves]
         else:
-            leaf_grads = (
-                list(torch.autograd.grad(state.outputs, state.leaves, grads, retain_graph=True, allow_unused=True))
-                if state.outputs and state.leaves
-                else [None] * len(state.leaves)
-            )
-            state.output_grads = grads
+            leaf_grads, state.weight_work = backward_input(state.outputs, grads, state.leaves)
         for leaf, g, b in zip(state.leaves, leaf_grads, state.leaf_boundaries, strict=True):
             self._send(g if g is not None else torch.zeros_like(leaf), b, action.stage, b.producer, action.mb, _BWD)
 
     def _backward_weight(self, action, inflight) -> None:
         state = inflight.pop((action.stage, action.mb))
         params = [p for p in self.plans[action.stage].module.parameters() if p.requires_grad]
-        if state.outputs and params:
-            torch.autograd.backward(state.outputs, state.output_grads, inputs=params)
+        backward_weight(state.weight_work, params)
