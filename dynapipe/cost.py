@@ -59,6 +59,7 @@ __all__ = [
     "NodeCost",
     "StageRecord",
     "compute_nodes",
+    "format_bytes",
     "graph_costs",
     "stage_costs",
 ]
@@ -614,7 +615,7 @@ class StageRecord:
                          self.activation_bytes, max(self.sends.values(), default=0))
 
 
-def settled(graph: fx.Graph, stage_of: Mapping[fx.Node, int]) -> dict[fx.Node, int]:
+def _settled(graph: fx.Graph, stage_of: Mapping[fx.Node, int]) -> dict[fx.Node, int]:
     """``stage_of`` with each ``getitem`` in the stage of the node it unpacks, as codegen places it."""
     out = dict(stage_of)
     for node in graph.nodes:
@@ -630,7 +631,7 @@ def stage_costs(captured: CapturedGraph, stage_of: Mapping[fx.Node, int], *, cos
     """One :class:`StageRecord` per stage of the assignment ``stage_of`` (compute node -> stage)."""
     graph = captured.gm.graph
     costs = costs or graph_costs(captured, optimizer=optimizer)
-    stage_of = settled(graph, stage_of)
+    stage_of = _settled(graph, stage_of)
     n_stages = max(stage_of.values(), default=0) + 1
     last = n_stages - 1
     output = graph.find_nodes(op="output")[0]
@@ -728,6 +729,7 @@ def _fold(names: list[str]) -> list[str]:
 
 
 def format_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -200,6 +200,33 @@ def test_too_many_stages_is_an_error_naming_the_limit():
         assign_balanced(captured, 9)
 
 
+class _LateRead(nn.Module):
+    """A value computed from an input at the top and read only at the bottom (labels, masks, scales)."""
+
+    def __init__(self, d: int = 32, n: int = 6) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+
+    def forward(self, x, w):
+        scale = (w.abs() + 1).sqrt() * 2
+        for block in self.blocks:
+            x = torch.relu(block(x))
+        return (x * scale).mean()
+
+
+def test_min_cut_moves_work_to_where_it_is_read():
+    x, w = torch.randn(8, 32), torch.randn(8, 32)
+    captured = capture(_LateRead(), (x, w), n_microbatches=2)
+    for n_stages in (2, 3):
+        part = balanced_partition(captured, n_stages)
+        assert part.refined  # in graph order, scale would cross every cut
+        plans, out = _run_stages(captured, part.stage_of, n_stages, [x[:4], w[:4]])
+        assert [len(p.sends) for p in plans[:-1]] == [1] * (n_stages - 1)  # just the running activation
+        scale_stage = {s for n, s in part.stage_of.items() if n.meta["module_path"] == "" and n.name.startswith("sqrt")}
+        assert scale_stage == {n_stages - 1}
+        torch.testing.assert_close(out[0], captured.gm(x[:4], w[:4])[0])
+
+
 class _Block(nn.Module):
     def __init__(self, d: int) -> None:
         super().__init__()

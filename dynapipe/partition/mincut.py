@@ -248,12 +248,14 @@ class _Chain:
         return cross, reasons
 
     def _layer_cuts(self, captured: CapturedGraph) -> list[int]:
-        starts = []
-        for block in layer_boundaries(captured):
-            first = next((i for i, node in enumerate(self.nodes) if _inside(node.meta.get("module_path", ""), block)), None)
-            if first:
-                starts.append(first - 1)
-        return sorted({p for p in starts if self.cross[p] < _INF})
+        """Cut positions right before each repeated block (``layers.3``): the split a person would make."""
+        first: dict[str, int] = dict.fromkeys(layer_boundaries(captured), -1)
+        for i, node in enumerate(self.nodes):
+            path = node.meta.get("module_path", "")
+            for name in {*_prefixes(path), *_prefixes(path.partition(".")[2])} & first.keys():
+                if first[name] < 0:
+                    first[name] = i
+        return sorted({i - 1 for i in first.values() if i > 0 and self.cross[i - 1] < _INF})
 
     def why_few(self) -> str:
         blocked = sum(1 for r in self.reasons if r == "a non-tensor value is live")
@@ -495,6 +497,11 @@ class _Chain:
                 f"flow graph written to {path}"
             ) from err
         return fixed | {i for i in free if f"{self.names[i]}_in" in reachable}
+
+
+def _prefixes(path: str) -> list[str]:
+    parts = path.split(".") if path else []
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
 def _shared_depth(a: list[str], b: list[str]) -> int:

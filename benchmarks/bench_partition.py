@@ -1,0 +1,131 @@
+"""Balance and speed of dynapipe's automatic partitioner on small HuggingFace models.
+
+    python benchmarks/bench_partition.py                 # both parts
+    python benchmarks/bench_partition.py --part balance --layers 16
+    python benchmarks/bench_partition.py --part speed --sizes 8 16 32 64
+
+balance: for Llama, GPT-2, OPT and Bloom (hidden 64, vocab 1000: the embedding and LM head weigh like
+1.3-1.7 layers), the imbalance (slowest stage / mean, in FLOPs of forward + backward) of dynapipe's
+partition and of the best split at layer boundaries (exact: every choice of n_stages - 1 block starts is
+scored from prefix sums), and the bytes each boundary sends.
+
+speed: a Llama of each size is captured (Dynamo, one microbatch), costed and partitioned into 8 stages;
+seconds for each step, and partition microseconds per graph node (flat means linear growth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import torch
+
+from dynapipe.cost import compute_nodes, graph_costs, stage_costs
+from dynapipe.explain import capture
+from dynapipe.partition import balanced_partition, layer_boundaries
+from dynapipe.partition.manual import _inside
+
+VOCAB, HIDDEN, BATCH, SEQ, N_MICRO = 1000, 64, 4, 16, 2
+
+
+def make(kind: str, layers: int) -> torch.nn.Module:
+    import transformers as t
+
+    config = {
+        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(
+            hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)),
+        "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(
+            n_embd=HIDDEN, n_layer=layers, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0,
+            eos_token_id=0)),
+        "opt": lambda: t.OPTForCausalLM(t.OPTConfig(
+            hidden_size=HIDDEN, ffn_dim=2 * HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
+            vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=HIDDEN, bos_token_id=0,
+            eos_token_id=0, pad_token_id=1)),
+        "bloom": lambda: t.BloomForCausalLM(t.BloomConfig(
+            hidden_size=HIDDEN, n_layer=layers, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)),
+    }[kind]
+    torch.manual_seed(0)
+    model = config().eval()
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+def capture_model(kind: str, layers: int):
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
+    return capture(make(kind, layers), dict(input_ids=ids, labels=ids, use_cache=False), n_microbatches=N_MICRO)
+
+
+def best_layer_split(captured, n_stages: int) -> float:
+    """Smallest imbalance over every split at n_stages - 1 block starts (the split a person would make)."""
+    costs = graph_costs(captured)
+    nodes = compute_nodes(captured.gm.graph)
+    prefix = [0]
+    for node in nodes:
+        c = costs.nodes[node]
+        prefix.append(prefix[-1] + c.flops + c.backward_input_flops + c.backward_weight_flops)
+    starts = [next(i for i, n in enumerate(nodes) if _inside(n.meta.get("module_path", ""), b))
+              for b in layer_boundaries(captured)]
+    mean = prefix[-1] / n_stages
+    best = float("inf")
+    if len(starts) <= 20:
+        for cut in itertools.combinations(starts, n_stages - 1):
+            edges = [0, *cut, len(nodes)]
+            best = min(best, max(prefix[b] - prefix[a] for a, b in zip(edges, edges[1:], strict=False)))
+        return best / mean
+    # many blocks: exact min-max by dynamic programming over block starts
+    points = [0, *starts, len(nodes)]
+    dp = {0: 0.0}  # last cut index in points -> best max so far
+    for _ in range(n_stages - 1):
+        dp = {j: min(max(v, prefix[points[j]] - prefix[points[i]]) for i, v in dp.items() if i < j)
+              for j in range(1, len(points) - 1) if any(i < j for i in dp)}
+    return min(max(v, prefix[-1] - prefix[points[i]]) for i, v in dp.items()) / mean
+
+
+def balance(kinds: list[str], layers: int, stages: list[int]) -> None:
+    print(f"balance: max/mean stage FLOPs (fwd+bwd), {layers} layers, hidden {HIDDEN}, vocab {VOCAB}")
+    print(f"{'model':7s} {'stages':>6s} {'dynapipe':>9s} {'layer split':>12s}  bytes sent per boundary")
+    for kind in kinds:
+        captured = capture_model(kind, layers)
+        for n_stages in stages:
+            part = balanced_partition(captured, n_stages)
+            records = stage_costs(captured, part.stage_of)
+            flops = [r.flops for r in records]
+            ours = max(flops) / (sum(flops) / n_stages)
+            sent = [sum(r.sends.values()) for r in records[:-1]]
+            print(f"{kind:7s} {n_stages:6d} {ours:9.3f} {best_layer_split(captured, n_stages):12.3f}  {sent}")
+
+
+def speed(sizes: list[int], n_stages: int) -> None:
+    print(f"speed: Llama, {n_stages} stages (seconds; machine load adds to every column)")
+    print(f"{'layers':>6s} {'nodes':>6s} {'capture':>8s} {'cost':>6s} {'partition':>9s} {'total':>6s} {'us/node':>8s}")
+    for layers in sizes:
+        t0 = time.perf_counter()
+        captured = capture_model("llama", layers)
+        t1 = time.perf_counter()
+        graph_costs(captured)
+        t2 = time.perf_counter()
+        balanced_partition(captured, n_stages)
+        t3 = time.perf_counter()
+        n = len(compute_nodes(captured.gm.graph))
+        print(f"{layers:6d} {n:6d} {t1 - t0:8.2f} {t2 - t1:6.2f} {t3 - t2:9.3f} {t3 - t0:6.2f} "
+              f"{(t3 - t2) / n * 1e6:8.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["balance", "speed", "all"], default="all")
+    parser.add_argument("--models", nargs="+", default=["llama", "gpt2", "opt", "bloom"])
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64])
+    args = parser.parse_args()
+    if args.part in ("balance", "all"):
+        balance(args.models, args.layers, args.stages)
+    if args.part in ("speed", "all"):
+        speed(args.sizes, max(args.stages))
+
+
+if __name__ == "__main__":
+    main()
