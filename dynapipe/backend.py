@@ -24,7 +24,8 @@ from .microbatch import check_divisible
 from .partition import assign_by_split_points, layer_boundaries, marker_positions
 from .runtime.comm import Comm, ensure_process_group
 from .runtime.layout import build_layout, tied_groups
-from .runtime.pipeline import OutputSpec, Pipeline, release_foreign_state
+from .runtime.pipeline import OutputSpec, Pipeline
+from .runtime.state import place_state
 from .schedules import ScheduleSpec, format_schedule, get_schedule, placement_map, validate
 
 __all__ = ["dynapipe_backend"]
@@ -141,7 +142,7 @@ class _LazyPipeline:
             tied=tied_groups(plans, pp_of_stage, layout, config.timeout_s),
             on_step=config.on_step,
         )
-        release_foreign_state(plans, local)
+        place_state(plans, local, comm)
         return pipeline
 
 

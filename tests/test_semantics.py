@@ -49,6 +49,20 @@ def semantics_worker(rank: int, world: int) -> dict:
     out["kept_bytes"], out["total_bytes"] = kept, total
     out["owned"] = sorted(owned)
 
+    # 2b. A second pipeline over the same model cut elsewhere (here: inference with other split points)
+    # fetches the parameters its stages need from the ranks that kept them; the first one keeps working.
+    other_points = [f"layers.{round(i * 8 / world) - 1}" for i in range(1, world)]
+    assert other_points != pipe.split_points
+    infer_mlp = torch.compile(pipe.model, backend="dynapipe", options={"split_points": other_points,
+                                                                       "n_microbatches": 2})
+    with torch.no_grad():
+        torch.testing.assert_close(infer_mlp(pipe.args[0]), ref.model(ref.args[0]))
+    for p in owned.values():
+        p.grad = None
+    step(*pipe.args).backward()
+    for n, p in owned.items():
+        torch.testing.assert_close(p.grad, refs[n].grad)
+
     # 3. Inference under no_grad: a HuggingFace ModelOutput on every rank, logits as on one process.
     case, ref_case = llama(world), llama(world)
     model = case.model.eval()

@@ -2,6 +2,7 @@
 
 from .comm import Comm, ensure_process_group
 from .executor import Executor
-from .pipeline import Pipeline, StepReport, release_foreign_state
+from .pipeline import Pipeline, StepReport
+from .state import place_state
 
-__all__ = ["Comm", "Executor", "Pipeline", "StepReport", "ensure_process_group", "release_foreign_state"]
+__all__ = ["Comm", "Executor", "Pipeline", "StepReport", "ensure_process_group", "place_state"]

@@ -98,13 +98,18 @@ class Comm:
             raise self._fail(err, f"all-reducing {what}", None) from err
         self.wait(work, f"all-reducing {what}", None)
 
+    def gather_objects(self, obj: object, what: str) -> list:
+        """``obj`` from every rank, in rank order (pickled; for set-up, not the hot path)."""
+        out: list = [None] * dist.get_world_size()
+        try:
+            dist.all_gather_object(out, obj)
+        except RuntimeError as err:
+            raise self._fail(err, f"exchanging {what}", None) from err
+        return out
+
     def agree(self, digest: str, what: str) -> None:
         """Fail unless every rank computed the same ``digest`` (e.g. of its partition)."""
-        digests: list[str | None] = [None] * dist.get_world_size()
-        try:
-            dist.all_gather_object(digests, digest)
-        except RuntimeError as err:
-            raise self._fail(err, f"comparing {what} across ranks", None) from err
+        digests = self.gather_objects(digest, what)
         if len(set(digests)) > 1:
             groups: dict[str, list[int]] = {}
             for r, d in enumerate(digests):

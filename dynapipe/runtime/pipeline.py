@@ -26,7 +26,7 @@ from .comm import Comm
 from .executor import Executor
 from .layout import Layout
 
-__all__ = ["Pipeline", "StepReport", "release_foreign_state"]
+__all__ = ["Pipeline", "StepReport"]
 
 
 class _HeldGradients(torch.autograd.Function):
@@ -162,25 +162,3 @@ class Pipeline:
             self.comm.all_reduce(loss, self.layout.dp_group, "the loss over data-parallel replicas")
             loss /= self.layout.dp_degree
         return merged
-
-
-def release_foreign_state(plans: list[StagePlan], local_stages: list[int]) -> int:
-    """Free the storage of every parameter/buffer that no local stage uses; return the bytes freed.
-
-    The tensors keep their shape, so the user's model, its optimizer and Dynamo's guards stay valid;
-    they hold no memory and are never read on this rank.
-    """
-    def state(plan: StagePlan):
-        return [*plan.module.parameters(), *plan.module.buffers()]
-
-    keep = {t.untyped_storage().data_ptr() for s in local_stages for t in state(plans[s])}
-    freed = 0
-    for plan in plans:
-        for t in state(plan):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in keep and storage.nbytes():
-                freed += storage.nbytes()
-                storage.resize_(0)
-                if isinstance(t, torch.nn.Parameter):
-                    t.grad = None
-    return freed
