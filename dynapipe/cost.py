@@ -113,14 +113,11 @@ class GraphCosts:
     flop_rate: float
     uncosted: list[str] = field(default_factory=list)  # nodes the fake run could not execute (0 FLOPs)
 
-    def weight(self, node: fx.Node) -> float:
-        return self.nodes[node].time_s
-
     def with_times(self, times: Sequence[tuple[float, float, float]]) -> GraphCosts:
         """The same costs with measured (forward, backward-input, backward-weight) seconds per node, in the
         order of :attr:`nodes`: ranks that profile separately agree by broadcasting one rank's times."""
         nodes = {
-            n: _replace(c, forward_s=t[0], backward_input_s=t[1], backward_weight_s=t[2], measured=True)
+            n: dataclasses.replace(c, forward_s=t[0], backward_input_s=t[1], backward_weight_s=t[2], measured=True)
             for (n, c), t in zip(self.nodes.items(), times, strict=True)
         }
         return GraphCosts(nodes, self.buffer_bytes, self.buffer_names, self.state_bytes, self.optimizer,
@@ -128,10 +125,6 @@ class GraphCosts:
 
     def times(self) -> list[tuple[float, float, float]]:
         return [(c.forward_s, c.backward_input_s, c.backward_weight_s) for c in self.nodes.values()]
-
-
-def _replace(cost: NodeCost, **changes: Any) -> NodeCost:
-    return dataclasses.replace(cost, **changes)
 
 
 # ---------------------------------------------------------------------------------------------- sizes
@@ -172,19 +165,19 @@ def _evaluate(expr: sympy.Expr, values: Mapping[sympy.Symbol, sympy.Integer]) ->
 # --------------------------------------------------------------------------------- the fake re-run
 
 
-def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
+def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def _sdpa_cpu_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                            **kwargs) -> int:  # noqa: ANN001
+                            **kwargs) -> int:
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
 class _FlopCounter(TorchDispatchMode):
     """Adds up FLOPs with ``torch.utils.flop_counter``'s formulas (plus the CPU flash-attention kernel,
     which the counter does not know). Unlike ``FlopCounterMode`` it tracks no modules (faster), and lets
-    higher-order ops through uncounted (``torch.cond`` is costed branch by branch in :func:`_fake_node`)."""
+    higher-order ops through uncounted (``torch.cond`` is costed branch by branch in :func:`_replay`)."""
 
     supports_higher_order_operators = True
 
@@ -198,7 +191,7 @@ class _FlopCounter(TorchDispatchMode):
             aten._scaled_dot_product_flash_attention_for_cpu_backward: shape_wrapper(_sdpa_cpu_backward_flop),
         }
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         formula = self.formulas.get(getattr(func, "_overloadpacket", None))
