@@ -21,7 +21,8 @@ from .codegen import StagePlan, build_stages, partition_digest
 from .config import PipelineConfig
 from .errors import ConfigError, DynapipeError, PartitionError
 from .microbatch import check_divisible
-from .partition import assign_by_split_points, layer_boundaries, marker_positions
+from .cost import graph_costs
+from .partition import assign_balanced, assign_by_split_points, marker_positions
 from .runtime.comm import Comm, ensure_process_group
 from .runtime.layout import build_layout, tied_groups
 from .runtime.pipeline import OutputSpec, Pipeline
@@ -119,7 +120,8 @@ class _LazyPipeline:
             n_microbatches=n_microbatches,
             batch_size=batch_size,
         )
-        plans = build_stages(captured, _assign(captured, config, n_stages), n_stages)
+        in_flight = n_microbatches if spec.name == "gpipe" else min(n_microbatches, n_stages)
+        plans = build_stages(captured, _assign(captured, config, n_stages, in_flight, comm), n_stages)
         pp_of_stage = placement_map(spec.placement, n_ranks=n_pp, n_stages=n_stages)
         table = spec.build(n_ranks=n_pp, n_stages=n_stages, n_microbatches=n_microbatches)
         edges = sorted({(b.producer, c) for p in plans for b in p.sends for c in b.consumers})
@@ -167,25 +169,32 @@ def _stage_count(config: PipelineConfig, spec: ScheduleSpec, world: int) -> int:
     return n_stages
 
 
-def _assign(captured: CapturedGraph, config: PipelineConfig, n_stages: int) -> dict[fx.Node, int]:
+def _assign(captured: CapturedGraph, config: PipelineConfig, n_stages: int, in_flight: int,
+            comm: Comm) -> dict[fx.Node, int]:
+    """Stage of every compute node: ``pipe_split()`` markers, else ``split_points``, else the balanced
+    min-cut partition (profiled on rank 0 and shared, when asked, so every rank cuts the same way)."""
     markers = marker_positions(captured)
     if markers and config.split_points:
         raise ConfigError("the model calls pipe_split() and split_points is set too; use one of the two")
     points: list = markers or list(config.split_points)
-    if not points and n_stages > 1:
-        blocks = layer_boundaries(captured)
-        if len(blocks) < n_stages:
-            raise PartitionError(
-                f"cannot make {n_stages} stages: the graph has only {len(blocks)} repeated blocks to split at "
-                f"({blocks}); use fewer stages or give split_points"
+    if points or n_stages == 1:
+        if len(points) + 1 != n_stages:
+            raise ConfigError(
+                f"{len(points)} split points make {len(points) + 1} stages, but the pipeline needs {n_stages}; "
+                f"give {n_stages - 1} split points"
             )
-        points = [blocks[round(i * len(blocks) / n_stages)] for i in range(1, n_stages)]
-    if len(points) + 1 != n_stages:
-        raise ConfigError(
-            f"{len(points)} split points make {len(points) + 1} stages, but the pipeline needs {n_stages}; "
-            f"give {n_stages - 1} split points"
-        )
-    return assign_by_split_points(captured, points)
+        return assign_by_split_points(captured, points)
+    costs = graph_costs(captured, optimizer=config.optimizer)
+    if config.profile:
+        can_profile = all(t.untyped_storage().nbytes() > 0 or t.numel() == 0
+                          for t in [*captured.gm.parameters(), *captured.gm.buffers()])
+        mine = graph_costs(captured, optimizer=config.optimizer, profile=True).times() if can_profile else None
+        times = comm.gather_objects(mine, "profiled node times")[0]  # rank 0's measurements for everyone
+        if times is not None:
+            costs = costs.with_times(times)
+    return assign_balanced(captured, n_stages, unsplittable=config.unsplittable,
+                           max_stage_memory=config.max_stage_memory, optimizer=config.optimizer,
+                           in_flight=in_flight, costs=costs)
 
 
 def _output_nodes(captured: CapturedGraph) -> list[Any]:

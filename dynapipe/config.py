@@ -22,6 +22,11 @@ class PipelineConfig:
     schedule: a built-in name ("gpipe", "1f1b", ...), a schedule function, a per-rank action table,
         or the path of a text/CSV file holding one.
     split_points: module names (as in ``model.named_modules()``); a stage starts right before each.
+    unsplittable: module names kept whole inside one stage by the automatic partitioner.
+    max_stage_memory: bytes a stage may hold (parameters, gradients, optimizer state, activations in
+        flight); the automatic partitioner treats it as a hard limit.
+    profile: time every graph node on the device (rank 0, shared) instead of estimating time from FLOPs.
+    optimizer: optimizer whose state the memory estimate counts: "adamw", "adam", "sgd" or "none".
     loss_reduction: how the per-microbatch losses combine into the step's loss: "mean" (as a loss
         averaged over the batch, HuggingFace's default) or "sum". With "mean", a loss that averages over
         a varying number of non-padded tokens per microbatch differs slightly from one process: the
@@ -38,6 +43,10 @@ class PipelineConfig:
     n_microbatches: int | None = None
     schedule: Any = "gpipe"
     split_points: tuple[str, ...] = ()
+    unsplittable: tuple[str, ...] = ()
+    max_stage_memory: int | None = None
+    profile: bool = False
+    optimizer: str = "adamw"
     loss_reduction: str = "mean"
     timeout_s: float = 300.0
     dp_degree: int = 1
@@ -51,11 +60,12 @@ class PipelineConfig:
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ConfigError(f"unknown dynapipe option(s) {unknown}; valid options are {valid}")
-        if "split_points" in options:
-            points = options["split_points"]
-            if isinstance(points, str) or not all(isinstance(p, str) for p in points):
-                raise ConfigError(f"split_points must be a list of module names, got {points!r}")
-            options["split_points"] = tuple(points)
+        for name in ("split_points", "unsplittable"):
+            if name in options:
+                names = options[name]
+                if isinstance(names, str) or not all(isinstance(p, str) for p in names):
+                    raise ConfigError(f"{name} must be a list of module names, got {names!r}")
+                options[name] = tuple(names)
         config = cls(**options)
         config._check()
         return config
@@ -69,6 +79,10 @@ class PipelineConfig:
             raise ConfigError(f"loss_reduction must be one of {_LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
         if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
             raise ConfigError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+        if self.max_stage_memory is not None and not (isinstance(self.max_stage_memory, int) and self.max_stage_memory > 0):
+            raise ConfigError(f"max_stage_memory must be a positive number of bytes, got {self.max_stage_memory!r}")
+        if self.optimizer not in ("adamw", "adam", "sgd", "none"):
+            raise ConfigError(f"optimizer must be one of 'adamw', 'adam', 'sgd', 'none', got {self.optimizer!r}")
         if self.on_step is not None and not callable(self.on_step):
             raise ConfigError(f"on_step must be a callable taking a StepReport, got {self.on_step!r}")
         if self.n_stages is not None and self.split_points and len(self.split_points) != self.n_stages - 1:

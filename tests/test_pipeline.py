@@ -15,7 +15,7 @@ def _owned(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 def train_and_compare(rank: int, world: int, names: list[str], options: dict, steps: int = 2) -> dict:
     """Train each case pipelined and on one process side by side; assert equality; report ownership."""
-    from models import CASES
+    from models import CASES, HF_CASES
 
     from dynapipe.microbatch import split_value
 
@@ -96,3 +96,10 @@ def test_huggingface_models_match_single_process(world: int, names: list[str]) -
     _check_coverage(results, names)
     if "gpt2" in names:
         _check_tied(results, "gpt2", "transformer.wte.weight", 2)
+
+
+def test_automatic_partition_matches_single_process() -> None:
+    names = ["skip", "tied", "llama"]
+    options = {"schedule": "1f1b", "n_microbatches": 4, "split_points": ()}
+    results = run_distributed(train_and_compare, 2, names, options, timeout=300)
+    _check_coverage(results, names)
