@@ -276,18 +276,23 @@ def graph_costs(
         raise ConfigError(f"optimizer {optimizer!r} is not known to the cost model; use one of {sorted(OPTIMIZER_STATES)}")
     if not (flop_rate > 0):
         raise ConfigError(f"flop_rate must be a positive number of FLOP/s, got {flop_rate!r}")
-    key = (optimizer, bool(profile), float(flop_rate), repeats)
-    cached = captured.gm.meta.get(_META_KEY)
     nodes = compute_nodes(captured.gm.graph)
-    if cached is not None and cached[0] == key and list(cached[1].nodes) == nodes:
-        return cached[1]
-    costs = _fake_costs(captured, nodes, optimizer, flop_rate)
+    cache = captured.gm.meta.setdefault(_META_KEY, {})
+    for key in list(cache):  # the graph changed (pipe_split markers removed): start again
+        if list(cache[key].nodes) != nodes:
+            del cache[key]
+    key = (optimizer, bool(profile), float(flop_rate), repeats if profile else 0)
+    if key in cache:
+        return cache[key]
     if profile:
+        costs = graph_costs(captured, optimizer=optimizer, flop_rate=flop_rate)
         device = _device(captured.gm.graph)
         # profiling runs dropout too: leave the user's random streams as they were
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
             costs = costs.with_times([_measure(captured, n, costs.nodes[n], repeats, device) for n in nodes])
-    captured.gm.meta[_META_KEY] = (key, costs)
+    else:
+        costs = _fake_costs(captured, nodes, optimizer, flop_rate)
+    cache[key] = costs
     return costs
 
 
