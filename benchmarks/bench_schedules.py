@@ -1,6 +1,6 @@
 """Pipeline schedules on sleeping stages: dynapipe against torch.distributed.pipelining and the simulator.
 
-    python benchmarks/bench_schedules.py            # every row, about 5 minutes on 2 CPU cores
+    python benchmarks/bench_schedules.py            # every row, about 4-5 minutes on 2 CPU cores
     python benchmarks/bench_schedules.py --quick    # p=4, m=8 (1f1b and gpipe) only, under a minute
 
 Every stage is a :class:`SleepStage`: its forward sleeps ``fwd_ms``, its backward sleeps ``bwd_ms`` (half
@@ -9,12 +9,13 @@ passes an activation of ``--act-bytes`` bytes. Sleeping keeps 4-8 processes hone
 waits costs no CPU, so the step time measures the schedule and the runtime; only the stage's real work
 (copying and scaling the activation, about 0.5-1 ms per action at 1 MiB) and the runtimes compete for cores.
 
-For each row (schedule, p ranks, m microbatches) one set of spawned gloo processes on 127.0.0.1 runs the
-same model with dynapipe (``torch.compile(model, backend="dynapipe")``, a split point at every stage) and
-with torch.distributed.pipelining (a ``PipelineStage`` per local stage and the matching ``Schedule*``
-class), a few warm-up steps then ``--steps`` timed ones, and compares the medians with the step time the
-simulator gives for the schedule (``dynapipe.schedules.simulate``) from per-stage costs measured in
-isolation and a measured link. Rows that either library rejects are printed with the reason.
+Rows (schedule, p ranks, m microbatches) of the same world size share one set of spawned gloo processes on
+127.0.0.1. Each row runs the same model with dynapipe (``torch.compile(model, backend="dynapipe")``, a
+split point at every stage) and with torch.distributed.pipelining (a ``PipelineStage`` per local stage and
+the matching ``Schedule*`` class): warm-up steps, then ``--steps`` timed steps of each, alternating. The
+medians are compared with the step the simulator (``dynapipe.schedules.simulate``) gives for each
+library's action order, from per-stage costs measured in isolation and a measured link. Rows that either
+library rejects are printed with the reason. benchmarks/README.md explains every column.
 """
 
 from __future__ import annotations
