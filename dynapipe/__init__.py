@@ -2,6 +2,7 @@
 
 from .config import PipelineConfig
 from .errors import CaptureError, ConfigError, DynapipeError, GraphBreakError, PartitionError, PipelineError
+from .explain import explain
 from .partition import pipe_split
 
 __all__ = [
@@ -12,5 +13,6 @@ __all__ = [
     "PartitionError",
     "PipelineConfig",
     "PipelineError",
+    "explain",
     "pipe_split",
 ]

@@ -143,6 +143,7 @@ class _LazyPipeline:
             loss_reduction=config.loss_reduction,
             tied=tied_groups(plans, pp_of_stage, layout, config.timeout_s),
             on_step=config.on_step,
+            ddp_comm_hook=config.ddp_comm_hook,
         )
         place_state(plans, local, comm)
         return pipeline

@@ -63,11 +63,13 @@ def _concrete(value: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, bool]:
 
 
 def _settle_stages(graph: fx.Graph, stage_of: dict[fx.Node, int]) -> None:
-    """Keep ``getitem`` with the node it unpacks (only tensors cross stages) and check monotonicity."""
+    """Keep ``getitem`` of a tuple with the node that makes the tuple (only tensors cross stages), and
+    check that no node reads from a later stage."""
     for node in graph.nodes:
         if node.op == "call_function" and node.target is operator.getitem:
             source = node.args[0]
-            if isinstance(source, fx.Node) and source in stage_of:
+            if (isinstance(source, fx.Node) and source in stage_of
+                    and not isinstance(source.meta.get("example_value"), torch.Tensor)):
                 stage_of[node] = stage_of[source]
     for node in graph.nodes:
         for user in node.users:

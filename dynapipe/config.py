@@ -34,6 +34,9 @@ class PipelineConfig:
     timeout_s: limit for every collective and point-to-point wait; a dead peer fails the step after it.
     dp_degree: data-parallel replicas of the pipeline; world size = pipeline ranks x dp_degree. Each rank
         feeds its own data shard (as with DDP); the ranks of one pipeline must get the same shard.
+    ddp_comm_hook: a DDP communication hook (``hook(state, bucket) -> Future``, e.g. from
+        ``torch.distributed.algorithms.ddp_comm_hooks``) registered on every stage's DDP wrapper, with the
+        data-parallel process group as its state.
     mesh: a DeviceMesh with dims ("pp", "dp") to use instead of the default init_device_mesh layout.
     on_step: called after every step with a :class:`dynapipe.runtime.StepReport` (timeline, in-flight
         activations, the stage modules): for logging, timelines and tests.
@@ -51,6 +54,7 @@ class PipelineConfig:
     timeout_s: float = 300.0
     dp_degree: int = 1
     mesh: Any = None
+    ddp_comm_hook: Any = None
     on_step: Any = None
 
     @classmethod

@@ -7,27 +7,51 @@ import pytest
 
 from harness import run_distributed
 from models import CASES
-from test_pipeline import _check_coverage, _check_tied, train_and_compare
+from test_pipeline import _check_coverage, _check_runs, _check_tied, train_and_compare, train_many
 
 
-# 1F1B on the whole model set; the other schedules on the models with skip connections, several
-# inputs/outputs and tied weights (the schedule changes only the order of the same per-stage work).
-@pytest.mark.parametrize(
-    ("schedule", "names"),
-    [("1f1b", list(CASES)), ("gpipe", ["skip", "tied"]), ("interleaved-1f1b", ["multi_io", "tied"]),
-     ("zb-h1", ["skip", "multi_io", "tied"])],
-)
-def test_pp2_dp2_matches_single_process(schedule: str, names: list[str]) -> None:
-    stages = 4 if schedule == "interleaved-1f1b" else 2
-    options = {"schedule": schedule, "n_microbatches": 2, "dp_degree": 2, "n_stages": stages}
-    results = run_distributed(train_and_compare, 4, names, options, timeout=300)
-    _check_coverage(results, names)
+def test_pp2_dp2_matches_single_process() -> None:
+    """1F1B on the whole model set; the other schedules on the models with skip connections, several
+    inputs/outputs and tied weights (a schedule changes only the order of the same per-stage work)."""
+    runs = [(list(CASES), "1f1b"), (["skip", "tied"], "gpipe"), (["multi_io", "tied"], "interleaved-1f1b"),
+            (["skip", "multi_io", "tied"], "zb-h1")]
+    runs = [(names, {"schedule": schedule, "n_microbatches": 2, "dp_degree": 2,
+                     "n_stages": 4 if schedule == "interleaved-1f1b" else 2}) for names, schedule in runs]
+    results = run_distributed(train_many, 4, runs, timeout=600)
+    _check_runs(results, runs)
 
 
-# pp=2 without dp is in test_pipeline.py::test_huggingface_models_match_single_process.
-@pytest.mark.parametrize(("world", "dp"), [(4, 1), (4, 2)])
-def test_gpt2_tied_embeddings(world: int, dp: int) -> None:
-    options = {"schedule": "1f1b", "n_microbatches": 2, "dp_degree": dp}
-    results = run_distributed(train_and_compare, world, ["gpt2"], options, timeout=300)
+def test_gpt2_tied_embeddings_with_dp() -> None:
+    """pp=2 x dp=2 (pp=2 and pp=4 without dp are in test_pipeline.py::test_huggingface_models...)."""
+    options = {"schedule": "1f1b", "n_microbatches": 2, "dp_degree": 2}
+    results = run_distributed(train_and_compare, 4, ["gpt2"], options, timeout=300)
     _check_coverage(results, ["gpt2"])
-    _check_tied(results, "gpt2", "transformer.wte.weight", 2 * dp)
+    _check_tied(results, "gpt2", "transformer.wte.weight", 4)
+
+
+def allreduce_count_worker(rank: int, world: int, schedule: str) -> int:
+    import torch
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from models import mlp
+
+    calls = []
+
+    def counting_hook(state, bucket):
+        calls.append(bucket.index())
+        return allreduce_hook(state, bucket)
+
+    case = mlp(2)
+    step = torch.compile(case.step, backend="dynapipe", options={
+        "schedule": schedule, "n_microbatches": 4, "dp_degree": 2, "split_points": case.split_points,
+        "ddp_comm_hook": counting_hook})
+    for _ in range(3):
+        step(*case.args).backward()
+    return len(calls)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_gradients_all_reduced_once_per_step(schedule: str) -> None:
+    """Three steps of four microbatches: one bucket all-reduce per stage per step, not per microbatch."""
+    results = run_distributed(allreduce_count_worker, 4, schedule, timeout=180)
+    assert all(n == 3 for n in results.values()), results

@@ -8,24 +8,22 @@ import torch
 
 from harness import run_distributed
 from models import CASES
-from test_pipeline import _check_coverage, train_and_compare
+from test_pipeline import _check_runs, train_many
 
 
 @pytest.mark.parametrize(
-    ("world", "schedule", "stages_per_rank", "names"),
+    ("world", "runs"),
     [
-        (2, "zb-h1", 1, list(CASES)),
-        (2, "interleaved-1f1b", 2, ["skip", "multi_io", "tied"]),
-        (2, "zbv", 2, list(CASES)),
-        (4, "zb-h1", 1, ["skip", "tied"]),
-        (4, "interleaved-1f1b", 2, ["mlp"]),
-        (4, "zbv", 2, ["mlp"]),
+        (2, [("zb-h1", 1, list(CASES)), ("interleaved-1f1b", 2, ["skip", "multi_io", "tied"]),
+             ("zbv", 2, list(CASES))]),
+        (4, [("zb-h1", 1, ["skip", "tied"]), ("interleaved-1f1b", 2, ["mlp"]), ("zbv", 2, ["mlp"])]),
     ],
 )
-def test_schedule_matches_single_process(world: int, schedule: str, stages_per_rank: int, names: list[str]) -> None:
-    options = {"schedule": schedule, "n_microbatches": 4, "n_stages": world * stages_per_rank}
-    results = run_distributed(train_and_compare, world, names, options, timeout=300)
-    _check_coverage(results, names)
+def test_schedules_match_single_process(world: int, runs: list) -> None:
+    runs = [(names, {"schedule": schedule, "n_microbatches": 4, "n_stages": world * per_rank})
+            for schedule, per_rank, names in runs]
+    results = run_distributed(train_many, world, runs, timeout=600)
+    _check_runs(results, runs)
 
 
 def inflight_worker(rank: int, world: int, schedules: list[str]) -> dict[str, int]:

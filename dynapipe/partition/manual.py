@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from ..capture import CapturedGraph
+from ..cost import compute_nodes
 from ..errors import ConfigError, PartitionError
 
 __all__ = ["pipe_split", "SPLIT_MARKERS", "assign_by_split_points", "marker_positions", "layer_boundaries"]
@@ -41,15 +42,11 @@ def _split_markers() -> tuple[object, ...]:
 SPLIT_MARKERS = _split_markers
 
 
-def _compute_nodes(graph: fx.Graph) -> list[fx.Node]:
-    return [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
-
-
 def marker_positions(captured: CapturedGraph) -> list[int]:
     """Positions (in compute-node order) of ``pipe_split()`` markers; the markers are removed."""
     graph, positions, index = captured.gm.graph, [], 0
     markers = SPLIT_MARKERS()
-    for node in _compute_nodes(graph):
+    for node in compute_nodes(graph):
         if node.target in markers:
             positions.append(index)
             graph.erase_node(node)
@@ -85,7 +82,7 @@ def _module_start(nodes: list[fx.Node], name: str) -> int:
 
 def assign_by_split_points(captured: CapturedGraph, split_points: list[str] | list[int]) -> dict[fx.Node, int]:
     """Stage of each compute node: a split goes right before each named module (or marker position)."""
-    nodes = _compute_nodes(captured.gm.graph)
+    nodes = compute_nodes(captured.gm.graph)
     starts = [p if isinstance(p, int) else _module_start(nodes, p) for p in split_points]
     for a, b, name in zip(starts, starts[1:], split_points[1:], strict=False):
         if b <= a:
@@ -109,7 +106,7 @@ _LAYER = re.compile(r"^(.*\.)?\d+$")
 def layer_boundaries(captured: CapturedGraph) -> list[str]:
     """Names of the repeated blocks (``layers.0``, ``layers.1`` …) in execution order: even-split candidates."""
     seen, blocks = set(), []
-    for node in _compute_nodes(captured.gm.graph):
+    for node in compute_nodes(captured.gm.graph):
         path = node.meta.get("module_path", "")
         parts = path.split(".")
         for depth in range(1, len(parts) + 1):

@@ -75,6 +75,7 @@ class Pipeline:
     loss_reduction: str
     tied: list[tuple[torch.nn.Parameter, dist.ProcessGroup, str]] = field(default_factory=list)
     on_step: Callable[[StepReport], None] | None = None
+    ddp_comm_hook: Callable | None = None
 
     def __post_init__(self) -> None:
         self.rank = dist.get_rank()
@@ -91,6 +92,8 @@ class Pipeline:
                 if any(p.requires_grad for p in self.plans[s].module.parameters()):
                     reducers[s] = DistributedDataParallel(self.plans[s].module, process_group=self.layout.dp_group,
                                                           broadcast_buffers=False)
+                    if self.ddp_comm_hook is not None:
+                        reducers[s].register_comm_hook(self.layout.dp_group, self.ddp_comm_hook)
         self.executor = Executor(self.plans, self.rank_of_stage, self.comm, self.n_microbatches, self.loss_index,
                                  scale, reducers)
 
