@@ -29,27 +29,49 @@ def _model(name: str):
     if name == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(vocab_size=16000, hidden_size=128, intermediate_size=344, num_hidden_layers=8,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
-                             tie_word_embeddings=False)
+        config = LlamaConfig(
+            vocab_size=16000,
+            hidden_size=128,
+            intermediate_size=344,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=SEQ,
+            tie_word_embeddings=False,
+        )
         return LlamaForCausalLM(config), "model.layers"
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=16000, n_positions=SEQ, n_embd=128, n_layer=8, n_head=4,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        vocab_size=16000,
+        n_positions=SEQ,
+        n_embd=128,
+        n_layer=8,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(config), "transformer.h"
 
 
 def _worker(rank: int, port: int, name: str, split: str, steps: int, queue) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     model, layers = _model(name)
     options = {"schedule": "1f1b", "n_microbatches": MICRO}
     if split == "manual":
         n_layers = 8
         options["split_points"] = [f"{layers}.{i * n_layers // WORLD}" for i in range(1, WORLD)]
-    step = torch.compile(lambda ids: model(input_ids=ids, labels=ids).loss, backend="dynapipe", options=options)
+    step = torch.compile(
+        lambda ids: model(input_ids=ids, labels=ids).loss, backend="dynapipe", options=options
+    )
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     ids = torch.randint(0, 16000, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     times = []
@@ -88,7 +110,9 @@ def main() -> None:
     args = parser.parse_args()
     models = ["llama"] if args.quick else ["llama", "gpt2"]
     steps = 5 if args.quick else 10
-    print(f"{WORLD} stages, 1F1B, batch {BATCH} x {SEQ} tokens, {MICRO} microbatches, {steps} timed steps; ms")
+    print(
+        f"{WORLD} stages, 1F1B, batch {BATCH} x {SEQ} tokens, {MICRO} microbatches, {steps} timed steps; ms"
+    )
     print(f"{'model':8s} {'manual (min-max)':>22s} {'automatic (min-max)':>22s} {'auto/manual':>12s}")
     for name in models:
         manual, auto = _run(name, "manual", steps), _run(name, "auto", steps)

@@ -16,12 +16,18 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .capture import CapturedGraph, FrameCall, capture_microbatch, frame_being_compiled, ignore_logging_in_graphs
-from .codegen import StagePlan, build_stages, partition_digest
+from .capture import (
+    CapturedGraph,
+    FrameCall,
+    capture_microbatch,
+    frame_being_compiled,
+    ignore_logging_in_graphs,
+)
+from .codegen import build_stages, partition_digest
 from .config import PipelineConfig
-from .errors import ConfigError, DynapipeError, PartitionError
-from .microbatch import check_divisible
 from .cost import graph_costs
+from .errors import ConfigError, DynapipeError
+from .microbatch import check_divisible
 from .partition import assign_balanced, assign_by_split_points, marker_positions
 from .runtime.comm import Comm, ensure_process_group
 from .runtime.layout import build_layout, tied_groups
@@ -70,7 +76,8 @@ class _LazyPipeline:
         self.config, self.frame = config, frame
         by_id = {id(e): i for i, e in enumerate(examples) if isinstance(e, torch.Tensor)}
         self.leaf_positions = {
-            name: [by_id.get(id(leaf)) for leaf in tree_flatten(value)[0]] for name, value in frame.arguments.items()
+            name: [by_id.get(id(leaf)) for leaf in tree_flatten(value)[0]]
+            for name, value in frame.arguments.items()
         }
         self.pipelines: dict[tuple, tuple[Pipeline, list[Any]]] = {}
 
@@ -99,13 +106,20 @@ class _LazyPipeline:
         config = self.config
         inputs = {n: v for n, v in arguments.items() if n != self.frame.self_name}
         batch_size = next(
-            (int(t.shape[0]) for t in tree_flatten(inputs)[0]
-             if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter) and t.dim() >= 1),
+            (
+                int(t.shape[0])
+                for t in tree_flatten(inputs)[0]
+                if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter) and t.dim() >= 1
+            ),
             None,
         )
         if batch_size is None:
-            raise ConfigError("the compiled call has no input tensor with a batch dimension to split into microbatches")
-        device = next((t.device for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)), torch.device("cpu"))
+            raise ConfigError(
+                "the compiled call has no input tensor with a batch dimension to split into microbatches"
+            )
+        device = next(
+            (t.device for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)), torch.device("cpu")
+        )
         ensure_process_group(device, config.timeout_s)
         comm = Comm(timedelta(seconds=config.timeout_s))
         layout = build_layout(device, dp_degree=config.dp_degree, mesh=config.mesh)
@@ -170,8 +184,9 @@ def _stage_count(config: PipelineConfig, spec: ScheduleSpec, world: int) -> int:
     return n_stages
 
 
-def _assign(captured: CapturedGraph, config: PipelineConfig, n_stages: int, in_flight: int,
-            comm: Comm) -> dict[fx.Node, int]:
+def _assign(
+    captured: CapturedGraph, config: PipelineConfig, n_stages: int, in_flight: int, comm: Comm
+) -> dict[fx.Node, int]:
     """Stage of every compute node: ``pipe_split()`` markers, else ``split_points``, else the balanced
     min-cut partition (profiled on rank 0 and shared, when asked, so every rank cuts the same way)."""
     markers = marker_positions(captured)
@@ -187,15 +202,25 @@ def _assign(captured: CapturedGraph, config: PipelineConfig, n_stages: int, in_f
         return assign_by_split_points(captured, points)
     costs = graph_costs(captured, optimizer=config.optimizer)
     if config.profile:
-        can_profile = all(t.untyped_storage().nbytes() > 0 or t.numel() == 0
-                          for t in [*captured.gm.parameters(), *captured.gm.buffers()])
-        mine = graph_costs(captured, optimizer=config.optimizer, profile=True).times() if can_profile else None
+        can_profile = all(
+            t.untyped_storage().nbytes() > 0 or t.numel() == 0
+            for t in [*captured.gm.parameters(), *captured.gm.buffers()]
+        )
+        mine = (
+            graph_costs(captured, optimizer=config.optimizer, profile=True).times() if can_profile else None
+        )
         times = comm.gather_objects(mine, "profiled node times")[0]  # rank 0's measurements for everyone
         if times is not None:
             costs = costs.with_times(times)
-    return assign_balanced(captured, n_stages, unsplittable=config.unsplittable,
-                           max_stage_memory=config.max_stage_memory, optimizer=config.optimizer,
-                           in_flight=in_flight, costs=costs)
+    return assign_balanced(
+        captured,
+        n_stages,
+        unsplittable=config.unsplittable,
+        max_stage_memory=config.max_stage_memory,
+        optimizer=config.optimizer,
+        in_flight=in_flight,
+        costs=costs,
+    )
 
 
 def _output_nodes(captured: CapturedGraph) -> list[Any]:
@@ -208,7 +233,9 @@ def _output_specs(captured: CapturedGraph) -> list[OutputSpec]:
     for node in _output_nodes(captured):
         value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
         if not isinstance(value, torch.Tensor):
-            raise ConfigError(f"output {node} of the compiled call is not a tensor; return tensors (or pytrees of them)")
+            raise ConfigError(
+                f"output {node} of the compiled call is not a tensor; return tensors (or pytrees of them)"
+            )
         shape = tuple(int(d.node.hint) if isinstance(d, torch.SymInt) else int(d) for d in value.shape)
         if shape:
             shape = (shape[0] * captured.n_microbatches, *shape[1:])

@@ -30,7 +30,13 @@ from torch._dynamo.symbolic_convert import InstructionTranslator
 from .errors import CaptureError, GraphBreakError
 from .microbatch import is_batched, split_value
 
-__all__ = ["FrameCall", "CapturedGraph", "frame_being_compiled", "capture_microbatch", "ignore_logging_in_graphs"]
+__all__ = [
+    "FrameCall",
+    "CapturedGraph",
+    "frame_being_compiled",
+    "capture_microbatch",
+    "ignore_logging_in_graphs",
+]
 
 _LOGGER_METHODS = ("debug", "info", "warning", "warn", "error", "exception", "critical", "log")
 
@@ -45,6 +51,7 @@ def ignore_logging_in_graphs() -> None:
 
     names = [n for n in dir(logging.Logger) if n in _LOGGER_METHODS or n.endswith("_once")]
     torch._dynamo.config.ignore_logging_functions.update(getattr(logging.Logger, n) for n in names)
+
 
 _ROOT = re.compile(r"^(?:L|G)\[['\"]([^'\"]+)['\"]\]")
 _MODULE_KEY = re.compile(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]")
@@ -79,7 +86,9 @@ class FrameCall:
     @property
     def self_name(self) -> str | None:
         """The name of the frame's first argument when it is an nn.Module (``self`` of forward)."""
-        if self.code.co_argcount and isinstance(self.arguments.get(self.code.co_varnames[0]), torch.nn.Module):
+        if self.code.co_argcount and isinstance(
+            self.arguments.get(self.code.co_varnames[0]), torch.nn.Module
+        ):
             return self.code.co_varnames[0]
         return None
 
@@ -94,7 +103,9 @@ def frame_being_compiled() -> FrameCall:
             "backend='eager') to see the break and its source line, then remove it."
         )
     n_args = tx.f_code.co_argcount + tx.f_code.co_kwonlyargcount
-    n_args += bool(tx.f_code.co_flags & inspect.CO_VARARGS) + bool(tx.f_code.co_flags & inspect.CO_VARKEYWORDS)
+    n_args += bool(tx.f_code.co_flags & inspect.CO_VARARGS) + bool(
+        tx.f_code.co_flags & inspect.CO_VARKEYWORDS
+    )
     names = tx.f_code.co_varnames[:n_args]
     return FrameCall(tx.f_code, tx.f_globals, tx.closure, {n: tx.f_locals[n] for n in names})
 
@@ -207,7 +218,9 @@ def _to_captured(
     input_sources: list[str] = []
     taken = {n.target for n in graph.nodes if n.op == "get_attr"}
     for node, (source, value) in zip(list(graph.find_nodes(op="placeholder")), placeholders, strict=True):
-        is_state = isinstance(value, torch.nn.Parameter) or "._buffers[" in source or "._parameters[" in source
+        is_state = (
+            isinstance(value, torch.nn.Parameter) or "._buffers[" in source or "._parameters[" in source
+        )
         from_argument = any(source.startswith(f"L['{a}']") for a in frame.arguments if a != self_name)
         if isinstance(value, torch.Tensor) and not is_state and from_argument:
             node.meta.pop("grapharg", None)
@@ -236,7 +249,9 @@ def _to_captured(
     gm.recompile()
     outputs = graph.find_nodes(op="output")[0].args[0]
     flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-    is_tensor = [isinstance(o, fx.Node) and isinstance(o.meta.get("example_value"), torch.Tensor) for o in flat]
+    is_tensor = [
+        isinstance(o, fx.Node) and isinstance(o.meta.get("example_value"), torch.Tensor) for o in flat
+    ]
     return CapturedGraph(gm, input_sources, state_names, batch_size, n_mb, is_tensor)
 
 

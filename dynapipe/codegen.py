@@ -68,8 +68,11 @@ def _settle_stages(graph: fx.Graph, stage_of: dict[fx.Node, int]) -> None:
     for node in graph.nodes:
         if node.op == "call_function" and node.target is operator.getitem:
             source = node.args[0]
-            if (isinstance(source, fx.Node) and source in stage_of
-                    and not isinstance(source.meta.get("example_value"), torch.Tensor)):
+            if (
+                isinstance(source, fx.Node)
+                and source in stage_of
+                and not isinstance(source.meta.get("example_value"), torch.Tensor)
+            ):
                 stage_of[node] = stage_of[source]
     for node in graph.nodes:
         for user in node.users:
@@ -100,7 +103,9 @@ def build_stages(captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages
     used = {s for s in stage_of.values()}
     if used != set(range(n_stages)):
         missing = sorted(set(range(n_stages)) - used)
-        raise PartitionError(f"stages {missing} received no graph nodes; use fewer stages or other split points")
+        raise PartitionError(
+            f"stages {missing} received no graph nodes; use fewer stages or other split points"
+        )
 
     def stage_reading(user: fx.Node) -> int:
         return last if user is output else stage_of[user]
@@ -120,7 +125,9 @@ def build_stages(captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages
                 "only tensors can cross stages: move the split point"
             )
         shape, dtype, requires_grad = _concrete(value)
-        boundaries[node] = Boundary(node.name, stage_of[node], tuple(sorted(cons)), shape, dtype, requires_grad)
+        boundaries[node] = Boundary(
+            node.name, stage_of[node], tuple(sorted(cons)), shape, dtype, requires_grad
+        )
 
     modes = _grad_modes(graph)
     plans = []
@@ -152,8 +159,11 @@ def build_stages(captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages
         else:
             new.output(tuple(env[by_name[b.name]] for b in sends))
         module = fx.GraphModule(captured.gm, new, class_name=f"Stage{s}")
-        names = {t: captured.state_names[t] for t in (n.target for n in new.find_nodes(op="get_attr"))
-                 if t in captured.state_names}
+        names = {
+            t: captured.state_names[t]
+            for t in (n.target for n in new.find_nodes(op="get_attr"))
+            if t in captured.state_names
+        }
         plans.append(StagePlan(s, module, inputs, receives, sends, names))
     return plans
 
@@ -163,5 +173,7 @@ def partition_digest(plans: list[StagePlan]) -> str:
     h = hashlib.sha256()
     for plan in plans:
         h.update(plan.module.code.encode())
-        h.update(repr([(b.name, b.producer, b.consumers, b.shape, str(b.dtype)) for b in plan.sends]).encode())
+        h.update(
+            repr([(b.name, b.producer, b.consumers, b.shape, str(b.dtype)) for b in plan.sends]).encode()
+        )
     return h.hexdigest()

@@ -80,13 +80,21 @@ class PipelineConfig:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name} must be a positive int, got {value!r}")
         if self.loss_reduction not in _LOSS_REDUCTIONS:
-            raise ConfigError(f"loss_reduction must be one of {_LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
+            raise ConfigError(
+                f"loss_reduction must be one of {_LOSS_REDUCTIONS}, got {self.loss_reduction!r}"
+            )
         if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
             raise ConfigError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
-        if self.max_stage_memory is not None and not (isinstance(self.max_stage_memory, int) and self.max_stage_memory > 0):
-            raise ConfigError(f"max_stage_memory must be a positive number of bytes, got {self.max_stage_memory!r}")
+        if self.max_stage_memory is not None and not (
+            isinstance(self.max_stage_memory, int) and self.max_stage_memory > 0
+        ):
+            raise ConfigError(
+                f"max_stage_memory must be a positive number of bytes, got {self.max_stage_memory!r}"
+            )
         if self.optimizer not in ("adamw", "adam", "sgd", "none"):
-            raise ConfigError(f"optimizer must be one of 'adamw', 'adam', 'sgd', 'none', got {self.optimizer!r}")
+            raise ConfigError(
+                f"optimizer must be one of 'adamw', 'adam', 'sgd', 'none', got {self.optimizer!r}"
+            )
         if self.on_step is not None and not callable(self.on_step):
             raise ConfigError(f"on_step must be a callable taking a StepReport, got {self.on_step!r}")
         if self.n_stages is not None and self.split_points and len(self.split_points) != self.n_stages - 1:

@@ -1,6 +1,13 @@
 """Exceptions raised by dynapipe. Each message names the offending value and the fix."""
 
-__all__ = ["DynapipeError", "ConfigError", "CaptureError", "GraphBreakError", "PartitionError", "PipelineError"]
+__all__ = [
+    "DynapipeError",
+    "ConfigError",
+    "CaptureError",
+    "GraphBreakError",
+    "PartitionError",
+    "PipelineError",
+]
 
 
 class DynapipeError(RuntimeError):

@@ -26,8 +26,15 @@ VOCAB, SEQ, BATCH = 128, 32, 16
 
 def make_model() -> LlamaForCausalLM:
     torch.manual_seed(0)  # every rank builds the same weights; each keeps only its own stage's
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -56,13 +63,17 @@ def train(steps: int) -> None:
         opt.zero_grad()
         losses.append(loss.item())
         if rank == 0 and (step % 5 == 0 or step == steps - 1):
-            print(f"step {step:3d}  loss {loss.item():.4f}  ({time.perf_counter() - start:.1f} s)", flush=True)
+            print(
+                f"step {step:3d}  loss {loss.item():.4f}  ({time.perf_counter() - start:.1f} s)", flush=True
+            )
 
     if rank == 0:
         reference = make_model()
         expected = reference(input_ids=batch(0), labels=batch(0)).loss.item()
         ok = abs(losses[0] - expected) <= 1e-5 * max(1.0, abs(expected))
-        print(f"first step: pipelined {losses[0]:.6f}, single process {expected:.6f} -> {'match' if ok else 'MISMATCH'}")
+        print(
+            f"first step: pipelined {losses[0]:.6f}, single process {expected:.6f} -> {'match' if ok else 'MISMATCH'}"
+        )
         print(f"loss fell from {losses[0]:.3f} to {losses[-1]:.3f} over {steps} steps")
         if not ok or not losses[-1] < losses[0]:
             raise SystemExit(1)
@@ -70,8 +81,14 @@ def train(steps: int) -> None:
 
 
 def _spawned(rank: int, world: int, port: int, steps: int) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     train(steps)
 
 

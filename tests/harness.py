@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import socket
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.multiprocessing as mp
 
@@ -29,8 +30,14 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+    )
     import torch
 
     torch.set_num_threads(1)
@@ -45,13 +52,16 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: 
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world: int, *args: Any, timeout: float = 180.0,
-                    allow_failure: bool = False) -> dict[int, Any]:
+def run_distributed(
+    fn: Callable, world: int, *args: Any, timeout: float = 180.0, allow_failure: bool = False
+) -> dict[int, Any]:
     """``fn(rank, world, *args)`` on ``world`` processes; returns {rank: result} or raises WorkerFailed."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue), daemon=True) for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, fn, args, queue), daemon=True) for r in range(world)
+    ]
     for p in procs:
         p.start()
     results, failures = {}, {}
@@ -64,7 +74,9 @@ def run_distributed(fn: Callable, world: int, *args: Any, timeout: float = 180.0
             rank, ok, value = queue.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
             (results if ok else failures)[rank] = value
         except queue_mod.Empty:
-            dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results and r not in failures]
+            dead = [
+                r for r, p in enumerate(procs) if not p.is_alive() and r not in results and r not in failures
+            ]
             for r in dead:
                 if procs[r].exitcode not in (0, None):
                     failures[r] = f"process exited with code {procs[r].exitcode} without reporting"

@@ -7,8 +7,8 @@ inputs, and split points for ``n_stages`` stages.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -61,7 +61,9 @@ class SkipNet(nn.Module):
     def __init__(self, width: int = 16, n_blocks: int = 4):
         super().__init__()
         self.embed = nn.Linear(12, width)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(n_blocks)
+        )
         self.head = nn.Linear(2 * width, 3)
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -76,8 +78,12 @@ class SkipNet(nn.Module):
 def skip(n_stages: int) -> Case:
     torch.manual_seed(1)
     model = SkipNet()
-    return Case(model, model, (torch.randn(BATCH, 12), torch.randn(BATCH, 3)),
-                split_points=_points("blocks", 4, n_stages))
+    return Case(
+        model,
+        model,
+        (torch.randn(BATCH, 12), torch.randn(BATCH, 3)),
+        split_points=_points("blocks", 4, n_stages),
+    )
 
 
 class MultiIO(nn.Module):
@@ -90,7 +96,7 @@ class MultiIO(nn.Module):
         self.register_buffer("scale", torch.linspace(0.5, 1.5, width))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, *, mask: torch.Tensor | None = None) -> dict:
-        for la, lb in zip(self.a, self.b):
+        for la, lb in zip(self.a, self.b, strict=True):
             x, z = torch.tanh(la(x) + z * self.scale), torch.sigmoid(lb(z) - x)
         if mask is not None:
             x = x * mask
@@ -103,8 +109,14 @@ def multi_io(n_stages: int) -> Case:
     x, z = torch.randn(BATCH, 8), torch.randn(BATCH, 8)
     mask = (torch.rand(BATCH, 8) > 0.3).float()
     step = lambda x, z, mask: model(x, z, mask=mask)["loss"]  # noqa: E731
-    return Case(model, step, (x, z), {"mask": mask}, split_points=_points("a", 4, n_stages),
-                options={"loss_reduction": "sum"})
+    return Case(
+        model,
+        step,
+        (x, z),
+        {"mask": mask},
+        split_points=_points("a", 4, n_stages),
+        options={"loss_reduction": "sum"},
+    )
 
 
 class TiedLM(nn.Module):
@@ -153,15 +165,24 @@ class LoopIfNet(nn.Module):
 def loop_if(n_stages: int) -> Case:
     torch.manual_seed(4)
     model = LoopIfNet()
-    return Case(model, model, (torch.randn(BATCH, 10), torch.randn(BATCH)), split_points=_points("cells", 6, n_stages))
+    return Case(
+        model, model, (torch.randn(BATCH, 10), torch.randn(BATCH)), split_points=_points("cells", 6, n_stages)
+    )
 
 
 def llama(n_stages: int) -> Case:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(5)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(config)
     ids = torch.randint(0, 96, (BATCH, 12))
     step = lambda ids, labels: model(input_ids=ids, labels=labels).loss  # noqa: E731
@@ -172,8 +193,16 @@ def gpt2(n_stages: int) -> Case:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(6)
-    config = GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=4, n_head=4,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        vocab_size=96,
+        n_positions=32,
+        n_embd=32,
+        n_layer=4,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = GPT2LMHeadModel(config)
     ids = torch.randint(0, 96, (BATCH, 12))
     step = lambda ids, labels: model(input_ids=ids, labels=labels).loss  # noqa: E731
@@ -200,6 +229,10 @@ class MarkedNet(nn.Module):
 
 
 CASES: dict[str, Callable[[int], Case]] = {
-    "mlp": mlp, "skip": skip, "multi_io": multi_io, "tied": tied, "loop_if": loop_if,
+    "mlp": mlp,
+    "skip": skip,
+    "multi_io": multi_io,
+    "tied": tied,
+    "loop_if": loop_if,
 }
 HF_CASES: dict[str, Callable[[int], Case]] = {"llama": llama, "gpt2": gpt2}

@@ -4,7 +4,6 @@ for every schedule; GPT-2's tied embedding and LM head stay in sync with and wit
 from __future__ import annotations
 
 import pytest
-
 from harness import run_distributed
 from models import CASES
 from test_pipeline import _check_coverage, _check_runs, _check_tied, train_and_compare, train_many
@@ -13,10 +12,24 @@ from test_pipeline import _check_coverage, _check_runs, _check_tied, train_and_c
 def test_pp2_dp2_matches_single_process() -> None:
     """1F1B on the whole model set; the other schedules on the models with skip connections, several
     inputs/outputs and tied weights (a schedule changes only the order of the same per-stage work)."""
-    runs = [(list(CASES), "1f1b"), (["skip", "tied"], "gpipe"), (["multi_io", "tied"], "interleaved-1f1b"),
-            (["skip", "multi_io", "tied"], "zb-h1")]
-    runs = [(names, {"schedule": schedule, "n_microbatches": 2, "dp_degree": 2,
-                     "n_stages": 4 if schedule == "interleaved-1f1b" else 2}) for names, schedule in runs]
+    runs = [
+        (list(CASES), "1f1b"),
+        (["skip", "tied"], "gpipe"),
+        (["multi_io", "tied"], "interleaved-1f1b"),
+        (["skip", "multi_io", "tied"], "zb-h1"),
+    ]
+    runs = [
+        (
+            names,
+            {
+                "schedule": schedule,
+                "n_microbatches": 2,
+                "dp_degree": 2,
+                "n_stages": 4 if schedule == "interleaved-1f1b" else 2,
+            },
+        )
+        for names, schedule in runs
+    ]
     results = run_distributed(train_many, 4, runs, timeout=600)
     _check_runs(results, runs)
 
@@ -31,9 +44,8 @@ def test_gpt2_tied_embeddings_with_dp() -> None:
 
 def allreduce_count_worker(rank: int, world: int, schedule: str) -> int:
     import torch
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
     from models import mlp
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     calls = []
 
@@ -42,9 +54,17 @@ def allreduce_count_worker(rank: int, world: int, schedule: str) -> int:
         return allreduce_hook(state, bucket)
 
     case = mlp(2)
-    step = torch.compile(case.step, backend="dynapipe", options={
-        "schedule": schedule, "n_microbatches": 4, "dp_degree": 2, "split_points": case.split_points,
-        "ddp_comm_hook": counting_hook})
+    step = torch.compile(
+        case.step,
+        backend="dynapipe",
+        options={
+            "schedule": schedule,
+            "n_microbatches": 4,
+            "dp_degree": 2,
+            "split_points": case.split_points,
+            "ddp_comm_hook": counting_hook,
+        },
+    )
     for _ in range(3):
         step(*case.args).backward()
     return len(calls)

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from harness import run_distributed
 
 
@@ -59,9 +58,9 @@ def bad_input_worker(rank: int, world: int) -> dict[str, str]:
     out["bad_split_point"] = _error(lambda: run(mlp(2), split_points=["layer.4"]))
     tiny = Depth(1)  # three graph nodes cannot make eight stages
     out["too_many_stages"] = _error(
-        lambda: torch.compile(tiny, backend="dynapipe", options={"n_stages": 8, "schedule": "interleaved-1f1b"})(
-            torch.randn(8, 4)
-        )
+        lambda: torch.compile(
+            tiny, backend="dynapipe", options={"n_stages": 8, "schedule": "interleaved-1f1b"}
+        )(torch.randn(8, 4))
     )
     breaks = Breaks()
     out["graph_break"] = _error(
@@ -71,21 +70,28 @@ def bad_input_worker(rank: int, world: int) -> dict[str, str]:
     )
     differs = Depth(4 + rank)  # rank 1 builds a different model: the ranks capture different graphs
     out["ranks_differ"] = _error(
-        lambda: torch.compile(differs, backend="dynapipe", options={"split_points": ["layers.2"]})(torch.randn(4, 4))
+        lambda: torch.compile(differs, backend="dynapipe", options={"split_points": ["layers.2"]})(
+            torch.randn(4, 4)
+        )
     )
     return out
 
 
 def test_bad_input_is_a_clear_error() -> None:
     results = run_distributed(bad_input_worker, 2, timeout=180)
-    for rank, out in results.items():
+    for out in results.values():
         assert "ConfigError: unknown dynapipe option(s) ['n_microbatch']" in out["unknown_option"]
         assert "n_microbatches" in out["unknown_option"]  # lists the valid names
-        assert "n_microbatches (3) must divide the batch size (8); use one of [1, 2, 4, 8]" in out["not_divisible"]
+        assert (
+            "n_microbatches (3) must divide the batch size (8); use one of [1, 2, 4, 8]"
+            in out["not_divisible"]
+        )
         assert "world size (2) is not a multiple of the stage count (3)" in out["world_not_multiple"]
         assert "split point 'layer.4' names no module" in out["bad_split_point"]
         assert "did you mean layers.4" in out["bad_split_point"]
-        assert "PartitionError" in out["too_many_stages"] and "8 stages" in out["too_many_stages"], out["too_many_stages"]
+        assert "PartitionError" in out["too_many_stages"] and "8 stages" in out["too_many_stages"], out[
+            "too_many_stages"
+        ]
         assert "GraphBreakError" in out["graph_break"]
         assert "test_errors.py" in out["graph_break"] and "torch._dynamo.graph_break()" in out["graph_break"]
         assert "PipelineError: ranks disagree on the partition" in out["ranks_differ"], out["ranks_differ"]
@@ -95,8 +101,11 @@ def dying_worker(rank: int, world: int, mode: str) -> float:
     from models import mlp
 
     case = mlp(world)
-    step = torch.compile(case.step, backend="dynapipe",
-                         options={"split_points": case.split_points, "n_microbatches": 4, "timeout_s": 6})
+    step = torch.compile(
+        case.step,
+        backend="dynapipe",
+        options={"split_points": case.split_points, "n_microbatches": 4, "timeout_s": 6},
+    )
     step(*case.args).backward()  # one good step: everything is set up
     if rank == world - 1:
         if mode == "dies":

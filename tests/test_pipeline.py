@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from harness import run_distributed
 from models import CASES
 
@@ -53,7 +52,9 @@ def train_and_compare(rank: int, world: int, names: list[str], options: dict, st
             opt.step(), ref_opt.step()
             opt.zero_grad(), ref_opt.zero_grad()
             for pname, p in owned.items():
-                torch.testing.assert_close(p, ref_params[pname], msg=lambda m: f"{name} step {i} param {pname}: {m}")
+                torch.testing.assert_close(
+                    p, ref_params[pname], msg=lambda m: f"{name} step {i} param {pname}: {m}"
+                )
         report[name] = {n: p.detach().flatten().tolist() for n, p in _owned(pipe.model).items()}
         report[name + ":all"] = sorted(n for n, _ in ref.model.named_parameters())
     return report
@@ -99,8 +100,9 @@ def _check_tied(results: dict, name: str, param: str, holders: int) -> None:
 @pytest.mark.parametrize(("world", "schedule"), [(2, "gpipe"), (4, "1f1b")])
 def test_small_models_match_single_process(world: int, schedule: str) -> None:
     names = list(CASES)
-    results = run_distributed(train_and_compare, world, names, {"schedule": schedule, "n_microbatches": 4},
-                              timeout=240)
+    results = run_distributed(
+        train_and_compare, world, names, {"schedule": schedule, "n_microbatches": 4}, timeout=240
+    )
     _check_coverage(results, names)
     _check_tied(results, "tied", "embed.weight", 2)
 
@@ -108,8 +110,9 @@ def test_small_models_match_single_process(world: int, schedule: str) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_huggingface_models_match_single_process(world: int) -> None:
     names = ["llama", "gpt2"]
-    results = run_distributed(train_and_compare, world, names, {"schedule": "1f1b", "n_microbatches": 4},
-                              timeout=300)
+    results = run_distributed(
+        train_and_compare, world, names, {"schedule": "1f1b", "n_microbatches": 4}, timeout=300
+    )
     _check_coverage(results, names)
     if "gpt2" in names:
         _check_tied(results, "gpt2", "transformer.wte.weight", 2)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from harness import run_distributed
 from models import CASES
 from test_pipeline import _check_runs, train_many
@@ -14,14 +13,22 @@ from test_pipeline import _check_runs, train_many
 @pytest.mark.parametrize(
     ("world", "runs"),
     [
-        (2, [("zb-h1", 1, list(CASES)), ("interleaved-1f1b", 2, ["skip", "multi_io", "tied"]),
-             ("zbv", 2, list(CASES))]),
+        (
+            2,
+            [
+                ("zb-h1", 1, list(CASES)),
+                ("interleaved-1f1b", 2, ["skip", "multi_io", "tied"]),
+                ("zbv", 2, list(CASES)),
+            ],
+        ),
         (4, [("zb-h1", 1, ["skip", "tied"]), ("interleaved-1f1b", 2, ["mlp"]), ("zbv", 2, ["mlp"])]),
     ],
 )
 def test_schedules_match_single_process(world: int, runs: list) -> None:
-    runs = [(names, {"schedule": schedule, "n_microbatches": 4, "n_stages": world * per_rank})
-            for schedule, per_rank, names in runs]
+    runs = [
+        (names, {"schedule": schedule, "n_microbatches": 4, "n_stages": world * per_rank})
+        for schedule, per_rank, names in runs
+    ]
     results = run_distributed(train_many, world, runs, timeout=600)
     _check_runs(results, runs)
 
@@ -33,9 +40,16 @@ def inflight_worker(rank: int, world: int, schedules: list[str]) -> dict[str, in
     for schedule in schedules:
         case = mlp(world)
         reports = []
-        step = torch.compile(case.step, backend="dynapipe",
-                             options={"schedule": schedule, "n_microbatches": 8, "split_points": case.split_points,
-                                      "on_step": reports.append})
+        step = torch.compile(
+            case.step,
+            backend="dynapipe",
+            options={
+                "schedule": schedule,
+                "n_microbatches": 8,
+                "split_points": case.split_points,
+                "on_step": reports.append,
+            },
+        )
         step(*case.args).backward()
         assert len(reports) == 1 and reports[0].train and reports[0].timeline.events
         peaks[schedule] = reports[0].peak_inflight.get(0, -1)

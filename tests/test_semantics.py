@@ -9,7 +9,6 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from harness import run_distributed
 
 
@@ -18,14 +17,18 @@ def _owned(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def semantics_worker(rank: int, world: int) -> dict:
-    import dynapipe  # noqa: F401 - pipe_split markers below
     from models import MarkedNet, llama, mlp
+
+    import dynapipe  # noqa: F401 - pipe_split markers below
 
     out = {}
     # 1. A scaled loss halves the gradients, two calls accumulate, zero_grad clears.
     pipe, ref = mlp(world), mlp(world)
-    step = torch.compile(pipe.step, backend="dynapipe", options={"split_points": pipe.split_points,
-                                                                   "n_microbatches": 4, "schedule": "1f1b"})
+    step = torch.compile(
+        pipe.step,
+        backend="dynapipe",
+        options={"split_points": pipe.split_points, "n_microbatches": 4, "schedule": "1f1b"},
+    )
     (step(*pipe.args) * 0.5).backward()
     ref.step(*ref.args).backward()
     refs = dict(ref.model.named_parameters())
@@ -53,8 +56,9 @@ def semantics_worker(rank: int, world: int) -> dict:
     # fetches the parameters its stages need from the ranks that kept them; the first one keeps working.
     other_points = [f"layers.{round(i * 8 / world) - 1}" for i in range(1, world)]
     assert other_points != pipe.split_points
-    infer_mlp = torch.compile(pipe.model, backend="dynapipe", options={"split_points": other_points,
-                                                                       "n_microbatches": 2})
+    infer_mlp = torch.compile(
+        pipe.model, backend="dynapipe", options={"split_points": other_points, "n_microbatches": 2}
+    )
     with torch.no_grad():
         torch.testing.assert_close(infer_mlp(pipe.args[0]), ref.model(ref.args[0]))
     for p in owned.values():
@@ -66,8 +70,9 @@ def semantics_worker(rank: int, world: int) -> dict:
     # 3. Inference under no_grad: a HuggingFace ModelOutput on every rank, logits as on one process.
     case, ref_case = llama(world), llama(world)
     model = case.model.eval()
-    infer = torch.compile(model, backend="dynapipe", options={"split_points": case.split_points,
-                                                              "n_microbatches": 2})
+    infer = torch.compile(
+        model, backend="dynapipe", options={"split_points": case.split_points, "n_microbatches": 2}
+    )
     ids = case.args[0]
     with torch.no_grad():
         got = infer(input_ids=ids)
@@ -90,7 +95,9 @@ def semantics_worker(rank: int, world: int) -> dict:
             marked(x, y).backward()
             ref_net(x, y).backward()
             kept = sorted(_owned(net))
-            assert kept == (["l1.bias", "l1.weight"] if rank == 0 else ["l2.bias", "l2.weight", "l3.bias", "l3.weight"])
+            assert kept == (
+                ["l1.bias", "l1.weight"] if rank == 0 else ["l2.bias", "l2.weight", "l3.bias", "l3.weight"]
+            )
             for n, p in _owned(net).items():
                 torch.testing.assert_close(p.grad, dict(ref_net.named_parameters())[n].grad)
     return out
@@ -134,7 +141,7 @@ def cond_worker(rank: int, world: int) -> list[str]:
     loss = step(x, y)
     loss.backward()
     xs, ys = x.chunk(2), y.chunk(2)  # the branch is taken per microbatch, so compare per microbatch
-    ref_loss = sum(ref(a, b) for a, b in zip(xs, ys)) / 2
+    ref_loss = sum(ref(a, b) for a, b in zip(xs, ys, strict=True)) / 2
     ref_loss.backward()
     torch.testing.assert_close(loss, ref_loss)
     for n, p in _owned(net).items():

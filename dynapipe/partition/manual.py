@@ -34,7 +34,9 @@ def pipe_split() -> None:
 
 def _split_markers() -> tuple[object, ...]:
     markers: list[object] = [torch.ops.dynapipe.pipe_split.default, torch.ops.dynapipe.pipe_split]
-    if hasattr(torch.ops, "pippy") and hasattr(torch.ops.pippy, "_pipe_split"):  # torch.distributed.pipelining's
+    if hasattr(torch.ops, "pippy") and hasattr(
+        torch.ops.pippy, "_pipe_split"
+    ):  # torch.distributed.pipelining's
         markers += [torch.ops.pippy._pipe_split.default, torch.ops.pippy._pipe_split]
     return tuple(markers)
 
@@ -80,7 +82,9 @@ def _module_start(nodes: list[fx.Node], name: str) -> int:
     )
 
 
-def assign_by_split_points(captured: CapturedGraph, split_points: list[str] | list[int]) -> dict[fx.Node, int]:
+def assign_by_split_points(
+    captured: CapturedGraph, split_points: list[str] | list[int]
+) -> dict[fx.Node, int]:
     """Stage of each compute node: a split goes right before each named module (or marker position)."""
     nodes = compute_nodes(captured.gm.graph)
     starts = [p if isinstance(p, int) else _module_start(nodes, p) for p in split_points]

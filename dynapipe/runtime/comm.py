@@ -27,7 +27,9 @@ def ensure_process_group(device: torch.device, timeout_s: float) -> None:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         if int(os.environ.get("WORLD_SIZE", "1")) == 1 and "MASTER_ADDR" not in os.environ:
             store = dist.HashStore()
-            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timedelta(seconds=timeout_s))
+            dist.init_process_group(
+                backend, store=store, rank=0, world_size=1, timeout=timedelta(seconds=timeout_s)
+            )
             return
         raise ConfigError(
             "dynapipe found no process group and no RANK/WORLD_SIZE in the environment; launch with "
@@ -84,7 +86,9 @@ class Comm:
         for work, _, what in pending:
             self.wait(work, what, None)
 
-    def broadcast(self, tensor: torch.Tensor, src: int, what: str, group: dist.ProcessGroup | None = None) -> None:
+    def broadcast(
+        self, tensor: torch.Tensor, src: int, what: str, group: dist.ProcessGroup | None = None
+    ) -> None:
         try:
             work = dist.broadcast(tensor, src, group=group, async_op=True)
         except RuntimeError as err:

@@ -91,7 +91,9 @@ class Executor:
         buffer = torch.empty(b.shape, dtype=b.dtype, device=self.device)
         return buffer, self.comm.irecv(buffer, peer, self._tag(b, consumer, mb, direction)), what, peer
 
-    def _send(self, tensor: torch.Tensor, b: Boundary, consumer: int, to_stage: int, mb: int, direction: int) -> None:
+    def _send(
+        self, tensor: torch.Tensor, b: Boundary, consumer: int, to_stage: int, mb: int, direction: int
+    ) -> None:
         if self._local_stage(to_stage):
             self._local[(b.name, consumer, mb, direction)] = tensor.detach()
             return
@@ -109,7 +111,9 @@ class Executor:
         return out
 
     # -- the step ---------------------------------------------------------------------------------
-    def run(self, actions: list[Action | None], inputs: list[list[torch.Tensor]], train: bool) -> dict[int, tuple]:
+    def run(
+        self, actions: list[Action | None], inputs: list[list[torch.Tensor]], train: bool
+    ) -> dict[int, tuple]:
         """Execute this rank's actions; return the last stage's outputs per microbatch (if it is here)."""
         self.device = inputs[0][0].device if inputs and inputs[0] else torch.device("cpu")
         compute = [a for a in actions if a is not None and a.kind.is_compute]
@@ -163,7 +167,11 @@ class Executor:
             for c in b.consumers:
                 self._send(tensor, b, c, c, action.mb, _FWD)
         if train:
-            keep = [(o, b) for o, b in zip(outputs, plan.sends, strict=True) if b.requires_grad and o.requires_grad]
+            keep = [
+                (o, b)
+                for o, b in zip(outputs, plan.sends, strict=True)
+                if b.requires_grad and o.requires_grad
+            ]
             inflight[(action.stage, action.mb)] = _InFlight(
                 leaves, leaf_bs, [o for o, _ in keep], [b for _, b in keep]
             )
@@ -172,8 +180,12 @@ class Executor:
         if action.stage == self.last:
             return [torch.full_like(state.outputs[0], self.loss_scale)]
         plan, grads, it = self.plans[action.stage], [], iter(received)
-        per_boundary = {b.name: sum_of for b in plan.sends if b.requires_grad
-                        for sum_of in [[next(it) for _ in b.consumers]]}
+        per_boundary = {
+            b.name: sum_of
+            for b in plan.sends
+            if b.requires_grad
+            for sum_of in [[next(it) for _ in b.consumers]]
+        }
         for b in state.output_boundaries:
             parts = per_boundary[b.name]
             total = parts[0]
@@ -194,7 +206,9 @@ class Executor:
         else:
             leaf_grads, state.weight_work = backward_input(state.outputs, grads, state.leaves)
         for leaf, g, b in zip(state.leaves, leaf_grads, state.leaf_boundaries, strict=True):
-            self._send(g if g is not None else torch.zeros_like(leaf), b, action.stage, b.producer, action.mb, _BWD)
+            self._send(
+                g if g is not None else torch.zeros_like(leaf), b, action.stage, b.producer, action.mb, _BWD
+            )
 
     def _backward_weight(self, action, inflight) -> None:
         state = inflight.pop((action.stage, action.mb))

@@ -47,8 +47,10 @@ def build_layout(device: torch.device, *, dp_degree: int, mesh: DeviceMesh | Non
     world = dist.get_world_size()
     if mesh is not None:
         if tuple(mesh.mesh_dim_names or ()) != ("pp", "dp"):
-            raise ConfigError(f"mesh must have dims ('pp', 'dp'), got {mesh.mesh_dim_names}; build it with "
-                              "init_device_mesh(device_type, (pp, dp), mesh_dim_names=('pp', 'dp'))")
+            raise ConfigError(
+                f"mesh must have dims ('pp', 'dp'), got {mesh.mesh_dim_names}; build it with "
+                "init_device_mesh(device_type, (pp, dp), mesh_dim_names=('pp', 'dp'))"
+            )
         if mesh.size(1) != dp_degree and dp_degree != 1:
             raise ConfigError(f"dp_degree ({dp_degree}) differs from the mesh's dp size ({mesh.size(1)})")
     elif world % dp_degree:
@@ -61,12 +63,19 @@ def build_layout(device: torch.device, *, dp_degree: int, mesh: DeviceMesh | Non
     if mesh is None:
         mesh = init_device_mesh(device.type, (world // dp_degree, dp_degree), mesh_dim_names=("pp", "dp"))
     grid = mesh.mesh.tolist()
-    return Layout(grid, mesh.get_local_rank("pp"), mesh.get_local_rank("dp"),
-                  mesh.get_group("pp"), mesh.get_group("dp"), mesh)
+    return Layout(
+        grid,
+        mesh.get_local_rank("pp"),
+        mesh.get_local_rank("dp"),
+        mesh.get_group("pp"),
+        mesh.get_group("dp"),
+        mesh,
+    )
 
 
-def tied_groups(plans: list[StagePlan], pp_of_stage: dict[int, int], layout: Layout,
-                timeout_s: float) -> list[tuple[torch.nn.Parameter, Any, str]]:
+def tied_groups(
+    plans: list[StagePlan], pp_of_stage: dict[int, int], layout: Layout, timeout_s: float
+) -> list[tuple[torch.nn.Parameter, Any, str]]:
     """Parameters read by stages at several pipeline positions, each with a group over just those ranks
     of this replica. Every rank creates every group, in the same order, as ``new_group`` requires."""
     positions: dict[int, set[int]] = {}

@@ -10,18 +10,18 @@ call whose loss is never back-propagated leaves ``.grad`` untouched.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from ..codegen import StagePlan
 from ..errors import ConfigError
 from ..microbatch import merge_outputs, split_value
 from ..schedules import Action, Kind, Timeline
-from torch.nn.parallel import DistributedDataParallel
-
 from .comm import Comm
 from .executor import Executor
 from .layout import Layout
@@ -90,12 +90,14 @@ class Pipeline:
         if self.layout.dp_degree > 1:
             for s in self.local_stages:
                 if any(p.requires_grad for p in self.plans[s].module.parameters()):
-                    reducers[s] = DistributedDataParallel(self.plans[s].module, process_group=self.layout.dp_group,
-                                                          broadcast_buffers=False)
+                    reducers[s] = DistributedDataParallel(
+                        self.plans[s].module, process_group=self.layout.dp_group, broadcast_buffers=False
+                    )
                     if self.ddp_comm_hook is not None:
                         reducers[s].register_comm_hook(self.layout.dp_group, self.ddp_comm_hook)
-        self.executor = Executor(self.plans, self.rank_of_stage, self.comm, self.n_microbatches, self.loss_index,
-                                 scale, reducers)
+        self.executor = Executor(
+            self.plans, self.rank_of_stage, self.comm, self.n_microbatches, self.loss_index, scale, reducers
+        )
 
     def __call__(self, *values: Any) -> tuple[Any, ...]:
         """Run one step on the full-batch values of the graph inputs."""
@@ -130,11 +132,20 @@ class Pipeline:
             self._reduce_tied(grads)
         outputs = self._gather_outputs(results)
         if self.on_step is not None:
-            self.on_step(StepReport(self.rank, train, self.executor.timeline, dict(self.executor.peak_inflight),
-                                    {s: self.plans[s] for s in self.local_stages}))
+            self.on_step(
+                StepReport(
+                    self.rank,
+                    train,
+                    self.executor.timeline,
+                    dict(self.executor.peak_inflight),
+                    {s: self.plans[s] for s in self.local_stages},
+                )
+            )
         if train:
             anchor = torch.zeros((), requires_grad=True)
-            outputs[self.loss_index] = _HeldGradients.apply(outputs[self.loss_index], grads, anchor, *self.params)
+            outputs[self.loss_index] = _HeldGradients.apply(
+                outputs[self.loss_index], grads, anchor, *self.params
+            )
         return tuple(outputs)
 
     def _forward_only(self) -> list[Action]:
@@ -154,7 +165,9 @@ class Pipeline:
         merged = []
         for k, spec in enumerate(self.outputs):
             if self.rank == self.last_rank:
-                value = merge_outputs([results[mb][k] for mb in range(self.n_microbatches)], self.loss_reduction)
+                value = merge_outputs(
+                    [results[mb][k] for mb in range(self.n_microbatches)], self.loss_reduction
+                )
             else:
                 value = torch.empty(spec.shape, dtype=spec.dtype, device=self.executor.device)
             if len(set(self.rank_of_stage.values())) > 1:

@@ -42,7 +42,9 @@ def _reaches(roots: list[Node], targets: set[Node]) -> dict[Node, bool]:
             continue
         seen.add(node)
         stack.append((node, True))
-        stack.extend((child, False) for child, _ in node.next_functions if child is not None and child not in seen)
+        stack.extend(
+            (child, False) for child, _ in node.next_functions if child is not None and child not in seen
+        )
     reaches: dict[Node, bool] = {}
     for node in order:  # children come before parents
         reaches[node] = node in targets or any(
@@ -60,11 +62,14 @@ def backward_input(
     roots = [o.grad_fn for o in outputs if o.grad_fn is not None]
     reaches = _reaches(roots, {get_gradient_edge(leaf).node for leaf in leaves})
     frontier = [
-        node for node, on_path in reaches.items()
+        node
+        for node, on_path in reaches.items()
         if on_path and any(child is not None and not reaches[child] for child, _ in node.next_functions)
     ]
     arriving: dict[Node, tuple] = {}
-    handles = [n.register_prehook(lambda grad_outputs, n=n: arriving.__setitem__(n, grad_outputs)) for n in frontier]
+    handles = [
+        n.register_prehook(lambda grad_outputs, n=n: arriving.__setitem__(n, grad_outputs)) for n in frontier
+    ]
     try:
         leaf_grads = list(torch.autograd.grad(outputs, leaves, grads, retain_graph=True, allow_unused=True))
     finally:
@@ -92,7 +97,9 @@ def backward_weight(work: WeightWork, params: list[torch.nn.Parameter]) -> None:
     """
     roots, grads = list(work.roots), list(work.grads)
     for edges, arrived, children in work.frontier:
-        for child, grad in zip(children, torch.autograd.grad(edges, children, arrived, allow_unused=True), strict=True):
+        for child, grad in zip(
+            children, torch.autograd.grad(edges, children, arrived, allow_unused=True), strict=True
+        ):
             if grad is not None:
                 roots.append(child)
                 grads.append(grad)

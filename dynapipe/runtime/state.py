@@ -50,7 +50,9 @@ def place_state(plans: list[StagePlan], local_stages: list[int], comm: Comm) -> 
                     comm.isend(t, r, i, f"parameter/buffer #{i} for rank {r}")
                 elif comm.rank == r:
                     t.untyped_storage().resize_(_storage_bytes(t))
-                    comm.wait(comm.irecv(t.data, holders[0], i), f"receiving parameter/buffer #{i}", holders[0])
+                    comm.wait(
+                        comm.irecv(t.data, holders[0], i), f"receiving parameter/buffer #{i}", holders[0]
+                    )
     comm.flush()
     if not first_build:
         return 0
