@@ -255,6 +255,16 @@ def _to_captured(
     return CapturedGraph(gm, input_sources, state_names, batch_size, n_mb, is_tensor)
 
 
+def grad_modes(graph: fx.Graph) -> dict[fx.Node, bool]:
+    """Grad mode in force at each node: Dynamo records ``with torch.no_grad()`` as mode-setting calls."""
+    mode, modes = torch.is_grad_enabled(), {}
+    for node in graph.nodes:
+        modes[node] = mode
+        if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
+            mode = bool(node.args[0])
+    return modes
+
+
 def _specialise_sizes(graph: fx.Graph) -> None:
     """Replace nodes that compute sizes (``x.size(0)``, ``s0 * 4``) with their value at this microbatch size."""
     for node in list(graph.nodes):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .capture import CapturedGraph
+from .capture import CapturedGraph, grad_modes
 from .errors import PartitionError
 
 __all__ = ["Boundary", "StagePlan", "build_stages", "partition_digest"]
@@ -83,16 +83,6 @@ def _settle_stages(graph: fx.Graph, stage_of: dict[fx.Node, int]) -> None:
                 )
 
 
-def _grad_modes(graph: fx.Graph) -> dict[fx.Node, bool]:
-    """Grad mode in force at each node: Dynamo records ``with torch.no_grad()`` as mode-setting calls."""
-    mode, modes = torch.is_grad_enabled(), {}
-    for node in graph.nodes:
-        modes[node] = mode
-        if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
-            mode = bool(node.args[0])
-    return modes
-
-
 def build_stages(captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages: int) -> list[StagePlan]:
     """Cut ``captured.gm`` into ``n_stages`` GraphModules following ``stage_of`` (compute node -> stage)."""
     graph = captured.gm.graph
@@ -129,7 +119,7 @@ def build_stages(captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages
             node.name, stage_of[node], tuple(sorted(cons)), shape, dtype, requires_grad
         )
 
-    modes = _grad_modes(graph)
+    modes = grad_modes(graph)
     plans = []
     for s in range(n_stages):
         body = [n for n in graph.nodes if stage_of.get(n) == s]

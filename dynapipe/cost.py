@@ -48,7 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
-from .capture import CapturedGraph
+from .capture import CapturedGraph, grad_modes
 from .errors import ConfigError
 from .schedules.simulate import StageCost
 
@@ -117,11 +117,21 @@ class GraphCosts:
         """The same costs with measured (forward, backward-input, backward-weight) seconds per node, in the
         order of :attr:`nodes`: ranks that profile separately agree by broadcasting one rank's times."""
         nodes = {
-            n: dataclasses.replace(c, forward_s=t[0], backward_input_s=t[1], backward_weight_s=t[2], measured=True)
+            n: dataclasses.replace(
+                c, forward_s=t[0], backward_input_s=t[1], backward_weight_s=t[2], measured=True
+            )
             for (n, c), t in zip(self.nodes.items(), times, strict=True)
         }
-        return GraphCosts(nodes, self.buffer_bytes, self.buffer_names, self.state_bytes, self.optimizer,
-                          True, self.flop_rate, self.uncosted)
+        return GraphCosts(
+            nodes,
+            self.buffer_bytes,
+            self.buffer_names,
+            self.state_bytes,
+            self.optimizer,
+            True,
+            self.flop_rate,
+            self.uncosted,
+        )
 
     def times(self) -> list[tuple[float, float, float]]:
         return [(c.forward_s, c.backward_input_s, c.backward_weight_s) for c in self.nodes.values()]
@@ -169,8 +179,9 @@ def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _sdpa_cpu_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                            **kwargs) -> int:
+def _sdpa_cpu_backward_flop(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
@@ -200,16 +211,6 @@ class _FlopCounter(TorchDispatchMode):
         return out
 
 
-def _grad_modes(graph: fx.Graph) -> dict[fx.Node, bool]:
-    """Grad mode at each node (Dynamo records ``with torch.no_grad()`` as ``_set_grad_enabled`` calls)."""
-    mode, modes = torch.is_grad_enabled(), {}
-    for node in graph.nodes:
-        modes[node] = mode
-        if node.op == "call_function" and node.target is torch._C._set_grad_enabled:
-            mode = bool(node.args[0])
-    return modes
-
-
 def _has_tensor(value: Any) -> bool:
     return any(isinstance(v, torch.Tensor) for v in tree_flatten(value)[0])
 
@@ -225,8 +226,12 @@ def _call(node: fx.Node, gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
 class _Runner:
     """Re-runs single nodes on stand-in tensors (fake for counting, real for profiling)."""
 
-    def __init__(self, captured: CapturedGraph, make: Callable[[torch.Tensor, bool], torch.Tensor],
-                 state: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(
+        self,
+        captured: CapturedGraph,
+        make: Callable[[torch.Tensor, bool], torch.Tensor],
+        state: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
         self.gm, self.make, self.state = captured.gm, make, state
 
     def inputs(self, node: fx.Node) -> tuple[tuple, dict, dict[fx.Node, Any], list[torch.Tensor]]:
@@ -260,7 +265,9 @@ def _grads(outputs: Any, wrt: list[torch.Tensor], retain: bool) -> None:
     outs = [o for o in tree_flatten(outputs)[0] if _differentiable(o) and o.grad_fn is not None]
     wrt = [w for w in wrt if _differentiable(w)]
     if outs and wrt:
-        torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs], retain_graph=retain, allow_unused=True)
+        torch.autograd.grad(
+            outs, wrt, [torch.ones_like(o) for o in outs], retain_graph=retain, allow_unused=True
+        )
 
 
 def graph_costs(
@@ -273,7 +280,9 @@ def graph_costs(
 ) -> GraphCosts:
     """Cost every compute node of ``captured`` (cached on the graph module for the same options)."""
     if optimizer not in OPTIMIZER_STATES:
-        raise ConfigError(f"optimizer {optimizer!r} is not known to the cost model; use one of {sorted(OPTIMIZER_STATES)}")
+        raise ConfigError(
+            f"optimizer {optimizer!r} is not known to the cost model; use one of {sorted(OPTIMIZER_STATES)}"
+        )
     if not (flop_rate > 0):
         raise ConfigError(f"flop_rate must be a positive number of FLOP/s, got {flop_rate!r}")
     nodes = compute_nodes(captured.gm.graph)
@@ -296,7 +305,9 @@ def graph_costs(
     return costs
 
 
-def _fake_costs(captured: CapturedGraph, nodes: list[fx.Node], optimizer: str, flop_rate: float) -> GraphCosts:
+def _fake_costs(
+    captured: CapturedGraph, nodes: list[fx.Node], optimizer: str, flop_rate: float
+) -> GraphCosts:
     graph = captured.gm.graph
     training = any(
         isinstance(v, torch.Tensor) and v.requires_grad
@@ -313,7 +324,7 @@ def _fake_costs(captured: CapturedGraph, nodes: list[fx.Node], optimizer: str, f
 
     runner = _Runner(captured, make, lambda attr: make(attr, True))
     values = _shape_values(graph)
-    modes = _grad_modes(graph)
+    modes = grad_modes(graph)
 
     # Saved-activation buffers: each tensor value (node, leaf) maps to the buffer whose storage it views.
     buffer_of: dict[tuple[fx.Node, int], int] = {}
@@ -325,8 +336,13 @@ def _fake_costs(captured: CapturedGraph, nodes: list[fx.Node], optimizer: str, f
     def new_buffer(key: tuple[fx.Node, int], nbytes: int) -> int:
         buffer_of[key] = len(buffer_bytes)
         buffer_bytes.append(int(nbytes))
-        buffer_names.append(key[0].name if key[1] == 0 else f"{key[0].name}[{key[1]}]" if key[1] > 0
-                            else f"{key[0].name}.saved{-key[1]}")
+        buffer_names.append(
+            key[0].name
+            if key[1] == 0
+            else f"{key[0].name}[{key[1]}]"
+            if key[1] > 0
+            else f"{key[0].name}.saved{-key[1]}"
+        )
         return buffer_of[key]
 
     for node in graph.nodes:
@@ -338,7 +354,9 @@ def _fake_costs(captured: CapturedGraph, nodes: list[fx.Node], optimizer: str, f
             attr = getattr(captured.gm, node.target)
             if isinstance(attr, torch.Tensor):
                 nbytes = attr.numel() * attr.element_size()
-                grad = nbytes if training and isinstance(attr, torch.nn.Parameter) and attr.requires_grad else 0
+                grad = (
+                    nbytes if training and isinstance(attr, torch.nn.Parameter) and attr.requires_grad else 0
+                )
                 state_bytes[node] = (nbytes, grad, n_states * grad)
 
     costs: dict[fx.Node, NodeCost] = {}
@@ -348,8 +366,11 @@ def _fake_costs(captured: CapturedGraph, nodes: list[fx.Node], optimizer: str, f
         for node in nodes:
             value = node.meta.get("example_value")
             expr = _bytes_expr(value)
-            base = dict(out_bytes=_evaluate(expr, values), out_bytes_expr=expr,
-                        crossable=isinstance(value, torch.Tensor))
+            base = dict(
+                out_bytes=_evaluate(expr, values),
+                out_bytes_expr=expr,
+                crossable=isinstance(value, torch.Tensor),
+            )
             if not _has_tensor(value):  # sizes, side effects (grad mode, logging): no tensor work
                 costs[node] = NodeCost(**base)
                 continue
@@ -362,10 +383,20 @@ def _fake_costs(captured: CapturedGraph, nodes: list[fx.Node], optimizer: str, f
                         replays[key] = replay
             except Exception:  # noqa: BLE001 - an op the fake run cannot replay is costed as free
                 uncosted.append(node.name)
-                replay = _Replay(0, 0, 0, tuple((i, "new", _evaluate(_bytes_expr(leaf), values))
-                                               for i, leaf in enumerate(tree_flatten(value)[0])
-                                               if isinstance(leaf, torch.Tensor)), ())
-            inputs = [None if src.op == "get_attr" else buffer_of.get((src, i)) for src, i in _input_leaves(node)]
+                replay = _Replay(
+                    0,
+                    0,
+                    0,
+                    tuple(
+                        (i, "new", _evaluate(_bytes_expr(leaf), values))
+                        for i, leaf in enumerate(tree_flatten(value)[0])
+                        if isinstance(leaf, torch.Tensor)
+                    ),
+                    (),
+                )
+            inputs = [
+                None if src.op == "get_attr" else buffer_of.get((src, i)) for src, i in _input_leaves(node)
+            ]
             for i, kind, n in replay.outputs:
                 if kind == "input" and inputs[n] is not None:  # a view of an input shares its buffer
                     buffer_of[(node, i)] = inputs[n]
@@ -373,15 +404,24 @@ def _fake_costs(captured: CapturedGraph, nodes: list[fx.Node], optimizer: str, f
                     new_buffer((node, i), n)
             saves: dict[int, None] = {}
             for j, (kind, n) in enumerate(replay.saved, start=1):
-                buffer = (inputs[n] if kind == "input" else buffer_of.get((node, n)) if kind == "output"
-                          else new_buffer((node, -j), n))
+                buffer = (
+                    inputs[n]
+                    if kind == "input"
+                    else buffer_of.get((node, n))
+                    if kind == "output"
+                    else new_buffer((node, -j), n)
+                )
                 if buffer is not None:  # None: a parameter or buffer of the model (state, not activation)
                     saves[buffer] = None
             costs[node] = NodeCost(
-                flops=replay.flops, backward_input_flops=replay.backward_input_flops,
-                backward_weight_flops=replay.backward_weight_flops, forward_s=replay.flops / flop_rate,
+                flops=replay.flops,
+                backward_input_flops=replay.backward_input_flops,
+                backward_weight_flops=replay.backward_weight_flops,
+                forward_s=replay.flops / flop_rate,
                 backward_input_s=replay.backward_input_flops / flop_rate,
-                backward_weight_s=replay.backward_weight_flops / flop_rate, saves=tuple(saves), **base,
+                backward_weight_s=replay.backward_weight_flops / flop_rate,
+                saves=tuple(saves),
+                **base,
             )
     return GraphCosts(costs, buffer_bytes, buffer_names, state_bytes, optimizer, False, flop_rate, uncosted)
 
@@ -393,7 +433,9 @@ class _Replay:
     flops: int
     backward_input_flops: int
     backward_weight_flops: int
-    outputs: tuple[tuple[int, str, int], ...]  # (output leaf, "input", input leaf it views) or (leaf, "new", bytes)
+    outputs: tuple[
+        tuple[int, str, int], ...
+    ]  # (output leaf, "input", input leaf it views) or (leaf, "new", bytes)
     saved: tuple[tuple[str, int], ...]  # ("input", input leaf), ("output", output leaf) or ("temp", bytes)
 
 
@@ -477,8 +519,13 @@ def _replay(node: fx.Node, runner: _Runner, counter: _FlopCounter, grad_mode: bo
     for t in saved:
         ref = StorageWeakRef(t.untyped_storage())
         if ref not in kept:  # a temporary of the op itself: softmax statistics, a dropout mask
-            kept[ref] = (("input", leaf_of[ref]) if ref in leaf_of else ("output", out_leaf[ref]) if ref in out_leaf
-                         else ("temp", t.untyped_storage().nbytes()))
+            kept[ref] = (
+                ("input", leaf_of[ref])
+                if ref in leaf_of
+                else ("output", out_leaf[ref])
+                if ref in out_leaf
+                else ("temp", t.untyped_storage().nbytes())
+            )
 
     bwd_in = bwd_w = 0
     if flops and grad_mode:
@@ -501,8 +548,9 @@ def _device(graph: fx.Graph) -> torch.device:
     return torch.device("cpu")
 
 
-def _measure(captured: CapturedGraph, node: fx.Node, cost: NodeCost, repeats: int,
-             device: torch.device) -> tuple[float, float, float]:
+def _measure(
+    captured: CapturedGraph, node: fx.Node, cost: NodeCost, repeats: int, device: torch.device
+) -> tuple[float, float, float]:
     """Forward, input-gradient and weight-gradient seconds of ``node`` on real random tensors."""
     value = node.meta.get("example_value")
     if not _has_tensor(value):
@@ -522,11 +570,16 @@ def _measure(captured: CapturedGraph, node: fx.Node, cost: NodeCost, repeats: in
         return attr.detach().clone().requires_grad_(attr.requires_grad)
 
     runner = _Runner(captured, make, state)
-    grad_mode = _grad_modes(captured.gm.graph)[node]
+    grad_mode = grad_modes(captured.gm.graph)[node]
     try:
         args, kwargs, inputs, params = runner.inputs(node)
-        activations = [t for src, v in inputs.items() if src.op != "get_attr"
-                       for t in tree_flatten(v)[0] if isinstance(t, torch.Tensor)]
+        activations = [
+            t
+            for src, v in inputs.items()
+            if src.op != "get_attr"
+            for t in tree_flatten(v)[0]
+            if isinstance(t, torch.Tensor)
+        ]
 
         def forward() -> Any:
             with torch.set_grad_enabled(grad_mode):
@@ -609,8 +662,13 @@ class StageRecord:
 
     def to_stage_cost(self) -> StageCost:
         """The simulator's record; a transfer is taken as the largest this stage makes to any one stage."""
-        return StageCost(self.forward_s, self.backward_input_s, self.backward_weight_s,
-                         self.activation_bytes, max(self.sends.values(), default=0))
+        return StageCost(
+            self.forward_s,
+            self.backward_input_s,
+            self.backward_weight_s,
+            self.activation_bytes,
+            max(self.sends.values(), default=0),
+        )
 
 
 def _settled(graph: fx.Graph, stage_of: Mapping[fx.Node, int]) -> dict[fx.Node, int]:
@@ -624,8 +682,13 @@ def _settled(graph: fx.Graph, stage_of: Mapping[fx.Node, int]) -> dict[fx.Node, 
     return out
 
 
-def stage_costs(captured: CapturedGraph, stage_of: Mapping[fx.Node, int], *, costs: GraphCosts | None = None,
-                optimizer: str = "adamw") -> list[StageRecord]:
+def stage_costs(
+    captured: CapturedGraph,
+    stage_of: Mapping[fx.Node, int],
+    *,
+    costs: GraphCosts | None = None,
+    optimizer: str = "adamw",
+) -> list[StageRecord]:
     """One :class:`StageRecord` per stage of the assignment ``stage_of`` (compute node -> stage)."""
     graph = captured.gm.graph
     costs = costs or graph_costs(captured, optimizer=optimizer)
@@ -641,8 +704,16 @@ def stage_costs(captured: CapturedGraph, stage_of: Mapping[fx.Node, int], *, cos
     for node, s in stage_of.items():
         c = costs.nodes[node]
         row = sums[s]
-        for i, v in enumerate((c.flops, c.backward_input_flops, c.backward_weight_flops,
-                               c.forward_s, c.backward_input_s, c.backward_weight_s)):
+        for i, v in enumerate(
+            (
+                c.flops,
+                c.backward_input_flops,
+                c.backward_weight_flops,
+                c.forward_s,
+                c.backward_input_s,
+                c.backward_weight_s,
+            )
+        ):
             row[i] += v
         members[s].append(node)
         saved[s].update(dict.fromkeys(c.saves))
@@ -658,14 +729,24 @@ def stage_costs(captured: CapturedGraph, stage_of: Mapping[fx.Node, int], *, cos
     records = []
     for s in range(n_stages):
         st = [costs.state_bytes[a] for a in state[s]]
-        records.append(StageRecord(
-            index=s,
-            forward_flops=int(sums[s][0]), backward_input_flops=int(sums[s][1]), backward_weight_flops=int(sums[s][2]),
-            forward_s=sums[s][3], backward_input_s=sums[s][4], backward_weight_s=sums[s][5],
-            param_bytes=sum(x[0] for x in st), grad_bytes=sum(x[1] for x in st), optimizer_bytes=sum(x[2] for x in st),
-            activation_bytes=sum(costs.buffer_bytes[b] for b in saved[s]),
-            sends=sends[s], modules=_modules_of(members[s], module_count), n_nodes=len(members[s]),
-        ))
+        records.append(
+            StageRecord(
+                index=s,
+                forward_flops=int(sums[s][0]),
+                backward_input_flops=int(sums[s][1]),
+                backward_weight_flops=int(sums[s][2]),
+                forward_s=sums[s][3],
+                backward_input_s=sums[s][4],
+                backward_weight_s=sums[s][5],
+                param_bytes=sum(x[0] for x in st),
+                grad_bytes=sum(x[1] for x in st),
+                optimizer_bytes=sum(x[2] for x in st),
+                activation_bytes=sum(costs.buffer_bytes[b] for b in saved[s]),
+                sends=sends[s],
+                modules=_modules_of(members[s], module_count),
+                n_nodes=len(members[s]),
+            )
+        )
     return records
 
 
