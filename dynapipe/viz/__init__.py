@@ -1,0 +1,22 @@
+"""Pictures of dynapipe's decisions: the schedule timeline and the partition (pure-Python SVG).
+
+    python -m dynapipe.viz schedule 1f1b --ranks 4 --microbatches 8 -o 1f1b.svg
+    python -m dynapipe.viz partition llama --stages 4 -o llama.svg
+
+Nothing in dynapipe imports this package; it reads the library's plain data (:class:`Timeline`,
+:class:`~dynapipe.explain.Explanation`).
+"""
+
+from .partition import partition_svg, partition_text, shared_state, stage_modules
+from .timeline import KIND_NAMES, merge_timelines, timeline_svg, write_chrome_trace
+
+__all__ = [
+    "KIND_NAMES",
+    "merge_timelines",
+    "partition_svg",
+    "partition_text",
+    "shared_state",
+    "stage_modules",
+    "timeline_svg",
+    "write_chrome_trace",
+]

@@ -1,0 +1,399 @@
+"""A partition as a picture (and as a compact terminal table), from :func:`dynapipe.explain`.
+
+    import dynapipe
+    from dynapipe.viz import partition_svg, partition_text
+    explanation = dynapipe.explain(model, dict(input_ids=ids, labels=ids), n_stages=4)
+    print(partition_text(explanation))
+    partition_svg(explanation, "partition.svg")
+
+The picture has one column per stage, left to right in pipeline order. Each column lists the modules
+the stage computes, then two bars on a common baseline: compute time of one microbatch (forward,
+input-gradient and weight-gradient backward stacked) and memory (parameters, gradients, optimizer state,
+and the activations one microbatch keeps for backward). A dashed line marks the mean compute time, so
+the slowest stage's overshoot -- the imbalance in the title -- is visible at a glance. Arrows between
+columns carry the bytes of activations sent per microbatch (their gradients return the same size);
+arcs over the columns are skip connections, tensors sent past the next stage.
+
+Module lists name the largest modules a stage holds (at least 90% of their graph nodes; runs of
+numbered blocks folded, ``layers.0-3``), in grey the modules it holds only a few nodes of, and in purple
+the parameters it shares with other stages (tied weights: each reading stage holds a copy).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..cost import format_bytes
+from ._svg import COLORS, Canvas, format_seconds, text_width, wrap
+
+if TYPE_CHECKING:
+    from ..explain import Explanation
+
+__all__ = ["partition_svg", "partition_text", "shared_state", "stage_modules"]
+
+_WHOLE, _BITS = 0.9, 0.1  # share of a module's nodes that makes it "held" / "a few bits" by a stage
+
+
+def _fold(names: list[str]) -> list[str]:
+    """``a.layers.0``, ``a.layers.1``, ``a.layers.2`` -> ``a.layers.0-2`` (consecutive numbers only)."""
+    out: list[tuple[str, int, int] | str] = []
+    for name in names:
+        head, _, tail = name.rpartition(".")
+        last = out[-1] if out else None
+        if tail.isdigit() and isinstance(last, tuple) and last[0] == head and last[2] + 1 == int(tail):
+            out[-1] = (head, last[1], int(tail))
+        elif tail.isdigit() and head:
+            out.append((head, int(tail), int(tail)))
+        else:
+            out.append(name)
+    return [o if isinstance(o, str) else f"{o[0]}.{o[1]}" + (f"-{o[2]}" if o[2] > o[1] else "") for o in out]
+
+
+def stage_modules(explanation: Explanation) -> list[tuple[list[str], list[str]]]:
+    """Per stage: (modules it holds, modules it holds only bits of), in graph order, numbered runs folded.
+
+    A module is held when the stage computes at least 90% of its graph nodes; below 10% it is "bits"
+    (e.g. a constant the partitioner placed with its consumer's producer); in between, its submodules
+    are examined. A module's own operations outside any submodule show as ``name (part)``, the model's
+    as ``(top level)``.
+    """
+    stage_of = explanation.stage_of
+    nodes = [n for n in explanation.captured.gm.graph.nodes if n in stage_of]
+    counts: dict[str, Counter] = {}
+    own: dict[str, Counter] = {}
+    children: dict[str, dict[str, None]] = {}
+    for node in nodes:
+        path = node.meta.get("module_path", "") or ""
+        parts = path.split(".") if path else []
+        prefixes = [""] + [".".join(parts[: i + 1]) for i in range(len(parts))]
+        for parent, child in zip(prefixes, prefixes[1:], strict=False):
+            children.setdefault(parent, {})[child] = None
+        for p in prefixes:
+            counts.setdefault(p, Counter())[stage_of[node]] += 1
+        own.setdefault(path, Counter())[stage_of[node]] += 1
+
+    def describe(module: str, stage: int, held: list[str], bits: list[str]) -> None:
+        mine, total = counts[module][stage], sum(counts[module].values())
+        if mine == 0:
+            return
+        if module and mine >= _WHOLE * total:
+            held.append(module)
+            return
+        if module and mine <= _BITS * total:
+            bits.append(module)
+            return
+        for child in children.get(module, {}):
+            describe(child, stage, held, bits)
+        if own.get(module, Counter())[stage]:
+            held.append(f"{module} (part)" if module else "(top level)")
+
+    result = []
+    for stage in range(len(explanation.stages)):
+        held: list[str] = []
+        bits: list[str] = []
+        describe("", stage, held, bits)
+        result.append((_fold(held), _fold(bits)))
+    return result
+
+
+def shared_state(explanation: Explanation) -> dict[str, list[int]]:
+    """Parameters and buffers read by more than one stage (tied weights) -> the stages that read them.
+
+    Each of those stages holds a copy; their gradients are summed across the copies by the runtime."""
+    stage_of = explanation.stage_of
+    last = len(explanation.stages) - 1
+    names = explanation.captured.state_names
+    shared = {}
+    for node in explanation.captured.gm.graph.find_nodes(op="get_attr"):
+        readers = sorted({stage_of.get(u, last) for u in node.users})
+        if len(readers) > 1:
+            shared[names.get(node.target, str(node.target))] = readers
+    return shared
+
+
+def _title(explanation: Explanation) -> str:
+    text = f"{len(explanation.stages)} stages, imbalance {explanation.imbalance:.2f}"
+    if explanation.layer_imbalance is not None:
+        text += f" (best split at layer boundaries: {explanation.layer_imbalance:.2f})"
+    return text
+
+
+def _memory(record) -> int:
+    return record.state_bytes + record.activation_bytes
+
+
+def _bar(value: float, peak: float, width: int) -> str:
+    eighths = round(8 * width * value / peak) if peak > 0 else 0
+    full, part = divmod(eighths, 8)
+    return ("█" * full + ("▏▎▍▌▋▊▉"[part - 1] if part else "")).ljust(width)
+
+
+def partition_text(explanation: Explanation, *, width: int = 100) -> str:
+    """A compact table for a terminal: per stage, compute and memory as bars, bytes sent, modules."""
+    stages = explanation.stages
+    modules = stage_modules(explanation)
+    shared = shared_state(explanation)
+    peak_t = max(s.time_s for s in stages)
+    peak_m = max(_memory(s) for s in stages)
+    lines = [
+        f"partition into {_title(explanation)}",
+        f"{'stage':>5}  {'compute / microbatch':<25}  {'memory (state + 1 mb act.)':<26}  sends",
+    ]
+    for s, (held, bits) in zip(stages, modules, strict=True):
+        sends = ", ".join(f"→{d} {format_bytes(b)}" for d, b in sorted(s.sends.items()) if b) or "-"
+        slow = " ◀ slowest" if s.time_s == peak_t and len(stages) > 1 else ""
+        lines.append(
+            f"{s.index:>5}  {_bar(s.time_s, peak_t, 14)} {format_seconds(s.time_s):>10}  "
+            f"{_bar(_memory(s), peak_m, 14)} {format_bytes(_memory(s)):>11}  {sends}{slow}"
+        )
+        indent = " " * 7
+        items = held + ([f"+ bits of {', '.join(bits)}"] if bits else [])
+        items += [
+            f"shares {name} with stage {', '.join(str(o) for o in readers if o != s.index)}"
+            for name, readers in shared.items()
+            if s.index in readers
+        ]
+        lines += [indent + line for line in wrap(items, width - len(indent))]
+    lines.append(
+        f"per microbatch of {explanation.captured.microbatch_size}; compute is forward + backward; "
+        "sends are activations (gradients return the same size)"
+    )
+    return "\n".join(lines)
+
+
+def partition_svg(
+    explanation: Explanation, path: str | Path | None = None, *, title: str | None = None
+) -> str:
+    """An SVG picture of the partition (see the module docstring); written to ``path`` when given."""
+    stages = explanation.stages
+    n = len(stages)
+    modules = stage_modules(explanation)
+    col_w, gap, margin = 220, 92, 28
+    width = max(760, 2 * margin + n * col_w + (n - 1) * gap)
+    left = (width - (n * col_w + (n - 1) * gap)) / 2
+    col_x = [left + i * (col_w + gap) for i in range(n)]
+    chars = int((col_w - 20) / (11.5 * 0.6))
+
+    skips = sorted(
+        ((s.index, d, b) for s in stages for d, b in s.sends.items() if d > s.index + 1 and b),
+        key=lambda e: (e[1] - e[0], e[0]),
+    )
+    arc_h = (34 + 26 * max(e[1] - e[0] - 1 for e in skips)) if skips else 0
+    cards_y = 76 + arc_h + (18 if skips else 0)
+    shared = shared_state(explanation)
+    texts = []  # per stage: (line, style) with style "" (held), "bits" or "shared"
+    for index, (held, bits) in enumerate(modules):
+        lines = [(line, "") for line in wrap(held, chars)]
+        if bits:
+            lines += [
+                ("+ bits of " + line if i == 0 else line, "bits")
+                for i, line in enumerate(wrap(bits, chars - 10))
+            ]
+        for name, readers in shared.items():
+            if index in readers:
+                others = ", ".join(str(o) for o in readers if o != index)
+                lines += [
+                    (line, "shared") for line in wrap([f"⇄ {name}", f"(tied, also on stage {others})"], chars)
+                ]
+        texts.append(lines[:14])
+    text_h = 20 + 16 * max(len(t) for t in texts)
+    bars_y = cards_y + 30 + text_h  # top of the bar area
+    bar_h = 160
+    base = bars_y + 30 + bar_h  # common baseline of all bars
+    card_h = base - cards_y + 62
+    height = cards_y + card_h + 70
+    svg = Canvas(width, height)
+
+    svg.text(margin, 28, title or f"Partition into {_title(explanation)}", size=17, weight="bold")
+    svg.text(
+        margin,
+        48,
+        f"per microbatch of {explanation.captured.microbatch_size} · compute is forward + "
+        "backward · arrows carry activations forward; their gradients return the same size",
+        size=12,
+        fill=COLORS["muted"],
+    )
+
+    # Skip connections: arcs over the cards, longer spans higher.
+    out_n = Counter(e[0] for e in skips)
+    in_n = Counter(e[1] for e in skips)
+    seen_out: Counter = Counter()
+    seen_in: Counter = Counter()
+    for src, dst, nbytes in skips:
+        seen_out[src] += 1
+        seen_in[dst] += 1
+        x1 = col_x[src] + col_w * (0.55 + 0.4 * seen_out[src] / (out_n[src] + 1))
+        x2 = col_x[dst] + col_w * (0.05 + 0.4 * seen_in[dst] / (in_n[dst] + 1))
+        h = (34 + 26 * (dst - src - 1)) / 0.75
+        y = cards_y - 2
+        svg.path(
+            f"M{x1:.1f},{y:.1f} C{x1:.1f},{y - h:.1f} {x2:.1f},{y - h:.1f} {x2:.1f},{y:.1f}",
+            fill="none",
+            stroke=COLORS["muted"],
+            stroke_width=1.4,
+            marker_end="url(#arrow)",
+            class_="skip",
+            data_src=src,
+            data_dst=dst,
+            data_bytes=nbytes,
+            tooltip=f"stage {src} sends {format_bytes(nbytes)} straight to stage {dst}",
+        )
+        label = f"{format_bytes(nbytes)} skip {src}→{dst}"
+        mid = (x1 + x2) / 2
+        svg.rect(
+            mid - text_width(label, 11) / 2 - 3,
+            y - 0.75 * h - 13,
+            text_width(label, 11) + 6,
+            16,
+            fill="white",
+        )
+        svg.text(mid, y - 0.75 * h - 1, label, size=11, anchor="middle", fill=COLORS["ink"], class_="bytes")
+
+    peak_t = max(s.time_s for s in stages) or 1.0
+    peak_m = max(_memory(s) for s in stages) or 1
+    mean_t = sum(s.time_s for s in stages) / n
+    slowest = max(range(n), key=lambda i: stages[i].time_s)
+    for i, (s, lines) in enumerate(zip(stages, texts, strict=True)):
+        x = col_x[i]
+        svg.rect(
+            x,
+            cards_y,
+            col_w,
+            card_h,
+            fill="#FAFAFA",
+            stroke="#CCCCCC",
+            rx=6,
+            class_="stage",
+            data_stage=s.index,
+        )
+        svg.text(x + 12, cards_y + 24, f"stage {s.index}", size=15, weight="bold")
+        svg.text(
+            x + col_w - 12, cards_y + 24, f"{s.n_nodes} ops", size=11, anchor="end", fill=COLORS["muted"]
+        )
+        for k, (line, style) in enumerate(lines):
+            fill = {"": COLORS["ink"], "bits": COLORS["muted"], "shared": COLORS["params"]}[style]
+            svg.text(
+                x + 12,
+                cards_y + 48 + 16 * k,
+                line,
+                size=11.5,
+                class_=f"module {style}".strip(),
+                fill=fill,
+                font_style="italic" if style else None,
+            )
+
+        # Bars on the common baseline.
+        for j, (caption, peak, parts, value) in enumerate(
+            (
+                (
+                    "compute",
+                    peak_t,
+                    [("F", s.forward_s), ("I", s.backward_input_s), ("W", s.backward_weight_s)],
+                    format_seconds(s.time_s),
+                ),
+                (
+                    "memory",
+                    peak_m,
+                    [
+                        ("params", s.param_bytes),
+                        ("grads", s.grad_bytes),
+                        ("optimizer", s.optimizer_bytes),
+                        ("activations", s.activation_bytes),
+                    ],
+                    format_bytes(_memory(s)),
+                ),
+            )
+        ):
+            bx, bw = x + 34 + j * 92, 58
+            top = base
+            for key, amount in parts:
+                h = bar_h * amount / peak
+                top -= h
+                svg.rect(
+                    bx,
+                    top,
+                    bw,
+                    h,
+                    fill=COLORS[key],
+                    class_=f"bar bar-{caption}",
+                    data_part=key,
+                    data_value=amount,
+                    tooltip=f"stage {s.index} {caption}: {key} {amount:.4g}",
+                )
+            slow = j == 0 and i == slowest and n > 1
+            svg.text(bx + bw / 2, base + 16, caption, size=11.5, anchor="middle", fill=COLORS["muted"])
+            svg.text(
+                bx + bw / 2,
+                base + 32,
+                value,
+                size=12,
+                anchor="middle",
+                weight="bold",
+                fill="#C0392B" if slow else COLORS["ink"],
+                class_="value",
+            )
+        if i == slowest and n > 1:
+            svg.text(
+                x + col_w / 2,
+                base + 52,
+                "slowest stage",
+                size=11.5,
+                anchor="middle",
+                fill="#C0392B",
+                weight="bold",
+            )
+        svg.line(x + 24, base, x + col_w - 24, base, stroke=COLORS["muted"])
+        y_mean = base - bar_h * mean_t / peak_t
+        svg.line(
+            x + 26,
+            y_mean,
+            x + 34 + 58 + 8,
+            y_mean,
+            stroke=COLORS["ink"],
+            stroke_width=1.2,
+            stroke_dasharray="5 3",
+            class_="mean",
+        )
+
+        # Arrow to the next stage, labelled with the bytes that cross.
+        nbytes = s.sends.get(s.index + 1, 0)
+        if i + 1 < n and nbytes:
+            y = cards_y + 20
+            svg.line(
+                x + col_w + 6,
+                y,
+                x + col_w + gap - 6,
+                y,
+                stroke=COLORS["muted"],
+                stroke_width=2,
+                marker_end="url(#arrow)",
+                class_="send",
+                data_src=s.index,
+                data_dst=s.index + 1,
+                data_bytes=nbytes,
+            )
+            svg.text(
+                x + col_w + gap / 2, y - 7, format_bytes(nbytes), size=11.5, anchor="middle", class_="bytes"
+            )
+
+    # Legend.
+    y = height - 26
+    x = margin
+    items = [
+        ("forward", "F"),
+        ("backward, input grad", "I"),
+        ("backward, weight grad", "W"),
+        ("parameters", "params"),
+        ("gradients", "grads"),
+        ("optimizer state", "optimizer"),
+        ("activations of 1 microbatch", "activations"),
+    ]
+    for label, key in items:
+        svg.rect(x, y - 11, 13, 13, fill=COLORS[key], class_="legend", data_label=label)
+        svg.text(x + 18, y, label, size=11.5)
+        x += 18 + text_width(label, 11.5) * 0.95 + 16
+    svg.line(x, y - 4, x + 24, y - 4, stroke=COLORS["ink"], stroke_width=1.2, stroke_dasharray="5 3")
+    svg.text(x + 30, y, "mean compute", size=11.5)
+    return svg.save(path)

@@ -1,0 +1,223 @@
+"""A pipeline step as a picture: one row per rank, one box per action, time running left to right.
+
+    from dynapipe.schedules import StageCost, get_schedule, simulate
+    from dynapipe.viz import timeline_svg
+    table = get_schedule("1f1b").build(n_ranks=4, n_stages=4, n_microbatches=8)
+    timeline = simulate(table, StageCost(1.0, 1.0, 1.0), n_ranks=4, n_stages=4, placement="loop")
+    timeline_svg(timeline, "1f1b.svg", title="1F1B, 4 ranks, 8 microbatches")
+
+Works the same on a measured step: the runtime hands each rank's :class:`~dynapipe.schedules.Timeline` to
+``options["on_step"]`` (``report.timeline``); gather them on one rank and :func:`merge_timelines` them.
+Each rank's times count from its own start of the step, so ranks are aligned at the moment each entered
+the step, which the launch of the step makes nearly simultaneous.
+
+Reading the picture: gaps in a row are that rank's bubble; the box colour is the kind of work (forward,
+full backward, the input-gradient half, the weight-gradient half of a split backward); the number in a
+box is its microbatch; a rank that holds several stages (interleaved 1F1B, ZB-V) draws its later stages
+in lighter shades. Every box carries a tooltip with its action, stage and times, and ``data-*``
+attributes (rank, action, start, end) for tools and tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..schedules import Action, Kind, ScheduleError, Timeline, TimelineEvent
+from ._svg import COLORS, Canvas, format_seconds, lighten, nice_ticks, text_width
+
+__all__ = ["KIND_NAMES", "merge_timelines", "timeline_svg", "write_chrome_trace"]
+
+KIND_NAMES = {
+    Kind.F: "forward",
+    Kind.B: "backward (full)",
+    Kind.I: "backward, input grad",
+    Kind.W: "backward, weight grad",
+}
+
+_ROW, _GAP, _LEFT, _RIGHT = 30, 8, 78, 96
+
+
+def merge_timelines(timelines: Iterable[Timeline]) -> Timeline:
+    """One timeline holding every event of ``timelines`` (e.g. each rank's ``StepReport.timeline``).
+
+    Events keep their rank and times; the result's ``n_ranks`` is the largest of the inputs' when that
+    covers every rank seen, otherwise 0 (the ranks that appear).
+    """
+    timelines = list(timelines)
+    events = sorted((e for t in timelines for e in t.events), key=lambda e: (e.start, e.rank, e.end))
+    n_ranks = max((t.n_ranks for t in timelines), default=0)
+    if any(e.rank >= n_ranks for e in events):
+        n_ranks = 0
+    return Timeline(events=events, n_ranks=n_ranks)
+
+
+def write_chrome_trace(timeline: Timeline, path: str | Path) -> None:
+    """Write ``timeline`` as chrome://tracing / Perfetto JSON (open it at ui.perfetto.dev)."""
+    Path(path).write_text(json.dumps(timeline.to_chrome_trace(), indent=1), encoding="utf-8")
+
+
+def _parse(event: TimelineEvent) -> Action | None:
+    try:
+        return Action.parse(event.action)
+    except ScheduleError:
+        return None
+
+
+def _ink_on(color: str) -> str:
+    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    return "white" if 0.299 * r + 0.587 * g + 0.114 * b < 150 else COLORS["ink"]
+
+
+def timeline_svg(
+    timeline: Timeline, path: str | Path | None = None, *, title: str | None = None, width: int = 1100
+) -> str:
+    """An SVG Gantt chart of ``timeline``; written to ``path`` when given, and returned as text.
+
+    The title states the makespan and the bubble fraction (idle share of all ranks' time).
+    """
+    if not timeline.events:
+        raise ValueError("the timeline has no events to draw; simulate() a schedule or record a step first")
+    ranks = timeline.ranks
+    parsed = [(e, _parse(e)) for e in timeline.events]
+    compute = [(e, a) for e, a in parsed if a is not None and a.kind.is_compute]
+    kinds = [k for k in (Kind.F, Kind.B, Kind.I, Kind.W) if any(a.kind is k for _, a in compute)]
+    chunks = {r: sorted({a.stage for e, a in compute if e.rank == r}) for r in ranks}
+    n_chunks = max((len(c) for c in chunks.values()), default=1)
+    stages = sorted({a.stage for _, a in compute})
+    n_mb = max((a.mb for _, a in compute), default=-1) + 1
+    makespan = timeline.makespan
+
+    plot_w = width - _LEFT - _RIGHT
+    top = 96
+    rows_h = len(ranks) * (_ROW + _GAP) - _GAP
+    height = top + rows_h + 58
+    scale = plot_w / makespan if makespan > 0 else 0.0
+    svg = Canvas(width, height)
+
+    # Title, subtitle, legend.
+    head = title or "Pipeline step"
+    svg.text(
+        _LEFT,
+        26,
+        f"{head} — makespan {format_seconds(makespan)}, bubble {timeline.bubble_fraction:.1%}",
+        size=17,
+        weight="bold",
+    )
+    sub = f"{len(ranks)} ranks · {len(stages)} stages · {n_mb} microbatches"
+    ideal = timeline.ideal_step_time
+    if ideal > 0:
+        sub += f" · busiest rank computes {format_seconds(ideal)} ({ideal / makespan:.0%} of the step)"
+    svg.text(_LEFT, 46, sub, size=12, fill=COLORS["muted"])
+    x = _LEFT
+    legend = [(KIND_NAMES[k] + f" ({k.value})", COLORS[k.value]) for k in kinds]
+    legend.append(("idle (bubble)", COLORS["idle"]))
+    if n_chunks > 1:
+        legend.append(("lighter: the rank's later stages", lighten(COLORS[kinds[0].value], 0.5)))
+    if any(a is None or not a.kind.is_compute for _, a in parsed):
+        legend.append(("communication", COLORS["comm"]))
+    for label, color in legend:
+        svg.element(
+            "rect",
+            x=float(x),
+            y=58.0,
+            width=14.0,
+            height=14.0,
+            fill=color,
+            stroke="#BBBBBB",
+            stroke_width=0.5,
+            class_="legend",
+            data_label=label,
+        )
+        svg.text(x + 19, 70, label, size=12)
+        x += 19 + text_width(label, 12) * 0.92 + 16
+
+    # Grid and axis.
+    ticks = nice_ticks(makespan)
+    step = ticks[1] if len(ticks) > 1 else makespan
+    axis_y = top + rows_h + 8
+    for t in ticks:
+        tx = _LEFT + t * scale
+        svg.line(tx, top - 4, tx, axis_y, stroke=COLORS["grid"], stroke_width=1)
+        svg.text(
+            tx,
+            axis_y + 16,
+            format_seconds(t, step) if t else "0",
+            size=11,
+            anchor="middle",
+            fill=COLORS["muted"],
+        )
+    svg.line(_LEFT, axis_y, _LEFT + plot_w, axis_y, stroke=COLORS["muted"], stroke_width=1)
+    end_x = _LEFT + makespan * scale
+    svg.line(end_x, top - 8, end_x, axis_y, stroke=COLORS["ink"], stroke_width=1.2, stroke_dasharray="4 3")
+    svg.text(
+        _LEFT + plot_w / 2,
+        axis_y + 36,
+        "time from the start of the step",
+        size=12,
+        anchor="middle",
+        fill=COLORS["muted"],
+    )
+
+    # One row per rank.
+    for i, rank in enumerate(ranks):
+        y = top + i * (_ROW + _GAP)
+        svg.rect(_LEFT, y, plot_w, _ROW, fill=COLORS["idle"], class_="row", data_rank=rank)
+        svg.text(_LEFT - 10, y + _ROW / 2 + 5, f"rank {rank}", size=13, anchor="end", weight="bold")
+        busy = timeline.busy_time(rank) / makespan if makespan > 0 else 0.0
+        svg.text(_LEFT + plot_w + 10, y + _ROW / 2 + 5, f"busy {busy:.0%}", size=12, fill=COLORS["muted"])
+        for event, action in parsed:
+            if event.rank != rank:
+                continue
+            x0, w = _LEFT + event.start * scale, (event.end - event.start) * scale
+            times = f"{format_seconds(event.start)} – {format_seconds(event.end)}"
+            if action is None or not action.kind.is_compute:
+                svg.rect(
+                    x0,
+                    y + _ROW - 5,
+                    w,
+                    5,
+                    fill=COLORS["comm"],
+                    class_="comm",
+                    data_rank=rank,
+                    data_action=event.action,
+                    tooltip=f"rank {rank}: {event.action}, {times}",
+                )
+                continue
+            chunk = chunks[rank].index(action.stage)
+            color = lighten(COLORS[action.kind.value], 0.5 * chunk / max(1, n_chunks - 1))
+            tip = (
+                f"rank {rank}: {event.action} = {KIND_NAMES[action.kind]} of microbatch {action.mb} "
+                f"on stage {action.stage}, {times}"
+            )
+            svg.element(
+                "rect",
+                x=float(x0),
+                y=float(y),
+                width=float(max(w, 0.5)),
+                height=float(_ROW),
+                fill=color,
+                stroke="white",
+                stroke_width=0.8,
+                class_=f"op op-{action.kind.value}",
+                data_rank=rank,
+                data_action=event.action,
+                data_stage=action.stage,
+                data_mb=action.mb,
+                data_start=repr(event.start),
+                data_end=repr(event.end),
+                tooltip=tip,
+            )
+            label = str(action.mb)
+            if text_width(label, 11) + 3 <= w:
+                svg.text(
+                    x0 + w / 2,
+                    y + _ROW / 2 + 4,
+                    label,
+                    size=11,
+                    anchor="middle",
+                    fill=_ink_on(color),
+                    class_="mb",
+                )
+    return svg.save(path)
