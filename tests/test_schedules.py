@@ -6,8 +6,10 @@ textbook step times; bad tables fail with the offending action and rank.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -23,6 +25,7 @@ from dynapipe.schedules import (
     get_schedule,
     load_schedule,
     lower,
+    normalize_table,
     parse_schedule,
     simulate,
     stage_to_rank,
@@ -52,16 +55,50 @@ def _build(name: str, p: int, m: int):
     return SCHEDULES[name].build(n_ranks=p, n_stages=n, n_microbatches=m), n
 
 
-def _run(name: str, p: int, m: int, cost: StageCost = UNIFORM) -> Timeline:
-    """Simulate with the whole model's cost per microbatch fixed: v chunks per rank each cost 1/v."""
-    table, n = _build(name, p, m)
+def _run(
+    name: str, p: int, m: int, cost: StageCost = UNIFORM, *, table=None, latency: float = 0.0
+) -> Timeline:
+    """Simulate with the whole model's cost per microbatch fixed: v chunks per rank each cost 1/v.
+    ``table`` replaces the builtin's order (torch's, say)."""
+    built, n = _build(name, p, m)
     v = n // p
     per_chunk = StageCost(
         forward=cost.forward / v,
         backward_input=cost.backward_input / v,
         backward_weight=cost.backward_weight / v,
     )
-    return simulate(table, per_chunk, n_ranks=p, n_stages=n, placement=SCHEDULES[name].placement)
+    return simulate(
+        built if table is None else table,
+        per_chunk,
+        n_ranks=p,
+        n_stages=n,
+        placement=SCHEDULES[name].placement,
+        link_latency=latency,
+    )
+
+
+@functools.cache
+def _torch_order(name: str, p: int, m: int):
+    """torch.distributed.pipelining's compute order for the same schedule, or None where this torch
+    cannot build it. Its classes compute every rank's order in the constructor from the stages' sizes
+    alone, so stand-in stages (no process group, no module) are enough."""
+    try:
+        from torch.distributed import pipelining
+    except ImportError:
+        return None
+    classes = {
+        "interleaved-1f1b": pipelining.ScheduleInterleaved1F1B,
+        "zbv": pipelining.ScheduleZBVZeroBubble,
+    }
+    n = _stages(name, p)
+    local = [s for s in range(n) if stage_to_rank(s, p, n, SCHEDULES[name].placement) == 0]
+    sizes = dict(num_stages=n, group_size=p, group_rank=0, submod=None)
+    stages = [SimpleNamespace(stage_index=s, is_first=s == 0, is_last=s == n - 1, **sizes) for s in local]
+    try:
+        order = classes[name](stages, n_microbatches=m).pipeline_order
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return normalize_table({r: [str(a) for a in acts if a is not None] for r, acts in order.items()})
 
 
 # --- builtin schedules ------------------------------------------------------------------------------
@@ -138,6 +175,43 @@ def test_interleaved_shrinks_the_bubble_by_v(p, m):
     inter, base = _run("interleaved-1f1b", p, m), _run("1f1b", p, m)
     assert inter.bubble_fraction < base.bubble_fraction
     assert inter.makespan == pytest.approx(3 * m + (p - 1) * 3 / 2)  # v = 2 chunks per rank
+
+
+LATENCIES = (0.025, 0.1)  # per hop, against a chunk's forward of 0.5: 5% and 20% of it
+
+
+@pytest.mark.parametrize(
+    "p,m", [(p, m) for p, m in itertools.product(RANKS, MICROBATCHES) if p > 1 and m % p == 0]
+)
+def test_interleaved_warm_up_hides_link_latency(p, m):
+    # Megatron's extra p-1-r warm-up forwards leave only the first microbatch's trip down the 2p
+    # chunks and back exposed: 2(vp - 1) hops. torch's order (the same, for v = 2) is no faster.
+    for latency in LATENCIES:
+        ours = _run("interleaved-1f1b", p, m, latency=latency).makespan
+        assert ours == pytest.approx(3 * m + (p - 1) * 3 / 2 + 2 * (2 * p - 1) * latency)
+        if (theirs := _torch_order("interleaved-1f1b", p, m)) is not None:
+            assert ours <= _run("interleaved-1f1b", p, m, table=theirs, latency=latency).makespan + 1e-9
+    inflight = _run("interleaved-1f1b", p, m).peak_inflight_activations
+    assert inflight == {r: min(p + 2 * (p - 1 - r) + 1, 2 * m) for r in range(p)}
+
+
+@pytest.mark.parametrize(
+    "p,m", [(p, m) for p, m in itertools.product(RANKS, (*MICROBATCHES, 3, 5, 6, 7)) if p > 1]
+)
+def test_zbv_no_slower_than_torch_under_link_latency(p, m):
+    theirs = _torch_order("zbv", p, m)
+    if theirs is None:
+        pytest.skip("this torch cannot build ScheduleZBVZeroBubble's order from stand-in stages")
+    ours, _ = _build("zbv", p, m)
+    if m >= 2 * p:
+        assert ours == theirs  # the V construction, written independently
+    free_first_input = [StageCost(0.5, 0.0 if s == 0 else 0.5, 0.5) for s in range(2 * p)]
+    for latency in (0.0, *LATENCIES):
+        for cost in (StageCost(0.5, 0.5, 0.5), free_first_input):
+            kwargs = dict(n_ranks=p, n_stages=2 * p, placement="v", link_latency=latency)
+            assert simulate(ours, cost, **kwargs).makespan <= simulate(theirs, cost, **kwargs).makespan + 1e-9
+        # in-flight counts depend on each rank's order only, not on timing: still at most 2p chunks
+        assert max(_run("zbv", p, m, latency=latency).peak_inflight_activations.values()) <= 2 * p
 
 
 def test_interleaved_needs_microbatches_divisible_by_ranks():

@@ -1,6 +1,6 @@
 """A list scheduler: replay a pipeline in unit time and let every idle rank pick its next action greedily.
 
-Used for ZB-V, whose hand-written form only reaches zero bubble for some microbatch counts; replaying
+Used for ZB-V with fewer microbatches than its V construction needs to fill (:mod:`._zbv`); replaying
 the dependencies gives a table for any count that is deadlock-free by construction (it is the order
 of one real execution, and blocking receives only change timing, never that order).
 
