@@ -228,11 +228,85 @@ class MarkedNet(nn.Module):
         return F.cross_entropy(self.l3(x), y)
 
 
+class _ScaledTanh(torch.autograd.Function):
+    """A custom autograd Function with a hand-written backward (a clipped straight-through gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, scale)
+        return torch.tanh(x) * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, scale = ctx.saved_tensors
+        t = torch.tanh(x)
+        return grad * scale * (1 - t * t), (grad * t).sum(0)
+
+
+class CustomFnNet(nn.Module):
+    def __init__(self, width: int = 8, n_layers: int = 4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(n_layers))
+        self.scales = nn.Parameter(torch.linspace(0.5, 1.5, width))
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = _ScaledTanh.apply(layer(x), self.scales)
+        return F.cross_entropy(self.head(x), y)
+
+
+def custom_fn(n_stages: int) -> Case:
+    torch.manual_seed(8)
+    model = CustomFnNet()
+    return Case(
+        model,
+        model,
+        (torch.randn(BATCH, 8), torch.randint(0, 2, (BATCH,))),
+        split_points=_points("layers", 4, n_stages),
+    )
+
+
+def opt(n_stages: int) -> Case:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(9)
+    config = OPTConfig(
+        vocab_size=96,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        word_embed_proj_dim=32,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
+    model = OPTForCausalLM(config)
+    ids = torch.randint(0, 96, (BATCH, 12))
+    step = lambda ids, labels: model(input_ids=ids, labels=labels).loss  # noqa: E731
+    return Case(model, step, (ids, ids.clone()), split_points=_points("model.decoder.layers", 4, n_stages))
+
+
+def bloom(n_stages: int) -> Case:
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(10)
+    config = BloomConfig(
+        vocab_size=96, hidden_size=32, n_layer=4, n_head=4, hidden_dropout=0.0, attention_dropout=0.0
+    )
+    model = BloomForCausalLM(config)
+    ids = torch.randint(0, 96, (BATCH, 12))
+    step = lambda ids, labels: model(input_ids=ids, labels=labels).loss  # noqa: E731
+    return Case(model, step, (ids, ids.clone()), split_points=_points("transformer.h", 4, n_stages))
+
+
 CASES: dict[str, Callable[[int], Case]] = {
     "mlp": mlp,
     "skip": skip,
     "multi_io": multi_io,
     "tied": tied,
     "loop_if": loop_if,
+    "custom_fn": custom_fn,
 }
-HF_CASES: dict[str, Callable[[int], Case]] = {"llama": llama, "gpt2": gpt2}
+HF_CASES: dict[str, Callable[[int], Case]] = {"llama": llama, "gpt2": gpt2, "opt": opt, "bloom": bloom}

@@ -62,3 +62,21 @@ def test_stage_without_received_inputs_defers_everything() -> None:
     assert grads == [] and len(work.roots) == 2
     backward_weight(work, list(block.parameters()))
     assert all(p.grad is not None for p in block.parameters())
+
+
+def test_custom_autograd_function_sharing_a_saved_parameter() -> None:
+    from models import CustomFnNet
+
+    torch.manual_seed(0)
+    net = CustomFnNet()
+    x, y = torch.randn(8, 8), torch.randint(0, 2, (8,))
+    leaf = x.clone().requires_grad_(True)
+    net(leaf, y).backward()
+    expect = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad(set_to_none=True)
+    leaf2 = x.clone().requires_grad_(True)
+    (gx,), work = backward_input([net(leaf2, y)], [torch.ones(())], [leaf2])
+    backward_weight(work, list(net.parameters()))
+    torch.testing.assert_close(gx, leaf.grad, rtol=0, atol=0)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, expect[n], rtol=0, atol=0)
