@@ -107,9 +107,8 @@ def test_small_models_match_single_process(world: int, schedule: str) -> None:
     _check_tied(results, "tied", "embed.weight", 2)
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_huggingface_models_match_single_process(world: int) -> None:
-    names = ["llama", "gpt2"]
+@pytest.mark.parametrize(("world", "names"), [(2, ["llama", "gpt2", "opt", "bloom"]), (4, ["llama", "gpt2"])])
+def test_huggingface_models_match_single_process(world: int, names: list[str]) -> None:
     results = run_distributed(
         train_and_compare, world, names, {"schedule": "1f1b", "n_microbatches": 4}, timeout=300
     )
