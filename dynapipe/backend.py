@@ -179,8 +179,12 @@ def _stage_count(config: PipelineConfig, spec: ScheduleSpec, world: int) -> int:
             f"({n_stages}); set dp_degree={world // n_stages} for data parallelism, launch fewer processes, or "
             f"make {world} stages (n_stages={world} or {world - 1} split_points)"
         )
-    if n_stages > world:
-        spec.n_stages(world, stages_per_rank=n_stages // world)  # raises if the schedule cannot hold them
+    if n_stages > world and spec.stages_per_rank not in (None, n_stages // world):
+        raise ConfigError(
+            f"{n_stages} stages on {world} pipeline ranks means {n_stages // world} stages per rank, but schedule "
+            f"{spec.name!r} runs {spec.stages_per_rank}; use schedule='interleaved-1f1b' (any number per rank)"
+            f"{' or zbv (2 per rank)' if n_stages == 2 * world else ''}, or make {world} stages"
+        )
     return n_stages
 
 

@@ -44,7 +44,7 @@ class PipelineConfig:
 
     n_stages: int | None = None
     n_microbatches: int | None = None
-    schedule: Any = "gpipe"
+    schedule: Any = "1f1b"
     split_points: tuple[str, ...] = ()
     unsplittable: tuple[str, ...] = ()
     max_stage_memory: int | None = None
