@@ -122,7 +122,9 @@ class _LazyPipeline:
         )
         ensure_process_group(device, config.timeout_s)
         comm = Comm(timedelta(seconds=config.timeout_s))
-        layout = build_layout(device, dp_degree=config.dp_degree, mesh=config.mesh)
+        layout = build_layout(
+            device, dp_degree=config.dp_degree, mesh=config.mesh, timeout_s=config.timeout_s
+        )
         n_pp = layout.n_pp
         spec = get_schedule(config.schedule)
         n_stages = _stage_count(config, spec, n_pp)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
 from ..codegen import StagePlan
 from ..errors import ConfigError
@@ -43,7 +43,9 @@ class Layout:
         return self.grid[pp_index][self.dp_index]
 
 
-def build_layout(device: torch.device, *, dp_degree: int, mesh: DeviceMesh | None) -> Layout:
+def build_layout(
+    device: torch.device, *, dp_degree: int, mesh: DeviceMesh | None, timeout_s: float
+) -> Layout:
     world = dist.get_world_size()
     if mesh is not None:
         if tuple(mesh.mesh_dim_names or ()) != ("pp", "dp"):
@@ -61,7 +63,7 @@ def build_layout(device: torch.device, *, dp_degree: int, mesh: DeviceMesh | Non
     if dp_degree == 1 and mesh is None:
         return Layout([[r] for r in range(world)], dist.get_rank(), 0, None, None, None)
     if mesh is None:
-        mesh = init_device_mesh(device.type, (world // dp_degree, dp_degree), mesh_dim_names=("pp", "dp"))
+        mesh = _mesh_with_timeout(device, world // dp_degree, dp_degree, timeout_s)
     grid = mesh.mesh.tolist()
     return Layout(
         grid,
@@ -70,6 +72,24 @@ def build_layout(device: torch.device, *, dp_degree: int, mesh: DeviceMesh | Non
         mesh.get_group("pp"),
         mesh.get_group("dp"),
         mesh,
+    )
+
+
+def _mesh_with_timeout(device: torch.device, n_pp: int, dp: int, timeout_s: float) -> DeviceMesh:
+    """The mesh ``init_device_mesh(device, (n_pp, dp), mesh_dim_names=("pp", "dp"))`` would build, with
+    every group bounded by ``timeout_s`` (its own groups would wait torch's default of 30 minutes, and
+    DDP's all-reduce has no other bound)."""
+    grid = torch.arange(n_pp * dp).reshape(n_pp, dp)
+    me = dist.get_rank()
+    timeout = timedelta(seconds=timeout_s)
+    mine = {}
+    for dim, lines in (("pp", grid.t().tolist()), ("dp", grid.tolist())):
+        for ranks in lines:  # every rank creates every group, in the same order
+            group = dist.new_group(ranks, timeout=timeout)
+            if me in ranks:
+                mine[dim] = group
+    return DeviceMesh.from_group(
+        [mine["pp"], mine["dp"]], device.type, mesh=grid, mesh_dim_names=("pp", "dp")
     )
 
 

@@ -91,7 +91,7 @@ class Pipeline:
             for s in self.local_stages:
                 if any(p.requires_grad for p in self.plans[s].module.parameters()):
                     reducers[s] = DistributedDataParallel(
-                        self.plans[s].module, process_group=self.layout.dp_group, broadcast_buffers=False
+                        self.plans[s].module, process_group=self.layout.dp_group, forward_sync_buffers=False
                     )
                     if self.ddp_comm_hook is not None:
                         reducers[s].register_comm_hook(self.layout.dp_group, self.ddp_comm_hook)
