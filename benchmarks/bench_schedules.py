@@ -1,7 +1,9 @@
 """Pipeline schedules on sleeping stages: dynapipe against torch.distributed.pipelining and the simulator.
 
-    python benchmarks/bench_schedules.py            # every row, about 4-5 minutes on 2 CPU cores
-    python benchmarks/bench_schedules.py --quick    # p=4, m=8 (1f1b and gpipe) only, under a minute
+    python benchmarks/bench_schedules.py              # every row, about 8-10 minutes on 2 CPU cores
+    python benchmarks/bench_schedules.py --rows main  # the schedules without data parallelism
+    python benchmarks/bench_schedules.py --rows dp    # dp=1 against dp=2 (4 and 8 processes)
+    python benchmarks/bench_schedules.py --quick      # a few rows, fewer steps: about two minutes
 
 Every stage is a :class:`SleepStage`: its forward sleeps ``fwd_ms``, its backward sleeps ``bwd_ms`` (half
 for the input gradient, half for the weight gradient, so zero-bubble schedules can split them), and it
@@ -9,13 +11,15 @@ passes an activation of ``--act-bytes`` bytes. Sleeping keeps 4-8 processes hone
 waits costs no CPU, so the step time measures the schedule and the runtime; only the stage's real work
 (copying and scaling the activation, about 0.5-1 ms per action at 1 MiB) and the runtimes compete for cores.
 
-Rows (schedule, p ranks, m microbatches) of the same world size share one set of spawned gloo processes on
-127.0.0.1. Each row runs the same model with dynapipe (``torch.compile(model, backend="dynapipe")``, a
-split point at every stage) and with torch.distributed.pipelining (a ``PipelineStage`` per local stage and
-the matching ``Schedule*`` class): warm-up steps, then ``--steps`` timed steps of each, alternating. The
-medians are compared with the step the simulator (``dynapipe.schedules.simulate``) gives for each
-library's action order, from per-stage costs measured in isolation and a measured link. Rows that either
-library rejects are printed with the reason. benchmarks/README.md explains every column.
+Rows (schedule, p ranks, m microbatches, dp replicas) of the same world size share one set of spawned gloo
+processes on 127.0.0.1. Each row runs the same model with dynapipe (``torch.compile(model,
+backend="dynapipe")``, a split point at every stage, its timeline from ``options["on_step"]``) and with
+torch.distributed.pipelining (a ``PipelineStage`` per local stage and the matching ``Schedule*`` class;
+with dp > 1 each stage module wrapped in DDP over its data-parallel group): warm-up steps, then
+``--steps`` timed steps of each, alternating. The medians are compared with the step the simulator
+(``dynapipe.schedules.simulate``) gives for each library's action order, from per-stage costs measured in
+isolation and a measured link; the dp rows with the time of the gradient all-reduce alone. Rows that
+either library rejects are printed with the reason. benchmarks/README.md explains every column.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from dynapipe.schedules import Action, StageCost, Timeline, get_schedule, simulate
 
@@ -93,21 +98,37 @@ sleep_op.register_autograd(_sleep_backward, setup_context=_sleep_setup)
 class SleepStage(nn.Module):
     """``x -> sleep(x) * sleep(w)``: F sleeps ``fwd_ms``; I (input grad) and W (weight grad) ``bwd_ms / 2``
     each, because autograd runs only the sleep whose input it differentiates. The first stage's input
-    needs no gradient, so its backward is W alone, in both libraries."""
+    needs no gradient, so its backward is W alone, in both libraries.
 
-    def __init__(self, fwd_ms: float, bwd_ms: float) -> None:
+    ``param_bytes`` > 0 gives the stage parameters of that size for data parallelism to all-reduce, laid
+    out as in a stage of several layers: ``head`` (all but 1 MiB: the last layer) is added to the output,
+    so autograd reaches it first and its gradient is ready when the stage's weight-gradient work starts;
+    ``tail`` (1 MiB: the first layer) is added to ``w`` before the W sleep, so its gradient is ready only
+    when that work ends. DDP (torch 2.13) starts with all parameters in one bucket and, at the first
+    forward through the DDP module after a synchronised backward, rebuilds its buckets in the order the
+    gradients became ready, closing the first at 1 MiB: then ``head`` is a bucket of its own whose
+    all-reduce runs during the W sleep, and ``w`` with ``tail`` the bucket that only the end of the W
+    releases. dynapipe calls the stage module, not DDP's forward, so its buckets are never rebuilt.
+    """
+
+    def __init__(self, fwd_ms: float, bwd_ms: float, param_bytes: int = 0) -> None:
         super().__init__()
         self.fwd_ms, self.bwd_ms = fwd_ms, bwd_ms
         self.w = nn.Parameter(torch.ones(()))
+        tail = min(param_bytes, 2**20) // 4
+        self.tail = nn.Parameter(torch.zeros(tail)) if tail else None
+        self.head = nn.Parameter(torch.zeros(param_bytes // 4 - tail)) if param_bytes // 4 > tail else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sleep_op(x, self.fwd_ms, self.bwd_ms / 2) * sleep_op(self.w, 0.0, self.bwd_ms / 2)
+        w = self.w if self.tail is None else self.w + self.tail[0]
+        out = sleep_op(x, self.fwd_ms, self.bwd_ms / 2) * sleep_op(w, 0.0, self.bwd_ms / 2)
+        return out if self.head is None else out + self.head[:1]
 
 
 class SleepModel(nn.Module):
-    def __init__(self, n_stages: int, fwd_ms: float, bwd_ms: float) -> None:
+    def __init__(self, n_stages: int, fwd_ms: float, bwd_ms: float, param_bytes: int = 0) -> None:
         super().__init__()
-        self.stages = nn.ModuleList(SleepStage(fwd_ms, bwd_ms) for _ in range(n_stages))
+        self.stages = nn.ModuleList(SleepStage(fwd_ms, bwd_ms, param_bytes) for _ in range(n_stages))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for stage in self.stages:
@@ -118,12 +139,17 @@ class SleepModel(nn.Module):
 # -- rows ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Row:
-    """One line of the table. ``dp`` > 1 (data-parallel replicas of the pipeline) arrives with issue 5."""
+    """One line of a table: ``dp`` data-parallel replicas of a ``p``-rank pipeline (global rank =
+    pipeline position * dp + replica, as dynapipe lays them out). ``param_bytes`` sizes each stage's
+    parameter (:class:`SleepStage`); ``all_reduce=False`` replaces DDP's all-reduce with a hook that
+    returns the local gradients, the control that tells the all-reduce from the load of more processes."""
 
     schedule: str
     p: int
     m: int
     dp: int = 1
+    param_bytes: int = 0
+    all_reduce: bool = True
 
     @property
     def world(self) -> int:
@@ -135,7 +161,8 @@ class Row:
 
     @property
     def label(self) -> str:
-        return f"{self.schedule} p={self.p} m={self.m}" + (f" dp={self.dp}" if self.dp > 1 else "")
+        dp = f" dp={self.dp}" + ("" if self.all_reduce else " (no all-reduce)") if self.dp > 1 else ""
+        return f"{self.schedule} p={self.p} m={self.m}{dp}"
 
 
 def torch_schedule(name: str):
@@ -153,11 +180,23 @@ def torch_schedule(name: str):
     }[name]
 
 
-def make_rows(quick: bool) -> list[Row]:
-    if quick:
-        return [Row("1f1b", 4, 8), Row("gpipe", 4, 8)]
-    rows = [Row(s, p, m) for p in (2, 4) for s in ("gpipe", "1f1b") for m in (4, 8, 16)]
-    rows += [Row(s, p, 8) for p in (2, 4) for s in ("interleaved-1f1b", "zb-h1", "zbv")]
+def make_rows(which: str, quick: bool, param_bytes: int) -> list[Row]:
+    """``which``: "main" (schedules, no data parallelism), "dp" (dp=1 against dp=2) or "all"."""
+    rows = []
+    if which in ("main", "all"):
+        if quick:
+            rows += [Row("1f1b", 4, 8), Row("gpipe", 4, 8)]
+        else:
+            rows += [Row(s, p, m) for p in (2, 4) for s in ("gpipe", "1f1b") for m in (4, 8, 16)]
+            rows += [Row(s, p, 8) for p in (2, 4) for s in ("interleaved-1f1b", "zb-h1", "zbv")]
+    if which in ("dp", "all"):
+        for p in (2,) if quick else (2, 4):
+            for s in ("1f1b", "zb-h1"):
+                rows += [
+                    Row(s, p, 8, 1, param_bytes),
+                    Row(s, p, 8, 2, param_bytes),
+                    Row(s, p, 8, 2, param_bytes, all_reduce=False),
+                ]
     return rows
 
 
@@ -207,11 +246,29 @@ def measure_link(act_bytes: int, reps: int = 30) -> tuple[float, float]:
     return latency, act_bytes / max(big - latency, 1e-9)
 
 
+def measure_all_reduce(row: Row, reps: int = 20) -> list[float]:
+    """Seconds per all-reduce of one stage's parameter (``row.param_bytes``) over one data-parallel group
+    (ranks 0..dp-1, pipeline position 0) while the other ranks wait: the time the overlap has to hide."""
+    ranks = list(range(row.dp))
+    group = dist.new_group(ranks, timeout=timedelta(seconds=120))
+    buf = torch.zeros(max(1, row.param_bytes // 4))
+    times = []
+    if dist.get_rank() in ranks:
+        for _ in range(reps + 2):  # two to warm up
+            dist.barrier(group)
+            t0 = time.perf_counter()
+            dist.all_reduce(buf, group=group)
+            times.append(time.perf_counter() - t0)
+    dist.barrier()
+    return times[2:]
+
+
 def measure_stage(
-    fwd_ms: float, bwd_ms: float, width: int, *, first: bool, last: bool, reps: int = 10
+    fwd_ms: float, bwd_ms: float, width: int, *, first: bool, last: bool, param_bytes: int = 0, reps: int = 10
 ) -> dict:
     """Median F, B and W (seconds) of one SleepStage on one microbatch, eagerly; the last one with the loss."""
-    stage = SleepStage(fwd_ms, bwd_ms)
+    stage = SleepStage(fwd_ms, bwd_ms, param_bytes)
+    weights = list(stage.parameters())
     x = torch.randn(MB_ROWS, width, requires_grad=not first)
     y = torch.randn(MB_ROWS, width)
     out = {"F": [], "B": [], "W": []}
@@ -224,7 +281,7 @@ def measure_stage(
                 h = F.mse_loss(h, y)
             t1 = time.perf_counter()
             grad = None if last else torch.ones_like(h)
-            torch.autograd.backward(h, grad, inputs=[stage.w] if kind == "W" or first else [stage.w, x])
+            torch.autograd.backward(h, grad, inputs=weights if kind == "W" or first else [*weights, x])
             out[kind].append(time.perf_counter() - t1)
             out["F"].append(t1 - t0)
     return {
@@ -244,7 +301,12 @@ def stage_costs(row: Row, settings: Settings) -> tuple[list[StageCost], float]:
     if dist.get_rank() == 0:
         measured[0] = {
             kind: measure_stage(
-                settings.fwd_ms / v, settings.bwd_ms / v, settings.width, first=kind[0], last=kind[1]
+                settings.fwd_ms / v,
+                settings.bwd_ms / v,
+                settings.width,
+                first=kind[0],
+                last=kind[1],
+                param_bytes=row.param_bytes,
             )
             for kind in sorted({(s == 0, s == n - 1) for s in range(n)})
         }
@@ -290,6 +352,7 @@ class Runner:
     reset: Callable[[], None]  # zero the gradients (outside the timed region)
     timeline: Callable[[], list] | None = None  # this rank's events of the last step
     table: dict[int, list[str]] | None = None  # the compute actions each rank runs, when not dynapipe's
+    reductions: list[int] | None = None  # [DDP bucket all-reduces so far on this rank] (data parallel)
 
 
 def time_step(runner: Runner) -> tuple[float, float, float]:
@@ -308,57 +371,95 @@ def time_step(runner: Runner) -> tuple[float, float, float]:
     return took[0].item(), took[1].item(), (slept[0] / slept[1].clamp(min=1)).item()
 
 
-def _single_pipeline(row: Row) -> None:
-    if row.dp != 1:
-        raise NotImplementedError(
-            f"dp={row.dp}: rows with data-parallel pipelines are not wired up yet (issue 5)"
-        )
+def counting_hook(calls: list[int], *, all_reduce: bool) -> Callable:
+    """A DDP communication hook that counts its calls in ``calls[0]`` (one per bucket and step, if DDP's
+    hooks run at all) and all-reduces as DDP does by default, its state being the data-parallel group;
+    with ``all_reduce=False`` it returns the local gradients instead (the control rows)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def hook(state, bucket):
+        calls[0] += 1
+        if all_reduce:
+            return allreduce_hook(state, bucket)
+        done = torch.futures.Future()
+        done.set_result(bucket.buffer())
+        return done
+
+    return hook
 
 
 def setup_dynapipe(row: Row, settings: Settings, x: torch.Tensor, y: torch.Tensor) -> Runner:
-    from dynapipe.backend import dynapipe_backend
-
-    _single_pipeline(row)
     n_stages = row.p * row.stages_per_rank
+    last = []  # the latest StepReport that on_step handed over: its timeline is this rank's last step
+
+    def on_step(report) -> None:
+        last[:] = [report]
+
     options = {
         "n_microbatches": row.m,
         "schedule": row.schedule,
         "split_points": [f"stages.{i}" for i in range(1, n_stages)],
         "timeout_s": settings.timeout_s,
+        "on_step": on_step,
     }
-    built = []
-
-    def backend(gm, example_inputs):  # = backend="dynapipe", keeping the object so the timeline is reachable
-        built.append(dynapipe_backend(gm, example_inputs, options=options))
-        return built[-1]
-
+    calls = [0]
+    if row.dp > 1:
+        options["dp_degree"] = row.dp
+        options["ddp_comm_hook"] = counting_hook(calls, all_reduce=row.all_reduce)
     torch._dynamo.reset()  # a fresh model per row; Dynamo's per-code cache would hit its recompile limit
-    model = SleepModel(n_stages, settings.fwd_ms / row.stages_per_rank, settings.bwd_ms / row.stages_per_rank)
-    compiled = torch.compile(model, backend=backend)
+    v = row.stages_per_rank
+    model = SleepModel(n_stages, settings.fwd_ms / v, settings.bwd_ms / v, row.param_bytes)
+    compiled = torch.compile(model, backend="dynapipe", options=options)
 
     def timeline() -> list:
-        # dynapipe has no accessor for the last step's timeline yet: follow _LazyPipeline.pipelines,
-        # {input shapes: Pipeline, or a tuple that starts with one}, to the executor's record.
-        (entry,) = built[0].pipelines.values()
-        pipeline = entry[0] if isinstance(entry, tuple) else entry
-        return [(e.rank, e.action, e.start, e.end) for e in pipeline.executor.timeline.events]
+        return [(e.rank, e.action, e.start, e.end) for e in last[0].timeline.events]
 
-    return Runner(lambda: compiled(x, y).backward(), lambda: model.zero_grad(set_to_none=True), timeline)
+    return Runner(
+        lambda: compiled(x, y).backward(),
+        lambda: model.zero_grad(set_to_none=True),
+        timeline,
+        reductions=calls,
+    )
+
+
+def _groups(row: Row) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    """This rank's (pipeline group, data-parallel group) for ``row``, laid out as dynapipe lays them out;
+    (None, None) without data parallelism. Every rank creates every group, as ``new_group`` requires."""
+    if row.dp == 1:
+        return None, None
+    mine = {}
+    for kind, groups in (
+        ("pp", [[i * row.dp + d for i in range(row.p)] for d in range(row.dp)]),
+        ("dp", [[i * row.dp + d for d in range(row.dp)] for i in range(row.p)]),
+    ):
+        for ranks in groups:
+            group = dist.new_group(ranks, timeout=timedelta(seconds=120))
+            if dist.get_rank() in ranks:
+                mine[kind] = group
+    return mine["pp"], mine["dp"]
 
 
 def setup_torch_pp(row: Row, settings: Settings, x: torch.Tensor, y: torch.Tensor) -> Runner:
     from torch.distributed.pipelining import PipelineStage
 
-    _single_pipeline(row)
-    v, rank = row.stages_per_rank, dist.get_rank()
+    pp_group, dp_group = _groups(row)
+    v = row.stages_per_rank
+    rank = dist.get_rank(pp_group) if pp_group is not None else dist.get_rank()
     n_stages = row.p * v
     if row.schedule == "zbv":  # V placement: rank r holds stages r and 2p-1-r
         local = [rank, n_stages - 1 - rank]
     else:
         local = [rank + i * row.p for i in range(v)]
-    modules = [SleepStage(settings.fwd_ms / v, settings.bwd_ms / v) for _ in local]
+    modules = [SleepStage(settings.fwd_ms / v, settings.bwd_ms / v, row.param_bytes) for _ in local]
+    wrapped: list[nn.Module] = modules
+    calls = [0]
+    if dp_group is not None:
+        wrapped = [DistributedDataParallel(mod, process_group=dp_group) for mod in modules]
+        for ddp in wrapped:
+            ddp.register_comm_hook(dp_group, counting_hook(calls, all_reduce=row.all_reduce))
     stages = [
-        PipelineStage(mod, s, n_stages, torch.device("cpu")) for mod, s in zip(modules, local, strict=True)
+        PipelineStage(mod, s, n_stages, torch.device("cpu"), group=pp_group)
+        for mod, s in zip(wrapped, local, strict=True)
     ]
     cls = torch_schedule(row.schedule)
     single = cls.__name__ in ("ScheduleGPipe", "Schedule1F1B")
@@ -375,7 +476,7 @@ def setup_torch_pp(row: Row, settings: Settings, x: torch.Tensor, y: torch.Tenso
     # is wrong (the last rank's forwards are numbered 1..m), so the simulator gets dynapipe's table.
     order = {} if single else schedule.pipeline_order
     table = {r: [str(a) for a in acts if a is not None and a.is_compute_op] for r, acts in order.items()}
-    return Runner(lambda: schedule.step(*args, target=target), reset, table=table or None)
+    return Runner(lambda: schedule.step(*args, target=target), reset, table=table or None, reductions=calls)
 
 
 def _guarded(fn: Callable, *args) -> tuple[object, str | None]:
@@ -404,6 +505,8 @@ def run_row(row: Row, settings: Settings, link: tuple[float, float], usable: boo
     y = torch.randn(row.m * MB_ROWS, settings.width)
     costs, late = stage_costs(row, settings)
     result: dict = {"row": asdict(row), "link": link, "costs": [asdict(c) for c in costs], "late": late}
+    if row.dp > 1 and row.all_reduce:
+        result["all_reduce"] = measure_all_reduce(row)
     runners = {}
     for name, setup in LIBRARIES.items():
         if not usable:
@@ -431,6 +534,10 @@ def run_row(row: Row, settings: Settings, link: tuple[float, float], usable: boo
                 result[name][key].append(value)
             if runners[name].timeline:
                 timelines.append(runners[name].timeline())
+    for name, runner in runners.items() if usable and row.dp > 1 else ():
+        per_rank: list = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, runner.reductions[0] / (settings.warmup + settings.steps))
+        result[name]["buckets_per_step"] = per_rank
     if "dynapipe" in runners:
         times = result["dynapipe"]["times"]
         middle = times.index(sorted(times)[len(times) // 2])
@@ -564,9 +671,9 @@ DETAIL_HEAD = (
 )
 
 
-def report(results: list[dict], settings: Settings, load: tuple[float, float]) -> str:
+def _main_table(results: list[dict], notes: list[str]) -> list[str]:
     head = "schedule|p|m|ideal|dynapipe (min-max)|eff|ideal|torch-pp (min-max)|eff|dyn/tpp (min-max)|cpu dyn|cpu tpp"
-    lines, notes = [], []
+    lines = []
     for r in results:
         row, costs, link = Row(**r["row"]), [StageCost(**c) for c in r["costs"]], tuple(r["link"])
         cells = [row.schedule, str(row.p), str(row.m)]
@@ -582,15 +689,70 @@ def report(results: list[dict], settings: Settings, load: tuple[float, float]) -
             else:
                 cells += ["skipped", "-"]
                 notes.append(f"{row.label}, {name.replace('_', '-')}: {r[name]['error']}")
-        both = all(r[name].get("times") for name in LIBRARIES)
-        pairs = (
-            [d / t for d, t in zip(r["dynapipe"]["times"], r["torch_pp"]["times"], strict=True)]
-            if both
-            else []
-        )
-        cells.append(_spread(pairs, scale=1, digits=3) if pairs else "-")
+        cells.append(_spread(pairs, scale=1, digits=3) if (pairs := _pairs(r)) else "-")
         cells += [f"{_median(r[n]['cpu']) * 1e3:.0f}" if r[n].get("cpu") else "-" for n in LIBRARIES]
         lines.append(cells)
+    return _aligned(head.split("|"), lines)
+
+
+def _pairs(result: dict) -> list[float]:
+    """dynapipe / torch-pp of each pair of back-to-back steps (empty unless both ran)."""
+    if not all(result[name].get("times") for name in LIBRARIES):
+        return []
+    return [d / t for d, t in zip(result["dynapipe"]["times"], result["torch_pp"]["times"], strict=True)]
+
+
+DP_HEAD = "schedule|p|m|all-reduce|library|dp=1|dp=2|dp=2 no AR|dp=2 - dp=1|dp=2 - no AR|dyn/tpp dp=2|buckets/step by rank"
+
+
+def _dp_table(results: list[dict], notes: list[str]) -> list[str]:
+    """dp=1 against dp=2 (and dp=2 without the all-reduce) per schedule and library: median step ms."""
+    by_key: dict[tuple, dict[tuple[int, bool], dict]] = {}
+    for r in results:
+        row = Row(**r["row"])
+        by_key.setdefault((row.schedule, row.p, row.m), {})[(row.dp, row.all_reduce)] = r
+        for name in LIBRARIES:
+            if not r[name].get("times"):
+                notes.append(f"{row.label}, {name.replace('_', '-')}: {r[name]['error']}")
+    lines = []
+    for (schedule, p, m), runs in by_key.items():
+        ar = runs.get((2, True), {}).get("all_reduce")
+        for name in LIBRARIES:
+            step = {
+                key: _median(r[name]["times"]) if r[name].get("times") else None for key, r in runs.items()
+            }
+            one, two, local = step.get((1, True)), step.get((2, True)), step.get((2, False))
+
+            def ms(value: float | None) -> str:
+                return "-" if value is None else f"{value * 1e3:.1f}"
+
+            lines.append(
+                [
+                    schedule,
+                    str(p),
+                    str(m),
+                    _spread(ar) if ar and name == "dynapipe" else "",
+                    name.replace("_", "-"),
+                    ms(one),
+                    ms(two),
+                    ms(local),
+                    ms(two - one if two and one else None),
+                    ms(two - local if two and local else None),
+                    (f"{_median(pairs):.3f}" if (pairs := _pairs(runs[(2, True)])) else "-")
+                    if name == "dynapipe" and (2, True) in runs
+                    else "",
+                    " ".join(
+                        f"{n:g}" for n in runs.get((2, True), {}).get(name, {}).get("buckets_per_step", [])
+                    ),
+                ]
+            )
+    return _aligned(DP_HEAD.split("|"), lines)
+
+
+def report(results: list[dict], settings: Settings, load: tuple[float, float]) -> str:
+    main = [r for r in results if not r["row"]["param_bytes"]]
+    data_parallel = [r for r in results if r["row"]["param_bytes"]]
+    notes: list[str] = []
     link = results[0]["link"] if results else (0.0, 1.0)
     out = [
         f"stages sleep F {settings.fwd_ms:g} ms, B {settings.bwd_ms:g} ms (I = W = B/2) per microbatch, "
@@ -598,17 +760,29 @@ def report(results: list[dict], settings: Settings, load: tuple[float, float]) -
         f"warm-up, the two libraries alternating",
         f"link {link[0] * 1e6:.0f} us + {link[1] / 1e9:.2f} GB/s (gloo, fastest ping-pong); machine load average "
         f"{load[0]:.1f} at start, {load[1]:.1f} at end on {os.cpu_count()} cores",
-        "times in ms; ideal = simulated step of that library's own action order; eff = ideal / median; "
-        "dyn/tpp = median of paired step ratios; cpu = CPU ms per step, busiest rank",
-        "",
-        *_aligned(head.split("|"), lines),
     ]
-    detail = [cells for r in results if (cells := breakdown(r))]
+    if main:
+        out += [
+            "times in ms; ideal = simulated step of that library's own action order; eff = ideal / median; "
+            "dyn/tpp = median of paired step ratios; cpu = CPU ms per step, busiest rank",
+            "",
+            *_main_table(main, notes),
+        ]
+    detail = [cells for r in main if (cells := breakdown(r))]
     if detail:
         out += [
             "",
             "dynapipe's median step from its timeline (ms; excess and oversleep in us):",
             *_aligned(DETAIL_HEAD.split("|"), detail),
+        ]
+    if data_parallel:
+        size = data_parallel[0]["row"]["param_bytes"]
+        out += [
+            "",
+            f"data parallelism: every stage holds a {size / 2**20:g} MiB parameter; median step ms; all-reduce = "
+            "that parameter alone over 2 ranks (gloo), median (min-max); no AR = DDP with a hook that "
+            "all-reduces nothing (same processes, same DDP bookkeeping)",
+            *_dp_table(data_parallel, notes),
         ]
     if notes:
         out += ["", "skipped:", *(f"  {n}" for n in notes)]
@@ -617,7 +791,18 @@ def report(results: list[dict], settings: Settings, load: tuple[float, float]) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="p=4, m=8, gpipe and 1f1b, fewer steps")
+    parser.add_argument(
+        "--quick", action="store_true", help="main rows: p=4, m=8, gpipe and 1f1b; dp rows: p=2; fewer steps"
+    )
+    parser.add_argument(
+        "--rows",
+        choices=("all", "main", "dp"),
+        default="all",
+        help="main: the schedules without data parallelism; dp: dp=1 against dp=2 (4 and 8 processes)",
+    )
+    parser.add_argument(
+        "--param-bytes", type=int, default=4 * 2**20, help="each stage's parameter in the dp rows (4 MiB)"
+    )
     parser.add_argument("--fwd-ms", type=float, default=10.0, help="forward sleep per stage and microbatch")
     parser.add_argument("--bwd-ms", type=float, default=20.0, help="backward sleep (half input, half weight)")
     parser.add_argument("--act-bytes", type=int, default=2**20, help="activation size per microbatch")
@@ -649,7 +834,7 @@ def main() -> None:
         realtime=opts.realtime,
     )
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers before they import torch
-    rows = make_rows(opts.quick)
+    rows = make_rows(opts.rows, opts.quick, opts.param_bytes)
     results = []
     started, load = time.perf_counter(), os.getloadavg()[0]
     for world in sorted({r.world for r in rows}):
