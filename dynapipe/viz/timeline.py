@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..schedules import Action, Kind, ScheduleError, Timeline, TimelineEvent
-from ._svg import COLORS, Canvas, format_seconds, lighten, nice_ticks, text_width
+from ._svg import COLORS, TEXT_WIDTH, Canvas, format_seconds, lighten, nice_ticks, text_width
 
 __all__ = ["KIND_NAMES", "merge_timelines", "timeline_svg", "write_chrome_trace"]
 
@@ -97,14 +97,9 @@ def timeline_svg(
     svg = Canvas(width, height)
 
     # Title, subtitle, legend.
-    head = title or "Pipeline step"
-    svg.text(
-        _LEFT,
-        26,
-        f"{head} — makespan {format_seconds(makespan)}, bubble {timeline.bubble_fraction:.1%}",
-        size=17,
-        weight="bold",
-    )
+    head = f"{title or 'Pipeline step'} — makespan {format_seconds(makespan)}, bubble {timeline.bubble_fraction:.1%}"
+    size = max(11.0, min(17.0, (width - _LEFT - 12) / (len(head) * TEXT_WIDTH * 1.05)))  # bold runs wider
+    svg.text(_LEFT, 26, head, size=round(size, 1), weight="bold")
     sub = f"{len(ranks)} ranks · {len(stages)} stages · {n_mb} microbatches"
     ideal = timeline.ideal_step_time
     if ideal > 0:

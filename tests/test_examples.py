@@ -1,0 +1,70 @@
+"""The examples run as a person runs them (a subprocess that spawns its own CPU processes) and pass their
+own check against one process. One runs by default; the rest are slow (set DYNAPIPE_SLOW=1)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+slow = pytest.mark.skipif(os.environ.get("DYNAPIPE_SLOW") != "1", reason="slow example; set DYNAPIPE_SLOW=1")
+
+
+def run_example(name: str, *args: str, cwd: Path | None = None) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=cwd,
+        env=env,
+    )
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    matches = [line for line in proc.stdout.splitlines() if line.endswith("-> match")]
+    assert matches, f"{name} printed no '-> match' line:\n{proc.stdout}"
+    assert "MISMATCH" not in proc.stdout
+    return proc.stdout
+
+
+def test_train_gpt2_two_stages():
+    out = run_example("train_gpt2.py", "--steps", "2")
+    assert "tied transformer.wte.weight held by 2 ranks" in out
+    assert "parameters after 2 steps" in out
+
+
+@pytest.mark.slow
+@slow
+def test_train_gpt2_pipeline_and_data_parallel():
+    out = run_example("train_gpt2.py", "--steps", "2", "--stages", "2", "--dp", "2")
+    assert "held by 4 ranks" in out
+
+
+@pytest.mark.slow
+@slow
+def test_train_opt_bloom():
+    out = run_example("train_opt_bloom.py", "--steps", "2")
+    assert "opt:" in out and "bloom:" in out and out.count("-> match") == 2
+
+
+@pytest.mark.slow
+@slow
+def test_generate():
+    out = run_example("generate.py", "--new-tokens", "3")
+    assert "pipelined greedy tokens vs single-process generate -> match" in out
+
+
+@pytest.mark.slow
+@slow
+def test_timeline(tmp_path):
+    run_example("timeline.py", "--nproc", "2", "--steps", "2", "--out", str(tmp_path))
+    for name in ("timeline.svg", "timeline_simulated.svg"):
+        root = ET.parse(tmp_path / name).getroot()
+        rows = [e for e in root.iter() if e.get("class") == "row"]
+        assert len(rows) == 2
+    assert (tmp_path / "timeline.json").stat().st_size > 0
