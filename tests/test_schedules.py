@@ -28,6 +28,7 @@ from dynapipe.schedules import (
     normalize_table,
     parse_schedule,
     simulate,
+    split_last_backward,
     stage_to_rank,
     validate,
 )
@@ -212,6 +213,30 @@ def test_zbv_no_slower_than_torch_under_link_latency(p, m):
             assert simulate(ours, cost, **kwargs).makespan <= simulate(theirs, cost, **kwargs).makespan + 1e-9
         # in-flight counts depend on each rank's order only, not on timing: still at most 2p chunks
         assert max(_run("zbv", p, m, latency=latency).peak_inflight_activations.values()) <= 2 * p
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"])
+@pytest.mark.parametrize("p,m", [(p, m) for p, m in itertools.product(RANKS, MICROBATCHES) if m % p == 0])
+def test_split_last_backward_sends_the_gradient_before_the_weight_work(name, p, m):
+    table, n = _build(name, p, m)
+    split = split_last_backward(table)
+    validate(split, p, n, m, SCHEDULES[name].placement)
+    weight_work = [a for acts in split.values() for a in acts if a.kind is Kind.W]
+    if SCHEDULES[name].splits_backward:
+        assert split == table
+    else:  # exactly one I/W pair per stage, for the microbatch whose B came last on its rank
+        last_b = {a.stage: a.mb for acts in table.values() for a in acts if a.kind is Kind.B}
+        assert sorted((a.stage, a.mb) for a in weight_work) == sorted(last_b.items())
+    placement = SCHEDULES[name].placement
+    for rank, acts in lower(split, p, n, placement).items():
+        for i, a in enumerate(acts):
+            if a.kind is Kind.I and a.stage > 0 and stage_to_rank(a.stage - 1, p, n, placement) != rank:
+                assert acts[i + 1].kind is Kind.SEND_B  # the gradient leaves before W
+    for latency in (0.0, *LATENCIES):
+        assert (
+            _run(name, p, m, table=split, latency=latency).makespan
+            <= _run(name, p, m, latency=latency).makespan + 1e-9
+        )
 
 
 def test_interleaved_needs_microbatches_divisible_by_ranks():

@@ -32,6 +32,7 @@ from .builtin import (
 from .lowering import lower
 from .placement import Placement, StageGraph, infer_placement, placement_map, stage_graph, stage_to_rank
 from .simulate import StageCost, Timeline, TimelineEvent, simulate
+from .transforms import split_last_backward
 from .validate import validate
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "parse_schedule",
     "placement_map",
     "simulate",
+    "split_last_backward",
     "stage_graph",
     "stage_to_rank",
     "validate",
