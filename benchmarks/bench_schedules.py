@@ -742,7 +742,7 @@ def _dp_table(results: list[dict], notes: list[str]) -> list[str]:
                     if name == "dynapipe" and (2, True) in runs
                     else "",
                     " ".join(
-                        f"{n:g}" for n in runs.get((2, True), {}).get(name, {}).get("buckets_per_step", [])
+                        f"{n:.1f}" for n in runs.get((2, True), {}).get(name, {}).get("buckets_per_step", [])
                     ),
                 ]
             )
