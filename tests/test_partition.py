@@ -306,7 +306,8 @@ def test_profiled_costs_feed_the_partitioner():
     costs = graph_costs(captured, profile=True, repeats=2)
     assert costs.profiled
     linears = [c for n, c in costs.nodes.items() if n.target is torch._C._nn.linear]
-    assert all(c.measured and c.forward_s > 0 and c.backward_weight_s > 0 for c in linears)
+    # each half of the backward is measured as a difference of timings, so under load one half may be 0
+    assert all(c.measured and c.forward_s > 0 and c.backward_input_s + c.backward_weight_s > 0 for c in linears)
     stage_of = assign_balanced(captured, 3, costs=costs)
     assert set(stage_of.values()) == {0, 1, 2}
     assert costs.with_times(costs.times()).times() == costs.times()  # what ranks would broadcast
