@@ -16,7 +16,7 @@ def _owned(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.untyped_storage().nbytes() > 0}
 
 
-def semantics_worker(rank: int, world: int) -> dict:
+def semantics_worker(rank: int, world: int, with_hf: bool = True) -> dict:
     from models import MarkedNet, llama, mlp
 
     import dynapipe  # noqa: F401 - pipe_split markers below
@@ -67,6 +67,8 @@ def semantics_worker(rank: int, world: int) -> dict:
     for n, p in owned.items():
         torch.testing.assert_close(p.grad, refs[n].grad)
 
+    if not with_hf:
+        return out
     # 3. Inference under no_grad: a HuggingFace ModelOutput on every rank, logits as on one process.
     case, ref_case = llama(world), llama(world)
     model = case.model.eval()
@@ -111,7 +113,7 @@ def test_semantics_on_two_ranks() -> None:
 
 
 def test_semantics_on_four_ranks() -> None:
-    results = run_distributed(semantics_worker, 4, timeout=300)
+    results = run_distributed(semantics_worker, 4, False, timeout=300)  # HF inference: on two ranks
     for r in results.values():
         assert 0 < r["kept_bytes"] < 0.5 * r["total_bytes"], r
 
