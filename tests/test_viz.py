@@ -211,7 +211,8 @@ def test_partition_svg_shows_stages_bytes_and_skips(skip_explained):
     assert skips == {(0, 2): e.stages[0].sends[2]}  # the embedding, read again by the head
     assert skips[(0, 2)] == 8 * 32 * 4  # one microbatch (8) of the 32-wide embedding, float32
     labels = ["".join(t.itertext()) for t in _by_class(root, "bytes")]
-    assert "1.0 KiB skip 0→2" in labels and labels.count("1.0 KiB") == 2
+    assert "1.0 KiB skip 0→2 (e)" in labels and labels.count("1.0 KiB") == 2  # e: the embedding's output
+    assert ["".join(t.itertext()) for t in _by_class(root, "tensors")] == ["h", "h"]  # residual stream
     texts = _texts(root)
     assert f"imbalance {e.imbalance:.2f}" in texts[0]
     modules = ["".join(t.itertext()) for t in _by_class(root, "module")]

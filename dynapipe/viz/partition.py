@@ -21,6 +21,7 @@ the parameters it shares with other stages (tied weights: each reading stage hol
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +32,7 @@ from ._svg import COLORS, Canvas, format_seconds, text_width, wrap
 if TYPE_CHECKING:
     from ..explain import Explanation
 
-__all__ = ["partition_svg", "partition_text", "shared_state", "stage_modules"]
+__all__ = ["crossing_tensors", "partition_svg", "partition_text", "shared_state", "stage_modules"]
 
 _WHOLE, _BITS = 0.9, 0.1  # share of a module's nodes that makes it "held" / "a few bits" by a stage
 
@@ -113,6 +114,33 @@ def shared_state(explanation: Explanation) -> dict[str, list[int]]:
     return shared
 
 
+def crossing_tensors(explanation: Explanation) -> dict[tuple[int, int], list[str]]:
+    """(producer stage, consumer stage) -> the graph names of the tensors sent between them (an output of
+    the whole call counts as read by the last stage)."""
+    stage_of = explanation.stage_of
+    last = len(explanation.stages) - 1
+    crossing: dict[tuple[int, int], list[str]] = {}
+    for node in explanation.captured.gm.graph.nodes:
+        if node not in stage_of:
+            continue
+        src = stage_of[node]
+        for dst in sorted({stage_of.get(u, last) for u in node.users} - {src}):
+            crossing.setdefault((src, dst), []).append(node.name)
+    return crossing
+
+
+def _names(names: list[str], limit: int = 2) -> str:
+    """``["attention_mask", "cos_2", "sin_2"]`` -> ``"attention_mask, cos +1"`` (graph-name suffixes dropped)."""
+    short = list(dict.fromkeys(re.sub(r"_\d+$", "", n) for n in names))
+    return ", ".join(short[:limit]) + (f" +{len(short) - limit}" if len(short) > limit else "")
+
+
+def _fit(text: str, width: float, size: float) -> str:
+    """``text`` cut with an ellipsis to about ``width`` pixels at font ``size``."""
+    chars = int(width / (size * 0.6))
+    return text if len(text) <= chars else text[: max(1, chars - 1)] + "…"
+
+
 def _title(explanation: Explanation) -> str:
     text = f"{len(explanation.stages)} stages, imbalance {explanation.imbalance:.2f}"
     if explanation.layer_imbalance is not None:
@@ -170,12 +198,13 @@ def partition_svg(
     stages = explanation.stages
     n = len(stages)
     modules = stage_modules(explanation)
-    col_w, gap, margin = 220, 92, 28
+    col_w, gap, margin = 220, 100, 28
     width = max(760, 2 * margin + n * col_w + (n - 1) * gap)
     left = (width - (n * col_w + (n - 1) * gap)) / 2
     col_x = [left + i * (col_w + gap) for i in range(n)]
     chars = int((col_w - 20) / (11.5 * 0.6))
 
+    crossing = crossing_tensors(explanation)
     skips = sorted(
         ((s.index, d, b) for s in stages for d, b in s.sends.items() if d > s.index + 1 and b),
         key=lambda e: (e[1] - e[0], e[0]),
@@ -221,6 +250,7 @@ def partition_svg(
     in_n = Counter(e[1] for e in skips)
     seen_out: Counter = Counter()
     seen_in: Counter = Counter()
+    labels = []
     for src, dst, nbytes in skips:
         seen_out[src] += 1
         seen_in[dst] += 1
@@ -238,18 +268,14 @@ def partition_svg(
             data_src=src,
             data_dst=dst,
             data_bytes=nbytes,
-            tooltip=f"stage {src} sends {format_bytes(nbytes)} straight to stage {dst}",
+            tooltip=f"stage {src} sends {format_bytes(nbytes)} straight to stage {dst}: "
+            + ", ".join(crossing.get((src, dst), [])),
         )
-        label = f"{format_bytes(nbytes)} skip {src}→{dst}"
-        mid = (x1 + x2) / 2
-        svg.rect(
-            mid - text_width(label, 11) / 2 - 3,
-            y - 0.75 * h - 13,
-            text_width(label, 11) + 6,
-            16,
-            fill="white",
-        )
-        svg.text(mid, y - 0.75 * h - 1, label, size=11, anchor="middle", fill=COLORS["ink"], class_="bytes")
+        label = f"{format_bytes(nbytes)} skip {src}→{dst} ({_names(crossing.get((src, dst), []))})"
+        labels.append(((x1 + x2) / 2, y - 0.75 * h, label))
+    for mid, apex, label in labels:  # after every arc, so that no arc crosses a label
+        svg.rect(mid - text_width(label, 11) / 2 - 3, apex - 13, text_width(label, 11) + 6, 16, fill="white")
+        svg.text(mid, apex - 1, label, size=11, anchor="middle", fill=COLORS["ink"], class_="bytes")
 
     peak_t = max(s.time_s for s in stages) or 1.0
     peak_m = max(_memory(s) for s in stages) or 1
@@ -373,9 +399,20 @@ def partition_svg(
                 data_src=s.index,
                 data_dst=s.index + 1,
                 data_bytes=nbytes,
+                tooltip=f"stage {s.index} sends {format_bytes(nbytes)} to stage {s.index + 1}: "
+                + ", ".join(crossing.get((s.index, s.index + 1), [])),
             )
             svg.text(
                 x + col_w + gap / 2, y - 7, format_bytes(nbytes), size=11.5, anchor="middle", class_="bytes"
+            )
+            svg.text(
+                x + col_w + gap / 2,
+                y + 16,
+                _fit(_names(crossing.get((s.index, s.index + 1), []), 1), gap - 4, 9.5),
+                size=9.5,
+                anchor="middle",
+                fill=COLORS["muted"],
+                class_="tensors",
             )
 
     # Legend.
