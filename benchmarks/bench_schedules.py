@@ -1,6 +1,6 @@
 """Pipeline schedules on sleeping stages: dynapipe against torch.distributed.pipelining and the simulator.
 
-    python benchmarks/bench_schedules.py              # every row, about 8-10 minutes on 2 CPU cores
+    python benchmarks/bench_schedules.py              # every row, about 7-8 minutes on 2 CPU cores
     python benchmarks/bench_schedules.py --rows main  # the schedules without data parallelism
     python benchmarks/bench_schedules.py --rows dp    # dp=1 against dp=2 (4 and 8 processes)
     python benchmarks/bench_schedules.py --quick      # a few rows, fewer steps: about two minutes
