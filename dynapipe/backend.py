@@ -33,7 +33,14 @@ from .runtime.comm import Comm, ensure_process_group
 from .runtime.layout import build_layout, tied_groups
 from .runtime.pipeline import OutputSpec, Pipeline
 from .runtime.state import place_state
-from .schedules import ScheduleSpec, format_schedule, get_schedule, placement_map, validate
+from .schedules import (
+    ScheduleSpec,
+    format_schedule,
+    get_schedule,
+    placement_map,
+    split_last_backward,
+    validate,
+)
 
 __all__ = ["dynapipe_backend"]
 
@@ -140,6 +147,10 @@ class _LazyPipeline:
         plans = build_stages(captured, _assign(captured, config, n_stages, in_flight, comm), n_stages)
         pp_of_stage = placement_map(spec.placement, n_ranks=n_pp, n_stages=n_stages)
         table = spec.build(n_ranks=n_pp, n_stages=n_stages, n_microbatches=n_microbatches)
+        if layout.dp_degree > 1:
+            # the last backward of each stage runs DDP's all-reduce; as I then W, the input gradient is
+            # sent before the all-reduce waits, so the all-reduces do not add up along the critical path
+            table = split_last_backward(table)
         edges = sorted({(b.producer, c) for p in plans for b in p.sends for c in b.consumers})
         validate(table, n_pp, n_stages, n_microbatches, pp_of_stage, edges=edges)
         comm.agree(partition_digest(plans) + format_schedule(table), "the partition and schedule")

@@ -128,7 +128,9 @@ class Executor:
             if train and action.stage in self.reducers and last_weight_work[action.stage] == i:
                 # DDP all-reduces the gradients, accumulated over every microbatch, exactly once per step:
                 # armed only for the stage's last weight-gradient work (a B, or a W of zero-bubble schedules)
-                self.reducers[action.stage].reducer.prepare_for_backward([])
+                reducer = self.reducers[action.stage].reducer
+                reducer._rebuild_buckets()  # as DDP's forward does: buckets in gradient-ready order, once
+                reducer.prepare_for_backward([])
             upcoming = self._post(compute[i + 1]) if i + 1 < len(compute) else []
             received = self._wait(posted)
             t0 = time.perf_counter()
