@@ -2,6 +2,7 @@
 
     python examples/timeline.py                          # 4 processes, 1F1B, writes timeline*.svg/json here
     python examples/timeline.py --schedule zb-h1 --nproc 2 --out /tmp/tl
+    python examples/timeline.py --profile                # partition on timed nodes: compare the pictures
     torchrun --nproc-per-node 4 examples/timeline.py
 
 ``options={"on_step": hook}`` hands every rank a :class:`dynapipe.runtime.StepReport` after each step;
@@ -80,7 +81,7 @@ def measured_costs(timeline, n_stages: int) -> dict[int, StageCost]:
     }
 
 
-def run(schedule: str, steps: int, out: Path) -> None:
+def run(schedule: str, steps: int, out: Path, profile: bool) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
     spec = get_schedule(schedule)
@@ -95,6 +96,7 @@ def run(schedule: str, steps: int, out: Path) -> None:
             "n_microbatches": MICROBATCHES,
             "n_stages": n_stages,
             "on_step": reports.append,
+            "profile": profile,  # partition on measured node times instead of FLOP estimates
         },
     )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -147,7 +149,7 @@ def run(schedule: str, steps: int, out: Path) -> None:
     dist.destroy_process_group()
 
 
-def _spawned(rank: int, world: int, port: int, schedule: str, steps: int, out: Path) -> None:
+def _spawned(rank: int, world: int, port: int, schedule: str, steps: int, out: Path, profile: bool) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -156,7 +158,7 @@ def _spawned(rank: int, world: int, port: int, schedule: str, steps: int, out: P
         MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
     )
-    run(schedule, steps, out)
+    run(schedule, steps, out, profile)
 
 
 def main() -> None:
@@ -165,16 +167,17 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--profile", action="store_true", help="balance stages on timed nodes, not FLOPs")
     args = parser.parse_args()
     if "RANK" in os.environ:  # launched by torchrun
-        run(args.schedule, args.steps, args.out)
+        run(args.schedule, args.steps, args.out, args.profile)
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.start_processes(
         _spawned,
-        args=(args.nproc, port, args.schedule, args.steps, args.out),
+        args=(args.nproc, port, args.schedule, args.steps, args.out, args.profile),
         nprocs=args.nproc,
         start_method="spawn",
     )
