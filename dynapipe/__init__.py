@@ -3,6 +3,7 @@
 from .config import PipelineConfig
 from .errors import CaptureError, ConfigError, DynapipeError, GraphBreakError, PartitionError, PipelineError
 from .explain import explain
+from .launch import launch
 from .partition import pipe_split
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "PipelineConfig",
     "PipelineError",
     "explain",
+    "launch",
     "pipe_split",
 ]

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from dynapipe.launch import launch
 
 VOCAB, PROMPT, BATCH, PAD = 128, 8, 4, 0
 
@@ -113,18 +113,6 @@ def run(stages: int, new_tokens: int, grow: bool) -> None:
     dist.destroy_process_group()
 
 
-def _spawned(rank: int, world: int, port: int, new_tokens: int, grow: bool) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
-    run(world, new_tokens, grow)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", type=int, default=2)
@@ -133,18 +121,8 @@ def main() -> None:
         "--grow", action="store_true", help="call on the growing sequence: one pipeline per length"
     )
     args = parser.parse_args()
-    if "RANK" in os.environ:  # launched by torchrun
-        run(int(os.environ["WORLD_SIZE"]), args.new_tokens, args.grow)
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(
-        _spawned,
-        args=(args.stages, port, args.new_tokens, args.grow),
-        nprocs=args.stages,
-        start_method="spawn",
-    )
+    stages = int(os.environ.get("WORLD_SIZE", args.stages))  # torchrun decides when it launched us
+    launch(run, stages, args.new_tokens, args.grow, nproc=args.stages)
 
 
 if __name__ == "__main__":

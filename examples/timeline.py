@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from dynapipe.launch import launch
 from dynapipe.schedules import Action, Kind, StageCost, get_schedule, simulate
 from dynapipe.viz import merge_timelines, timeline_svg, write_chrome_trace
 
@@ -149,18 +148,6 @@ def run(schedule: str, steps: int, out: Path, profile: bool) -> None:
     dist.destroy_process_group()
 
 
-def _spawned(rank: int, world: int, port: int, schedule: str, steps: int, out: Path, profile: bool) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
-    run(schedule, steps, out, profile)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved-1f1b, zb-h1 or zbv")
@@ -169,18 +156,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--profile", action="store_true", help="balance stages on timed nodes, not FLOPs")
     args = parser.parse_args()
-    if "RANK" in os.environ:  # launched by torchrun
-        run(args.schedule, args.steps, args.out, args.profile)
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(
-        _spawned,
-        args=(args.nproc, port, args.schedule, args.steps, args.out, args.profile),
-        nprocs=args.nproc,
-        start_method="spawn",
-    )
+    launch(run, args.schedule, args.steps, args.out, args.profile, nproc=args.nproc)
 
 
 if __name__ == "__main__":

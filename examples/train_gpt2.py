@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from transformers import GPT2Config, GPT2LMHeadModel
+
+from dynapipe.launch import launch
 
 VOCAB, SEQ, BATCH = 128, 32, 16
 
@@ -116,34 +116,13 @@ def run(stages: int, dp: int, steps: int) -> None:
     dist.destroy_process_group()
 
 
-def _spawned(rank: int, world: int, port: int, stages: int, dp: int, steps: int) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
-    run(stages, dp, steps)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", type=int, default=2, choices=[2, 4])
     parser.add_argument("--dp", type=int, default=1, choices=[1, 2])
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
-    if "RANK" in os.environ:  # launched by torchrun
-        run(args.stages, args.dp, args.steps)
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    world = args.stages * args.dp
-    mp.start_processes(
-        _spawned, args=(world, port, args.stages, args.dp, args.steps), nprocs=world, start_method="spawn"
-    )
+    launch(run, args.stages, args.dp, args.steps, nproc=args.stages * args.dp)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from dynapipe.launch import launch
 
 VOCAB, SEQ, BATCH = 128, 32, 16
 
@@ -80,30 +80,12 @@ def train(steps: int) -> None:
     dist.destroy_process_group()
 
 
-def _spawned(rank: int, world: int, port: int, steps: int) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
-    train(steps)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--nproc", type=int, default=4)
     args = parser.parse_args()
-    if "RANK" in os.environ:  # launched by torchrun
-        train(args.steps)
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_spawned, args=(args.nproc, port, args.steps), nprocs=args.nproc, start_method="spawn")
+    launch(train, args.steps, nproc=args.nproc)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from transformers import BloomConfig, BloomForCausalLM, OPTConfig, OPTForCausalLM
+
+from dynapipe.launch import launch
 
 VOCAB, SEQ, BATCH = 128, 32, 8
 
@@ -113,33 +113,13 @@ def run(models: list[str], stages: int, steps: int) -> None:
         raise SystemExit(1)
 
 
-def _spawned(rank: int, world: int, port: int, models: list[str], steps: int) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
-    run(models, world, steps)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--models", nargs="+", choices=["opt", "bloom"], default=["opt", "bloom"])
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
-    if "RANK" in os.environ:  # launched by torchrun
-        run(args.models, args.stages, args.steps)
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(
-        _spawned, args=(args.stages, port, args.models, args.steps), nprocs=args.stages, start_method="spawn"
-    )
+    launch(run, args.models, args.stages, args.steps, nproc=args.stages)
 
 
 if __name__ == "__main__":
