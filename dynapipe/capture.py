@@ -18,7 +18,9 @@ The result, :class:`CapturedGraph`, is the contract with the rest of dynapipe:
 from __future__ import annotations
 
 import inspect
+import os
 import re
+import sys
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,12 +104,44 @@ def frame_being_compiled() -> FrameCall:
             "sees only part of the step. Run the step once with torch.compile(..., fullgraph=True, "
             "backend='eager') to see the break and its source line, then remove it."
         )
+    outer = _eager_caller()
+    if outer is not None:
+        raise GraphBreakError(
+            f"Dynamo could not capture {outer.f_code.co_name}() ({outer.f_code.co_filename}:{outer.f_lineno}) as "
+            f"one graph and compiled the {tx.f_code.co_name}() it calls on its own, so dynapipe would see only "
+            "part of the step. Run the step once with torch.compile(..., fullgraph=True, backend='eager') to see "
+            "the break and its source line, then remove it."
+        )
     n_args = tx.f_code.co_argcount + tx.f_code.co_kwonlyargcount
     n_args += bool(tx.f_code.co_flags & inspect.CO_VARARGS) + bool(
         tx.f_code.co_flags & inspect.CO_VARKEYWORDS
     )
     names = tx.f_code.co_varnames[:n_args]
     return FrameCall(tx.f_code, tx.f_globals, tx.closure, {n: tx.f_locals[n] for n in names})
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _eager_caller() -> types.FrameType | None:
+    """A frame of code outside torch between ``torch.compile``'s entry and the frame being compiled.
+
+    Dynamo compiles a frame called from code that runs eagerly only when it gave up on that caller (a
+    graph break); such a graph is a piece of the step, not the step.
+    """
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith((_TORCH_DIR + "_dynamo", _OWN_DIR)):
+        frame = frame.f_back  # dynapipe's backend, then Dynamo's own compile machinery
+    eager = None
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename.endswith(os.path.join("_dynamo", "eval_frame.py")):
+            return eager  # torch.compile's entry
+        if eager is None and not filename.startswith(_TORCH_DIR):
+            eager = frame
+        frame = frame.f_back
+    return None
 
 
 @dataclass

@@ -24,6 +24,17 @@ class Breaks(nn.Module):
         return F.cross_entropy(self.b(h), y)
 
 
+class BreaksInside(nn.Module):
+    """The break is in a submodule: Dynamo compiles pieces of the inner frame on their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Breaks()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.inner(x * 2, y)
+
+
 class Depth(nn.Module):
     def __init__(self, depth: int) -> None:
         super().__init__()
@@ -68,6 +79,10 @@ def bad_input_worker(rank: int, world: int) -> dict[str, str]:
             torch.randn(4, 4), torch.randint(0, 2, (4,))
         )
     )
+    nested = BreaksInside()
+    out["nested_break"] = _error(
+        lambda: torch.compile(nested, backend="dynapipe")(torch.randn(4, 4), torch.randint(0, 2, (4,)))
+    )
     differs = Depth(4 + rank)  # rank 1 builds a different model: the ranks capture different graphs
     out["ranks_differ"] = _error(
         lambda: torch.compile(differs, backend="dynapipe", options={"split_points": ["layers.2"]})(
@@ -95,6 +110,7 @@ def test_bad_input_is_a_clear_error() -> None:
         assert "GraphBreakError" in out["graph_break"]
         assert "test_errors.py" in out["graph_break"] and "torch._dynamo.graph_break()" in out["graph_break"]
         assert "PipelineError: ranks disagree on the partition" in out["ranks_differ"], out["ranks_differ"]
+        assert out["nested_break"].startswith("GraphBreakError"), out["nested_break"]
 
 
 def dying_worker(rank: int, world: int, mode: str) -> float:
