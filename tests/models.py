@@ -301,6 +301,68 @@ def bloom(n_stages: int) -> Case:
     return Case(model, step, (ids, ids.clone()), split_points=_points("transformer.h", 4, n_stages))
 
 
+def _hf_lm(make, config, n_stages: int, seed: int, **call) -> Case:
+    """A HuggingFace model trained on token ids that are their own labels; automatic partition."""
+    torch.manual_seed(seed)
+    model = make(config)
+    ids = torch.randint(0, 96, (BATCH, 12))
+    step = lambda ids, labels: model(input_ids=ids, labels=labels, **call).loss  # noqa: E731
+    return Case(model, step, (ids, ids.clone()))
+
+
+def qwen2(n_stages: int) -> Case:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return _hf_lm(Qwen2ForCausalLM, config, n_stages, 11, use_cache=False)
+
+
+def t5(n_stages: int) -> Case:
+    """An encoder-decoder: the decoder reads the encoder's output, a skip connection over stages."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=96,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    return _hf_lm(T5ForConditionalGeneration, config, n_stages, 12, use_cache=False)
+
+
+def bert(n_stages: int) -> Case:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(13)
+    config = BertConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
+    model = BertForSequenceClassification(config)
+    ids, labels = torch.randint(0, 96, (BATCH, 12)), torch.randint(0, 3, (BATCH,))
+    step = lambda ids, labels: model(input_ids=ids, labels=labels).loss  # noqa: E731
+    return Case(model, step, (ids, labels))
+
+
 CASES: dict[str, Callable[[int], Case]] = {
     "mlp": mlp,
     "skip": skip,
@@ -309,4 +371,12 @@ CASES: dict[str, Callable[[int], Case]] = {
     "loop_if": loop_if,
     "custom_fn": custom_fn,
 }
-HF_CASES: dict[str, Callable[[int], Case]] = {"llama": llama, "gpt2": gpt2, "opt": opt, "bloom": bloom}
+HF_CASES: dict[str, Callable[[int], Case]] = {
+    "llama": llama,
+    "gpt2": gpt2,
+    "opt": opt,
+    "bloom": bloom,
+    "qwen2": qwen2,
+    "t5": t5,
+    "bert": bert,
+}

@@ -122,3 +122,10 @@ def test_automatic_partition_matches_single_process() -> None:
     options = {"schedule": "1f1b", "n_microbatches": 4, "split_points": ()}
     results = run_distributed(train_and_compare, 2, names, options, timeout=300)
     _check_coverage(results, names)
+
+
+def test_more_huggingface_families_with_automatic_partition() -> None:
+    """Qwen2 (GQA), T5 (encoder-decoder) and BERT (classification), cut by the automatic partitioner."""
+    names = ["qwen2", "t5", "bert"]
+    results = run_distributed(train_and_compare, 2, names, {"n_microbatches": 4}, timeout=300)
+    _check_coverage(results, names)
