@@ -170,10 +170,20 @@ def loop_if(n_stages: int) -> Case:
     )
 
 
+def _hf_lm(make, config, n_stages: int, seed: int, layers: str | None = None, **call) -> Case:
+    """A HuggingFace LM trained on token ids that are their own labels; split before every
+    ``n_layers / n_stages``-th block of ``layers`` (4 blocks), or by the automatic partition."""
+    torch.manual_seed(seed)
+    model = make(config)
+    ids = torch.randint(0, 96, (BATCH, 12))
+    step = lambda ids, labels: model(input_ids=ids, labels=labels, **call).loss  # noqa: E731
+    points = _points(layers, 4, n_stages) if layers else []
+    return Case(model, step, (ids, ids.clone()), split_points=points)
+
+
 def llama(n_stages: int) -> Case:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(5)
     config = LlamaConfig(
         vocab_size=96,
         hidden_size=32,
@@ -183,16 +193,12 @@ def llama(n_stages: int) -> Case:
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    model = LlamaForCausalLM(config)
-    ids = torch.randint(0, 96, (BATCH, 12))
-    step = lambda ids, labels: model(input_ids=ids, labels=labels).loss  # noqa: E731
-    return Case(model, step, (ids, ids.clone()), split_points=_points("model.layers", 4, n_stages))
+    return _hf_lm(LlamaForCausalLM, config, n_stages, 5, "model.layers")
 
 
 def gpt2(n_stages: int) -> Case:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(6)
     config = GPT2Config(
         vocab_size=96,
         n_positions=32,
@@ -203,10 +209,7 @@ def gpt2(n_stages: int) -> Case:
         embd_pdrop=0.0,
         attn_pdrop=0.0,
     )
-    model = GPT2LMHeadModel(config)
-    ids = torch.randint(0, 96, (BATCH, 12))
-    step = lambda ids, labels: model(input_ids=ids, labels=labels).loss  # noqa: E731
-    return Case(model, step, (ids, ids.clone()), split_points=_points("transformer.h", 4, n_stages))
+    return _hf_lm(GPT2LMHeadModel, config, n_stages, 6, "transformer.h")
 
 
 class MarkedNet(nn.Module):
@@ -270,7 +273,6 @@ def custom_fn(n_stages: int) -> Case:
 def opt(n_stages: int) -> Case:
     from transformers import OPTConfig, OPTForCausalLM
 
-    torch.manual_seed(9)
     config = OPTConfig(
         vocab_size=96,
         hidden_size=32,
@@ -282,32 +284,16 @@ def opt(n_stages: int) -> Case:
         dropout=0.0,
         attention_dropout=0.0,
     )
-    model = OPTForCausalLM(config)
-    ids = torch.randint(0, 96, (BATCH, 12))
-    step = lambda ids, labels: model(input_ids=ids, labels=labels).loss  # noqa: E731
-    return Case(model, step, (ids, ids.clone()), split_points=_points("model.decoder.layers", 4, n_stages))
+    return _hf_lm(OPTForCausalLM, config, n_stages, 9, "model.decoder.layers")
 
 
 def bloom(n_stages: int) -> Case:
     from transformers import BloomConfig, BloomForCausalLM
 
-    torch.manual_seed(10)
     config = BloomConfig(
         vocab_size=96, hidden_size=32, n_layer=4, n_head=4, hidden_dropout=0.0, attention_dropout=0.0
     )
-    model = BloomForCausalLM(config)
-    ids = torch.randint(0, 96, (BATCH, 12))
-    step = lambda ids, labels: model(input_ids=ids, labels=labels).loss  # noqa: E731
-    return Case(model, step, (ids, ids.clone()), split_points=_points("transformer.h", 4, n_stages))
-
-
-def _hf_lm(make, config, n_stages: int, seed: int, **call) -> Case:
-    """A HuggingFace model trained on token ids that are their own labels; automatic partition."""
-    torch.manual_seed(seed)
-    model = make(config)
-    ids = torch.randint(0, 96, (BATCH, 12))
-    step = lambda ids, labels: model(input_ids=ids, labels=labels, **call).loss  # noqa: E731
-    return Case(model, step, (ids, ids.clone()))
+    return _hf_lm(BloomForCausalLM, config, n_stages, 10, "transformer.h")
 
 
 def qwen2(n_stages: int) -> Case:
