@@ -11,6 +11,7 @@ in memory.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +23,14 @@ from ..schedules import Action, Kind, Timeline, TimelineEvent
 from .comm import Comm
 from .split_backward import WeightWork, backward_input, backward_weight
 
-__all__ = ["Executor"]
+__all__ = ["Executor", "device_of"]
 
 _FWD, _BWD = 0, 1
+
+
+def device_of(inputs: list[list[torch.Tensor]]) -> torch.device:
+    """Where a step runs: the device of its first input."""
+    return inputs[0][0].device if inputs and inputs[0] else torch.device("cpu")
 
 
 @dataclass
@@ -111,11 +117,23 @@ class Executor:
         return out
 
     # -- the step ---------------------------------------------------------------------------------
+    @property
+    def free_tag(self) -> int:
+        """The first tag no transfer between stages uses."""
+        return (max(self._tags.values(), default=-1) + 1) * self.n_microbatches * 2
+
     def run(
-        self, actions: list[Action | None], inputs: list[list[torch.Tensor]], train: bool
+        self,
+        actions: list[Action | None],
+        inputs: list[list[torch.Tensor]],
+        train: bool,
+        on_results: Callable[[dict[int, tuple]], None] | None = None,
     ) -> dict[int, tuple]:
-        """Execute this rank's actions; return the last stage's outputs per microbatch (if it is here)."""
-        self.device = inputs[0][0].device if inputs and inputs[0] else torch.device("cpu")
+        """Execute this rank's actions; return the last stage's outputs per microbatch (if it is here).
+
+        ``on_results`` gets them as soon as the last microbatch's forward is done, so they can travel to
+        the other ranks while the backward drains."""
+        self.device = device_of(inputs)
         compute = [a for a in actions if a is not None and a.kind.is_compute]
         inflight: dict[tuple[int, int], _InFlight] = {}
         results: dict[int, tuple] = {}
@@ -138,6 +156,12 @@ class Executor:
                 self._forward(action, inputs[action.mb], received, train, inflight, results)
                 live = sum(1 for (s, _) in inflight if s == action.stage)
                 self.peak_inflight[action.stage] = max(self.peak_inflight.get(action.stage, 0), live)
+                if (
+                    on_results is not None
+                    and len(results) == self.n_microbatches
+                    and action.stage == self.last
+                ):
+                    on_results(results)
             elif action.kind in (Kind.B, Kind.I):
                 self._backward_input(action, received, inflight, weights_too=action.kind is Kind.B)
             else:

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..microbatch import merge_outputs, split_value
 from ..schedules import Action, Kind, Timeline
 from .comm import Comm
-from .executor import Executor
+from .executor import Executor, device_of
 from .layout import Layout
 
 __all__ = ["Pipeline", "StepReport"]
@@ -122,15 +122,16 @@ class Pipeline:
         held = {p: p.grad for p in self.params}
         for p in self.params:
             p.grad = None
+        delivery = _OutputDelivery(self, device_of(inputs))
         try:
-            results = self.executor.run(actions, inputs, train)
+            self.executor.run(actions, inputs, train, on_results=delivery.send)
             grads = [p.grad for p in self.params]
         finally:
             for p, g in held.items():
                 p.grad = g
         if train:
             self._reduce_tied(grads)
-        outputs = self._gather_outputs(results)
+        outputs = delivery.receive()
         if self.on_step is not None:
             self.on_step(
                 StepReport(
@@ -160,21 +161,45 @@ class Pipeline:
                 grads[i] = torch.zeros_like(param)
             self.comm.all_reduce(grads[i], group, f"the gradient of shared parameter {name}")
 
-    def _gather_outputs(self, results: dict[int, tuple]) -> list[torch.Tensor]:
-        """Merge the last stage's per-microbatch outputs and give them to every rank of the pipeline."""
-        merged = []
-        for k, spec in enumerate(self.outputs):
-            if self.rank == self.last_rank:
-                value = merge_outputs(
-                    [results[mb][k] for mb in range(self.n_microbatches)], self.loss_reduction
-                )
-            else:
-                value = torch.empty(spec.shape, dtype=spec.dtype, device=self.executor.device)
-            if len(set(self.rank_of_stage.values())) > 1:
-                self.comm.broadcast(value, self.last_rank, f"output {k} of the step", self.layout.pp_group)
-            merged.append(value)
-        if self.loss_index is not None and self.layout.dp_degree > 1:  # the global loss: mean over replicas
-            loss = merged[self.loss_index]
-            self.comm.all_reduce(loss, self.layout.dp_group, "the loss over data-parallel replicas")
-            loss /= self.layout.dp_degree
+
+class _OutputDelivery:
+    """The step's merged outputs, from the rank with the last stage to every rank of the pipeline.
+
+    The receives are posted before the schedule starts and the sends leave right after the last
+    microbatch's forward, so the outputs travel while the backward drains and no rank waits for them
+    at the end of the step."""
+
+    def __init__(self, pipeline: Pipeline, device: torch.device) -> None:
+        self.pipeline, self.merged = pipeline, None
+        self.others = sorted(set(pipeline.rank_of_stage.values()) - {pipeline.last_rank})
+        self.tag = pipeline.executor.free_tag
+        self.posted = []
+        if pipeline.rank != pipeline.last_rank:
+            for k, spec in enumerate(pipeline.outputs):
+                buffer = torch.empty(spec.shape, dtype=spec.dtype, device=device)
+                self.posted.append((buffer, pipeline.comm.irecv(buffer, pipeline.last_rank, self.tag + k)))
+
+    def send(self, results: dict[int, tuple]) -> None:
+        p = self.pipeline
+        self.merged = [
+            merge_outputs([results[mb][k] for mb in range(p.n_microbatches)], p.loss_reduction)
+            for k in range(len(p.outputs))
+        ]
+        for peer in self.others:
+            for k, value in enumerate(self.merged):
+                p.comm.isend(value, peer, self.tag + k, f"output {k} of the step")
+
+    def receive(self) -> list[torch.Tensor]:
+        p = self.pipeline
+        if p.rank == p.last_rank:
+            merged = self.merged
+        else:
+            merged = []
+            for k, (buffer, work) in enumerate(self.posted):
+                p.comm.wait(work, f"receiving output {k} of the step from rank {p.last_rank}", p.last_rank)
+                merged.append(buffer)
+        if p.loss_index is not None and p.layout.dp_degree > 1:  # the global loss: mean over replicas
+            loss = merged[p.loss_index]
+            p.comm.all_reduce(loss, p.layout.dp_group, "the loss over data-parallel replicas")
+            loss /= p.layout.dp_degree
         return merged
