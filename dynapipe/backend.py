@@ -34,6 +34,7 @@ from .runtime.layout import build_layout, tied_groups
 from .runtime.pipeline import OutputSpec, Pipeline
 from .runtime.state import place_state
 from .schedules import (
+    ScheduleError,
     ScheduleSpec,
     format_schedule,
     get_schedule,
@@ -179,8 +180,21 @@ class _LazyPipeline:
 def _stage_count(config: PipelineConfig, spec: ScheduleSpec, world: int) -> int:
     """Stages to cut; ``world`` is the number of pipeline ranks (world size / dp_degree)."""
     n_stages = config.n_stages or (len(config.split_points) + 1 if config.split_points else None)
+    v = config.virtual_stages
     if n_stages is None:
-        return spec.n_stages(world)
+        try:
+            return spec.n_stages(world, stages_per_rank=v)
+        except ScheduleError as err:
+            raise ConfigError(f"virtual_stages={v}: {err}") from err
+    if v is not None and n_stages != v * world:
+        given = (
+            f"n_stages={config.n_stages}" if config.n_stages else f"{len(config.split_points)} split_points"
+        )
+        raise ConfigError(
+            f"virtual_stages={v} on {world} pipeline ranks makes {v * world} stages, but {given} make "
+            f"{n_stages}; drop virtual_stages (it is then inferred as stages / ranks) or give "
+            f"{v * world - 1} split_points"
+        )
     if n_stages % world and world % n_stages:
         raise ConfigError(
             f"world size ({world}) is not a multiple of the stage count ({n_stages}); launch "

@@ -18,6 +18,8 @@ class PipelineConfig:
     """Options of the dynapipe backend. All are optional.
 
     n_stages: pipeline stages (default: world size / dp_degree, times virtual_stages).
+    virtual_stages: stages per pipeline rank, for "interleaved-1f1b" (default 2; "zbv" runs 2, the
+        others 1). With split_points or n_stages it is inferred as stages / ranks.
     n_microbatches: microbatches per step (default: the number of pipeline ranks).
     schedule: a built-in name ("gpipe", "1f1b", ...), a schedule function, a per-rank action table,
         or the path of a text/CSV file holding one.
@@ -43,6 +45,7 @@ class PipelineConfig:
     """
 
     n_stages: int | None = None
+    virtual_stages: int | None = None
     n_microbatches: int | None = None
     schedule: Any = "1f1b"
     split_points: tuple[str, ...] = ()
@@ -75,7 +78,7 @@ class PipelineConfig:
         return config
 
     def _check(self) -> None:
-        for name in ("n_stages", "n_microbatches", "dp_degree"):
+        for name in ("n_stages", "virtual_stages", "n_microbatches", "dp_degree"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name} must be a positive int, got {value!r}")

@@ -67,6 +67,10 @@ def bad_input_worker(rank: int, world: int) -> dict[str, str]:
     out["not_divisible"] = _error(lambda: run(mlp(2), n_microbatches=3, split_points=["layers.4"]))
     out["world_not_multiple"] = _error(lambda: run(mlp(3), n_microbatches=2, n_stages=3))
     out["bad_split_point"] = _error(lambda: run(mlp(2), split_points=["layer.4"]))
+    out["virtual_fixed"] = _error(lambda: run(mlp(2), schedule="1f1b", virtual_stages=2))
+    out["virtual_count"] = _error(
+        lambda: run(mlp(2), schedule="interleaved-1f1b", virtual_stages=2, split_points=["layers.4"])
+    )
     tiny = Depth(1)  # three graph nodes cannot make eight stages
     out["too_many_stages"] = _error(
         lambda: torch.compile(
@@ -104,6 +108,10 @@ def test_bad_input_is_a_clear_error() -> None:
         assert "world size (2) is not a multiple of the stage count (3)" in out["world_not_multiple"]
         assert "split point 'layer.4' names no module" in out["bad_split_point"]
         assert "did you mean layers.4" in out["bad_split_point"]
+        assert "schedule '1f1b' runs 1 stage(s) per rank, not 2" in out["virtual_fixed"], out["virtual_fixed"]
+        assert "virtual_stages=2 on 2 pipeline ranks makes 4 stages, but 1 split_points make 2" in (
+            out["virtual_count"]
+        ), out["virtual_count"]
         assert "PartitionError" in out["too_many_stages"] and "8 stages" in out["too_many_stages"], out[
             "too_many_stages"
         ]

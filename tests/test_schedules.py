@@ -440,7 +440,11 @@ def test_user_schedule_as_callable_and_builtin_names():
     assert get_schedule("ZB_H1") is SCHEDULES["zb-h1"]
     assert get_schedule("1F1B", placement="v").placement == "v"
     assert SCHEDULES["interleaved-1f1b"].n_stages(4, stages_per_rank=3) == 12
+    assert SCHEDULES["interleaved-1f1b"].n_stages(4) == 8  # two per rank unless virtual_stages says
     assert SCHEDULES["zbv"].n_stages(4) == 8
+    assert SCHEDULES["1f1b"].n_stages(4) == 4 and get_schedule(reversed_gpipe).n_stages(4) == 4
+    with pytest.raises(ScheduleError, match=r"'zbv' runs 2 stage\(s\) per rank, not 3"):
+        SCHEDULES["zbv"].n_stages(4, stages_per_rank=3)
     with pytest.raises(ScheduleError, match=r"unknown schedule 'pipedream': use one of \['1f1b', 'gpipe'"):
         get_schedule("pipedream")
 

@@ -181,7 +181,8 @@ class ScheduleSpec:
     """A named schedule: how to build its table and what the runtime must set up for it.
 
     ``stages_per_rank`` is ``None`` when any count works (interleaved: the user's ``v``; user tables and
-    callables); ``splits_backward`` is ``None`` when only the built table can tell (then look for I/W).
+    callables), and ``default_stages_per_rank`` is then the count used when the user gives none;
+    ``splits_backward`` is ``None`` when only the built table can tell (then look for I/W).
     """
 
     name: str
@@ -189,30 +190,34 @@ class ScheduleSpec:
     placement: Placement
     stages_per_rank: int | None
     splits_backward: bool | None
+    default_stages_per_rank: int = 1
 
     def n_stages(self, n_ranks: int, *, stages_per_rank: int | None = None) -> int:
         """The stage count to partition into for ``n_ranks`` ranks."""
         fixed = self.stages_per_rank
         if fixed is not None and stages_per_rank not in (None, fixed):
-            raise ScheduleError(f"{self.name} runs {fixed} stages per rank, not {stages_per_rank}")
-        return n_ranks * (fixed or stages_per_rank or 1)
+            raise ScheduleError(
+                f"schedule {self.name!r} runs {fixed} stage(s) per rank, not {stages_per_rank}; use "
+                "'interleaved-1f1b' for any number of stages per rank (or 'zbv' for 2)"
+            )
+        return n_ranks * (fixed or stages_per_rank or self.default_stages_per_rank)
 
     def build(self, *, n_ranks: int, n_stages: int, n_microbatches: int) -> Table:
         """The compute table, with strings parsed and ranks sorted (not yet validated)."""
         return normalize_table(self.fn(n_ranks, n_stages, n_microbatches))
 
 
-def _builtin(name: str, fn: ScheduleFn, placement: str, per_rank: int | None, splits: bool) -> ScheduleSpec:
-    return ScheduleSpec(
-        name=name, fn=fn, placement=placement, stages_per_rank=per_rank, splits_backward=splits
-    )
+def _builtin(
+    name: str, fn: ScheduleFn, placement: str, per_rank: int | None, splits: bool, default_per_rank: int = 1
+) -> ScheduleSpec:
+    return ScheduleSpec(name, fn, placement, per_rank, splits, default_per_rank)
 
 
 SCHEDULES: Mapping[str, ScheduleSpec] = MappingProxyType(
     {
         "gpipe": _builtin("gpipe", gpipe, "loop", 1, False),
         "1f1b": _builtin("1f1b", one_f_one_b, "loop", 1, False),
-        "interleaved-1f1b": _builtin("interleaved-1f1b", interleaved_1f1b, "loop", None, False),
+        "interleaved-1f1b": _builtin("interleaved-1f1b", interleaved_1f1b, "loop", None, False, 2),
         "zb-h1": _builtin("zb-h1", zb_h1, "loop", 1, True),
         "zbv": _builtin("zbv", zbv, "v", 2, True),
     }
