@@ -33,18 +33,47 @@ def make(kind: str, layers: int) -> torch.nn.Module:
     import transformers as t
 
     config = {
-        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(
-            hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)),
-        "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(
-            n_embd=HIDDEN, n_layer=layers, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0,
-            eos_token_id=0)),
-        "opt": lambda: t.OPTForCausalLM(t.OPTConfig(
-            hidden_size=HIDDEN, ffn_dim=2 * HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
-            vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=HIDDEN, bos_token_id=0,
-            eos_token_id=0, pad_token_id=1)),
-        "bloom": lambda: t.BloomForCausalLM(t.BloomConfig(
-            hidden_size=HIDDEN, n_layer=layers, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)),
+        "llama": lambda: t.LlamaForCausalLM(
+            t.LlamaConfig(
+                hidden_size=HIDDEN,
+                intermediate_size=2 * HIDDEN,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=VOCAB,
+                max_position_embeddings=64,
+            )
+        ),
+        "gpt2": lambda: t.GPT2LMHeadModel(
+            t.GPT2Config(
+                n_embd=HIDDEN,
+                n_layer=layers,
+                n_head=4,
+                vocab_size=VOCAB,
+                n_positions=64,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        ),
+        "opt": lambda: t.OPTForCausalLM(
+            t.OPTConfig(
+                hidden_size=HIDDEN,
+                ffn_dim=2 * HIDDEN,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                vocab_size=VOCAB,
+                max_position_embeddings=64,
+                word_embed_proj_dim=HIDDEN,
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=1,
+            )
+        ),
+        "bloom": lambda: t.BloomForCausalLM(
+            t.BloomConfig(
+                hidden_size=HIDDEN, n_layer=layers, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0
+            )
+        ),
     }[kind]
     torch.manual_seed(0)
     model = config().eval()
@@ -54,7 +83,9 @@ def make(kind: str, layers: int) -> torch.nn.Module:
 
 def capture_model(kind: str, layers: int):
     ids = torch.randint(0, VOCAB, (BATCH, SEQ))
-    return capture(make(kind, layers), dict(input_ids=ids, labels=ids, use_cache=False), n_microbatches=N_MICRO)
+    return capture(
+        make(kind, layers), dict(input_ids=ids, labels=ids, use_cache=False), n_microbatches=N_MICRO
+    )
 
 
 def best_layer_split(captured, n_stages: int) -> float:
@@ -65,8 +96,10 @@ def best_layer_split(captured, n_stages: int) -> float:
     for node in nodes:
         c = costs.nodes[node]
         prefix.append(prefix[-1] + c.flops + c.backward_input_flops + c.backward_weight_flops)
-    starts = [next(i for i, n in enumerate(nodes) if _inside(n.meta.get("module_path", ""), b))
-              for b in layer_boundaries(captured)]
+    starts = [
+        next(i for i, n in enumerate(nodes) if _inside(n.meta.get("module_path", ""), b))
+        for b in layer_boundaries(captured)
+    ]
     mean = prefix[-1] / n_stages
     best = float("inf")
     if len(starts) <= 20:
@@ -78,8 +111,11 @@ def best_layer_split(captured, n_stages: int) -> float:
     points = [0, *starts, len(nodes)]
     dp = {0: 0.0}  # last cut index in points -> best max so far
     for _ in range(n_stages - 1):
-        dp = {j: min(max(v, prefix[points[j]] - prefix[points[i]]) for i, v in dp.items() if i < j)
-              for j in range(1, len(points) - 1) if any(i < j for i in dp)}
+        dp = {
+            j: min(max(v, prefix[points[j]] - prefix[points[i]]) for i, v in dp.items() if i < j)
+            for j in range(1, len(points) - 1)
+            if any(i < j for i in dp)
+        }
     return min(max(v, prefix[-1] - prefix[points[i]]) for i, v in dp.items()) / mean
 
 
@@ -99,7 +135,9 @@ def balance(kinds: list[str], layers: int, stages: list[int]) -> None:
 
 def speed(sizes: list[int], n_stages: int) -> None:
     print(f"speed: Llama, {n_stages} stages (seconds; machine load adds to every column)")
-    print(f"{'layers':>6s} {'nodes':>6s} {'capture':>8s} {'cost':>6s} {'partition':>9s} {'total':>6s} {'us/node':>8s}")
+    print(
+        f"{'layers':>6s} {'nodes':>6s} {'capture':>8s} {'cost':>6s} {'partition':>9s} {'total':>6s} {'us/node':>8s}"
+    )
     for layers in sizes:
         t0 = time.perf_counter()
         captured = capture_model("llama", layers)
@@ -109,8 +147,10 @@ def speed(sizes: list[int], n_stages: int) -> None:
         balanced_partition(captured, n_stages)
         t3 = time.perf_counter()
         n = len(compute_nodes(captured.gm.graph))
-        print(f"{layers:6d} {n:6d} {t1 - t0:8.2f} {t2 - t1:6.2f} {t3 - t2:9.3f} {t3 - t0:6.2f} "
-              f"{(t3 - t2) / n * 1e6:8.1f}")
+        print(
+            f"{layers:6d} {n:6d} {t1 - t0:8.2f} {t2 - t1:6.2f} {t3 - t2:9.3f} {t3 - t0:6.2f} "
+            f"{(t3 - t2) / n * 1e6:8.1f}"
+        )
 
 
 def main() -> None:

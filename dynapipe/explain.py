@@ -79,12 +79,21 @@ class Explanation:
         head = ("stage", "FLOPs", "time", "params", "activations", "sends next", "modules")
         rows = [head]
         for s in self.stages:
-            rows.append((
-                str(s.index), f"{s.flops:.3e}", _seconds(s.time_s), format_bytes(s.param_bytes),
-                format_bytes(s.activation_bytes), format_bytes(s.send_bytes), ", ".join(s.modules),
-            ))
+            rows.append(
+                (
+                    str(s.index),
+                    f"{s.flops:.3e}",
+                    _seconds(s.time_s),
+                    format_bytes(s.param_bytes),
+                    format_bytes(s.activation_bytes),
+                    format_bytes(s.send_bytes),
+                    ", ".join(s.modules),
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
-        lines = ["  ".join(c.rjust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows]
+        lines = [
+            "  ".join(c.rjust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows
+        ]
         lines.insert(1, "-" * len(lines[0]))
         foot = f"imbalance (slowest / mean stage time): {self.imbalance:.3f}"
         if self.layer_imbalance is not None:
@@ -126,12 +135,19 @@ def explain(
     layer_imbalance = None
     if split_points:
         if len(split_points) != n_stages - 1:
-            raise ConfigError(f"{len(split_points)} split_points make {len(split_points) + 1} stages, not {n_stages}")
+            raise ConfigError(
+                f"{len(split_points)} split_points make {len(split_points) + 1} stages, not {n_stages}"
+            )
         stage_of = assign_by_split_points(captured, list(split_points))
     else:
         part = balanced_partition(
-            captured, n_stages, unsplittable=unsplittable, max_stage_memory=max_stage_memory,
-            optimizer=optimizer, in_flight=in_flight, costs=costs,
+            captured,
+            n_stages,
+            unsplittable=unsplittable,
+            max_stage_memory=max_stage_memory,
+            optimizer=optimizer,
+            in_flight=in_flight,
+            costs=costs,
         )
         stage_of = part.stage_of
         mean = sum(c.time_s for c in costs.nodes.values()) / n_stages

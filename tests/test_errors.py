@@ -109,8 +109,9 @@ def test_bad_input_is_a_clear_error() -> None:
         assert "split point 'layer.4' names no module" in out["bad_split_point"]
         assert "did you mean layers.4" in out["bad_split_point"]
         assert "schedule '1f1b' runs 1 stage(s) per rank, not 2" in out["virtual_fixed"], out["virtual_fixed"]
-        assert "virtual_stages=2 on 2 pipeline ranks makes 4 stages, but 1 split_points make 2" in (
-            out["virtual_count"]
+        assert (
+            "virtual_stages=2 on 2 pipeline ranks makes 4 stages, but 1 split_points make 2"
+            in (out["virtual_count"])
         ), out["virtual_count"]
         assert "PartitionError" in out["too_many_stages"] and "8 stages" in out["too_many_stages"], out[
             "too_many_stages"

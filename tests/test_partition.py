@@ -36,18 +36,47 @@ def _model(kind: str, layers: int = LAYERS) -> nn.Module:
     """Small configs whose embedding and LM head matter (vocab 1000 x hidden 64 ~ 1.3-1.7 layers of FLOPs)."""
     t = transformers
     configs = {
-        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(
-            hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)),
-        "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(
-            n_embd=HIDDEN, n_layer=layers, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0,
-            eos_token_id=0)),
-        "opt": lambda: t.OPTForCausalLM(t.OPTConfig(
-            hidden_size=HIDDEN, ffn_dim=2 * HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
-            vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=HIDDEN, bos_token_id=0,
-            eos_token_id=0, pad_token_id=1)),
-        "bloom": lambda: t.BloomForCausalLM(t.BloomConfig(
-            hidden_size=HIDDEN, n_layer=layers, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)),
+        "llama": lambda: t.LlamaForCausalLM(
+            t.LlamaConfig(
+                hidden_size=HIDDEN,
+                intermediate_size=2 * HIDDEN,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=VOCAB,
+                max_position_embeddings=64,
+            )
+        ),
+        "gpt2": lambda: t.GPT2LMHeadModel(
+            t.GPT2Config(
+                n_embd=HIDDEN,
+                n_layer=layers,
+                n_head=4,
+                vocab_size=VOCAB,
+                n_positions=64,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        ),
+        "opt": lambda: t.OPTForCausalLM(
+            t.OPTConfig(
+                hidden_size=HIDDEN,
+                ffn_dim=2 * HIDDEN,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                vocab_size=VOCAB,
+                max_position_embeddings=64,
+                word_embed_proj_dim=HIDDEN,
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=1,
+            )
+        ),
+        "bloom": lambda: t.BloomForCausalLM(
+            t.BloomConfig(
+                hidden_size=HIDDEN, n_layer=layers, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0
+            )
+        ),
     }
     torch.manual_seed(0)
     model = configs[kind]().eval()  # eval: no dropout, so stage-by-stage runs match exactly
@@ -61,7 +90,9 @@ def _ids() -> torch.Tensor:
 
 def _capture(kind: str, layers: int = LAYERS):
     ids = _ids()
-    return capture(_model(kind, layers), dict(input_ids=ids, labels=ids, use_cache=False), n_microbatches=N_MICRO)
+    return capture(
+        _model(kind, layers), dict(input_ids=ids, labels=ids, use_cache=False), n_microbatches=N_MICRO
+    )
 
 
 @functools.cache
@@ -84,8 +115,10 @@ def _best_layer_split(captured, n_stages: int) -> float:
     """Brute force over every way to cut at the start of n_stages - 1 of the repeated blocks."""
     blocks = layer_boundaries(captured)
     assert len(blocks) == LAYERS
-    return min(_imbalance(stage_costs(captured, assign_by_split_points(captured, list(points))))
-               for points in itertools.combinations(blocks, n_stages - 1))
+    return min(
+        _imbalance(stage_costs(captured, assign_by_split_points(captured, list(points))))
+        for points in itertools.combinations(blocks, n_stages - 1)
+    )
 
 
 def _run_stages(captured, stage_of, n_stages, inputs):
@@ -104,7 +137,9 @@ def test_balance_beats_best_layer_split(hf, n_stages):
     kind, captured = hf
     stage_of = assign_balanced(captured, n_stages)
     ours, layers = _imbalance(stage_costs(captured, stage_of)), _best_layer_split(captured, n_stages)
-    print(f"\n{kind:6s} {LAYERS} layers, {n_stages} stages: dynapipe {ours:.3f}  best layer split {layers:.3f}")
+    print(
+        f"\n{kind:6s} {LAYERS} layers, {n_stages} stages: dynapipe {ours:.3f}  best layer split {layers:.3f}"
+    )
     assert ours <= layers + 1e-9
     if layers <= 1.05:
         assert ours <= 1.05
@@ -139,8 +174,12 @@ def test_stages_are_closed_and_cover_the_graph(hf):
         for node, stage in stage_of.items():
             for user in node.users:
                 if user in stage_of:
-                    assert stage_of[user] >= stage, f"{user.name} (stage {stage_of[user]}) reads {node.name} ({stage})"
-        assert list(stage_of) == [n for n in captured.gm.graph.nodes if n in stage_of]  # graph order, all nodes
+                    assert stage_of[user] >= stage, (
+                        f"{user.name} (stage {stage_of[user]}) reads {node.name} ({stage})"
+                    )
+        assert list(stage_of) == [
+            n for n in captured.gm.graph.nodes if n in stage_of
+        ]  # graph order, all nodes
 
 
 def test_deterministic_across_captures_and_processes():
@@ -156,7 +195,9 @@ def test_deterministic_across_captures_and_processes():
         print([(n.name, s) for n, s in assign_balanced(_capture("llama", 2), 4).items()])
     """)
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == repr(first)
 
@@ -229,7 +270,9 @@ def test_min_cut_moves_work_to_where_it_is_read():
         assert part.refined  # in graph order, scale would cross every cut
         plans, out = _run_stages(captured, part.stage_of, n_stages, [x[:4], w[:4]])
         assert [len(p.sends) for p in plans[:-1]] == [1] * (n_stages - 1)  # just the running activation
-        scale_stage = {s for n, s in part.stage_of.items() if n.meta["module_path"] == "" and n.name.startswith("sqrt")}
+        scale_stage = {
+            s for n, s in part.stage_of.items() if n.meta["module_path"] == "" and n.name.startswith("sqrt")
+        }
         assert scale_stage == {n_stages - 1}
         torch.testing.assert_close(out[0], captured.gm(x[:4], w[:4])[0])
 
@@ -269,7 +312,9 @@ def test_torch_cond_is_costed_and_kept_whole():
         stage_of = assign_balanced(captured, n_stages)
         assert {stage_of[u] for u in cond.users} == {stage_of[cond]}
         plans, out = _run_stages(captured, stage_of, n_stages, [x[:4]])
-        conds = [p for p in plans if any(n.target is torch.ops.higher_order.cond for n in p.module.graph.nodes)]
+        conds = [
+            p for p in plans if any(n.target is torch.ops.higher_order.cond for n in p.module.graph.nodes)
+        ]
         assert len(conds) == 1
         torch.testing.assert_close(out[0], captured.gm(x[:4])[0])
 
@@ -280,7 +325,11 @@ def test_cost_model_counts_flops_state_and_saved_activations():
     costs = graph_costs(captured, optimizer="adamw")
     by_name = {n.name: c for n, c in costs.nodes.items()}
     first, second = (c for n, c in costs.nodes.items() if n.target is torch._C._nn.linear)
-    assert (first.flops, first.backward_input_flops, first.backward_weight_flops) == (2 * 4 * 32 * 64, 0, 2 * 4 * 32 * 64)
+    assert (first.flops, first.backward_input_flops, first.backward_weight_flops) == (
+        2 * 4 * 32 * 64,
+        0,
+        2 * 4 * 32 * 64,
+    )
     assert (second.flops, second.backward_input_flops, second.backward_weight_flops) == (2 * 4 * 64 * 32,) * 3
     assert first.out_bytes == 4 * 64 * 4 and first.out_bytes_expr.free_symbols  # symbolic in the batch
     params = sum(p.numel() * 4 for p in model.parameters())
@@ -297,7 +346,9 @@ def test_attention_backward_flops_come_from_the_counter(llama):
     costs = graph_costs(llama)
     sdpa = [c for n, c in costs.nodes.items() if n.target is torch._C._nn.scaled_dot_product_attention]
     assert len(sdpa) == LAYERS
-    assert all(c.flops > 0 and c.backward_input_flops == 2.5 * c.flops and c.backward_weight_flops == 0 for c in sdpa)
+    assert all(
+        c.flops > 0 and c.backward_input_flops == 2.5 * c.flops and c.backward_weight_flops == 0 for c in sdpa
+    )
 
 
 def test_profiled_costs_feed_the_partitioner():
@@ -307,7 +358,9 @@ def test_profiled_costs_feed_the_partitioner():
     assert costs.profiled
     linears = [c for n, c in costs.nodes.items() if n.target is torch._C._nn.linear]
     # each half of the backward is measured as a difference of timings, so under load one half may be 0
-    assert all(c.measured and c.forward_s > 0 and c.backward_input_s + c.backward_weight_s > 0 for c in linears)
+    assert all(
+        c.measured and c.forward_s > 0 and c.backward_input_s + c.backward_weight_s > 0 for c in linears
+    )
     stage_of = assign_balanced(captured, 3, costs=costs)
     assert set(stage_of.values()) == {0, 1, 2}
     assert costs.with_times(costs.times()).times() == costs.times()  # what ranks would broadcast
@@ -315,24 +368,46 @@ def test_profiled_costs_feed_the_partitioner():
 
 def test_explain_reports_every_stage():
     ids = _ids()
-    result = explain(_model("llama", 4), dict(input_ids=ids, labels=ids, use_cache=False), n_stages=2,
-                     n_microbatches=N_MICRO)
+    result = explain(
+        _model("llama", 4),
+        dict(input_ids=ids, labels=ids, use_cache=False),
+        n_stages=2,
+        n_microbatches=N_MICRO,
+    )
     first, last = result.stages
     assert "model.embed_tokens" in first.modules and "lm_head" in last.modules
-    assert HIDDEN * SEQ * MICRO * 4 <= first.send_bytes < 2 * HIDDEN * SEQ * MICRO * 4  # fp32 hidden + mask/rotary
+    assert (
+        HIDDEN * SEQ * MICRO * 4 <= first.send_bytes < 2 * HIDDEN * SEQ * MICRO * 4
+    )  # fp32 hidden + mask/rotary
     assert last.send_bytes == 0
-    assert all(s.flops > 0 and s.time_s > 0 and s.param_bytes > 0 and s.activation_bytes > 0 for s in result.stages)
+    assert all(
+        s.flops > 0 and s.time_s > 0 and s.param_bytes > 0 and s.activation_bytes > 0 for s in result.stages
+    )
     costs = graph_costs(result.captured)
-    assert first.flops + last.flops == sum(c.flops + c.backward_input_flops + c.backward_weight_flops
-                                           for c in costs.nodes.values())
+    assert first.flops + last.flops == sum(
+        c.flops + c.backward_input_flops + c.backward_weight_flops for c in costs.nodes.values()
+    )
     times = [s.time_s for s in result.stages]
     assert result.imbalance == pytest.approx(max(times) / (sum(times) / 2))
     assert result.layer_imbalance is not None and result.imbalance <= result.layer_imbalance + 1e-9
     table = str(result)
-    for text in ("FLOPs", "params", "activations", "sends next", "imbalance", "model.embed_tokens", "lm_head"):
+    for text in (
+        "FLOPs",
+        "params",
+        "activations",
+        "sends next",
+        "imbalance",
+        "model.embed_tokens",
+        "lm_head",
+    ):
         assert text in table
-    manual = explain(_model("llama", 2), dict(input_ids=ids, labels=ids, use_cache=False), n_stages=2,
-                     n_microbatches=N_MICRO, split_points=["model.layers.1"])
+    manual = explain(
+        _model("llama", 2),
+        dict(input_ids=ids, labels=ids, use_cache=False),
+        n_stages=2,
+        n_microbatches=N_MICRO,
+        split_points=["model.layers.1"],
+    )
     assert "model.layers.0" in manual.stages[0].modules and "model.layers.1" in manual.stages[1].modules
 
 

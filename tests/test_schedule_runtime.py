@@ -30,7 +30,12 @@ def test_schedules_match_single_process(world: int, runs: list) -> None:
         for schedule, per_rank, names in runs
     ]
     if world == 2:  # virtual_stages and no split points: the partitioner cuts four stages for two ranks
-        options = {"schedule": "interleaved-1f1b", "virtual_stages": 2, "split_points": [], "n_microbatches": 4}
+        options = {
+            "schedule": "interleaved-1f1b",
+            "virtual_stages": 2,
+            "split_points": [],
+            "n_microbatches": 4,
+        }
         runs.append((["mlp"], {**options, "n_stages": 4}))  # n_stages here sizes the test model only
     results = run_distributed(train_many, world, runs, timeout=600)
     _check_runs(results, runs)

@@ -105,8 +105,14 @@ def assign_balanced(
     costs: precomputed node costs (e.g. profiled on one rank and broadcast to the others).
     """
     return balanced_partition(
-        captured, n_stages, unsplittable=unsplittable, max_stage_memory=max_stage_memory, profile=profile,
-        optimizer=optimizer, in_flight=in_flight, costs=costs,
+        captured,
+        n_stages,
+        unsplittable=unsplittable,
+        max_stage_memory=max_stage_memory,
+        profile=profile,
+        optimizer=optimizer,
+        in_flight=in_flight,
+        costs=costs,
     ).stage_of
 
 
@@ -125,7 +131,9 @@ def balanced_partition(
     """:func:`assign_balanced` with the bottlenecks it found (for :func:`dynapipe.explain` and benchmarks)."""
     if not isinstance(n_stages, int) or isinstance(n_stages, bool) or n_stages < 1:
         raise ConfigError(f"n_stages must be a positive int, got {n_stages!r}")
-    if max_stage_memory is not None and not (isinstance(max_stage_memory, (int, float)) and max_stage_memory > 0):
+    if max_stage_memory is not None and not (
+        isinstance(max_stage_memory, (int, float)) and max_stage_memory > 0
+    ):
         raise ConfigError(f"max_stage_memory must be a positive number of bytes, got {max_stage_memory!r}")
     if isinstance(unsplittable, str):
         unsplittable = (unsplittable,)
@@ -144,14 +152,19 @@ def balanced_partition(
     if fewest is None or len(fewest) >= n_stages:
         raise PartitionError(chain.memory_error(memory))
     bound = chain.min_bottleneck(memory, chain.allowed)
-    layer_bound = chain.min_bottleneck(memory, chain.layer_cuts) if len(chain.layer_cuts) >= n_stages - 1 else None
+    layer_bound = (
+        chain.min_bottleneck(memory, chain.layer_cuts) if len(chain.layer_cuts) >= n_stages - 1 else None
+    )
     limit = bound * (1 + slack)
     if layer_bound is not None:
         limit = min(limit, max(bound, layer_bound))
-    busy = chain.fewest_bytes(limit * (1 + 1e-12), memory) is not None  # too few busy nodes: allow idle stages
+    # with too few busy nodes for every stage to get one, allow idle stages
+    busy = chain.fewest_bytes(limit * (1 + 1e-12), memory) is not None
     best = chain.fewest_bytes(limit * (1 + 1e-12), memory, busy=busy)
     if best is None:  # cannot happen: the bottleneck search found a split within ``bound <= limit``
-        raise PartitionError(f"no {n_stages}-stage split within {limit:.3g} s per stage; this is a dynapipe bug")
+        raise PartitionError(
+            f"no {n_stages}-stage split within {limit:.3g} s per stage; this is a dynapipe bug"
+        )
     sent, cuts = best
     lo, hi = bound, limit  # the best balance among the splits that send about that few bytes
     while hi - lo > _BALANCE_TOLERANCE * hi:
@@ -173,8 +186,14 @@ def balanced_partition(
 class _Chain:
     """The compute nodes in cut order, with what the balance search and the min-cut need per position."""
 
-    def __init__(self, captured: CapturedGraph, costs: GraphCosts, unsplittable: Sequence[str], n_stages: int,
-                 in_flight: int) -> None:
+    def __init__(
+        self,
+        captured: CapturedGraph,
+        costs: GraphCosts,
+        unsplittable: Sequence[str],
+        n_stages: int,
+        in_flight: int,
+    ) -> None:
         graph = captured.gm.graph
         self.k, self.in_flight = n_stages, in_flight
         self.nodes = _chain_order(compute_nodes(graph))
@@ -219,8 +238,10 @@ class _Chain:
 
     def _pinned(self, c: list, groups: list[list[int]]) -> list[bool]:
         share = self.prefix[-1] / self.k * _HEAVY_SHARE
-        pinned = [x.flops > 0 or (share > 0 and w >= share) or not node.users
-                  for x, w, node in zip(c, self.weight, self.nodes, strict=True)]
+        pinned = [
+            x.flops > 0 or (share > 0 and w >= share) or not node.users
+            for x, w, node in zip(c, self.weight, self.nodes, strict=True)
+        ]
         for group in groups:
             for i in group:
                 pinned[i] = True
@@ -264,8 +285,10 @@ class _Chain:
     def why_few(self) -> str:
         blocked = sum(1 for r in self.reasons if r == "a non-tensor value is live")
         grouped = sum(1 for r in self.reasons if r == "inside a group")
-        return (f"{len(self.nodes)} compute nodes; {blocked} positions have a non-tensor value live, {grouped} lie "
-                "inside an unsplittable module, a no_grad region or between a node and its getitem")
+        return (
+            f"{len(self.nodes)} compute nodes; {blocked} positions have a non-tensor value live, {grouped} lie "
+            "inside an unsplittable module, a no_grad region or between a node and its getitem"
+        )
 
     # --------------------------------------------------------------------------------- balance
 
@@ -287,7 +310,9 @@ class _Chain:
         return out
 
     def _stage_memory(self, state: dict[int, None], acts: dict[int, None]) -> float:
-        return sum(self.state_bytes[j] for j in state) + self.in_flight * sum(self.buffer_bytes[j] for j in acts)
+        return sum(self.state_bytes[j] for j in state) + self.in_flight * sum(
+            self.buffer_bytes[j] for j in acts
+        )
 
     def _reach(self, start: int, bound: float, memory: float) -> int:
         """The last position a stage starting at ``start`` can hold within ``bound`` seconds and ``memory``."""
@@ -358,7 +383,9 @@ class _Chain:
             "the limit, use more stages, or fewer microbatches in flight"
         )
 
-    def fewest_bytes(self, bound: float, memory: float, *, busy: bool = True) -> tuple[float, list[int]] | None:
+    def fewest_bytes(
+        self, bound: float, memory: float, *, busy: bool = True
+    ) -> tuple[float, list[int]] | None:
         """The fewest bytes crossing k-1 allowed cut positions with every stage within the limits, and the
         positions; None if no such split exists. ``busy``: every stage must do some work (without it, a
         stage holding only ``input_ids.view()`` would win by sending token ids instead of a hidden state)."""
@@ -368,7 +395,9 @@ class _Chain:
         if memory < _INF:
             lo = [max(a, b) for a, b in zip(lo, self._memory_window(allowed, memory), strict=True)]
         up = [self.last_busy[p] - 1 if busy else p - 1 for p in allowed]
-        last_ok = [self._fits_last(p + 1, bound, memory) and (not busy or self.last_busy[n - 1] > p) for p in allowed]
+        last_ok = [
+            self._fits_last(p + 1, bound, memory) and (not busy or self.last_busy[n - 1] > p) for p in allowed
+        ]
         best = [self.score[p] if lo[a] <= -1 <= up[a] else _INF for a, p in enumerate(allowed)]
         back: list[list[int]] = []
         for _ in range(2, k):  # best[a]: fewest bytes of j cuts, the last at allowed[a]
@@ -406,7 +435,10 @@ class _Chain:
 
         def add(i: int, sign: int) -> float:
             delta = 0.0
-            for kind, ids, size in (("s", self.state[i], self.state_bytes), ("a", self.saves[i], self.buffer_bytes)):
+            for kind, ids, size in (
+                ("s", self.state[i], self.state_bytes),
+                ("a", self.saves[i], self.buffer_bytes),
+            ):
                 scale = 1 if kind == "s" else self.in_flight
                 for j in ids:
                     key = (kind, j)
@@ -433,7 +465,9 @@ class _Chain:
         try:
             import networkx as nx
         except ImportError as err:  # a dependency of dynapipe; only a broken install lands here
-            raise PartitionError("dynapipe's automatic partitioner needs networkx: pip install networkx") from err
+            raise PartitionError(
+                "dynapipe's automatic partitioner needs networkx: pip install networkx"
+            ) from err
         chain_cuts = [set(range(p + 1)) for p in cuts]
         ideals: list[set[int]] = []
         for p in cuts:
@@ -558,7 +592,11 @@ def _groups(nodes: list[fx.Node], graph: fx.Graph, unsplittable: Sequence[str]) 
             import difflib
 
             close = difflib.get_close_matches(name, known, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else f"; modules in the graph include {known[:8]}"
+            hint = (
+                f"; did you mean {', '.join(close)}?"
+                if close
+                else f"; modules in the graph include {known[:8]}"
+            )
             raise ConfigError(f"unsplittable module {name!r} runs no code in the compiled call{hint}")
         for i in members[1:]:
             union(members[0], i)
