@@ -9,12 +9,15 @@ the pipeline. Later calls with the same input shapes reuse it.
 
 from __future__ import annotations
 
+import operator
+import warnings
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch._dynamo.source import DictGetItemSource, GetItemSource, LocalSource
+from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unflatten
 
 from .capture import (
     CapturedGraph,
@@ -59,8 +62,7 @@ def dynapipe_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: 
         frame = frame_being_compiled()
     except DynapipeError as err:
         return _Raise(err)
-    examples = [n.meta["grapharg"].example for n in gm.graph.find_nodes(op="placeholder")]
-    return _LazyPipeline(config, frame, examples)
+    return _LazyPipeline(config, frame, [n.meta["grapharg"] for n in gm.graph.find_nodes(op="placeholder")])
 
 
 class _Raise:
@@ -72,27 +74,45 @@ class _Raise:
 
 
 class _LazyPipeline:
-    """What the backend returns: builds (and caches, per input shapes) the pipeline on first use.
+    """What the backend returns: builds (and caches) the pipeline on first use.
 
-    Dynamo calls it with the full-batch graph's flat arguments. Each is matched, by identity at compile
-    time, to a leaf of the frame's arguments, so every call can rebuild those arguments (aliased inputs
-    included: Dynamo passes one tensor for ``f(x, x)``) and read the microbatch graph's inputs from them
-    by their Dynamo source names.
+    Dynamo calls it with the full-batch graph's flat arguments. Each tensor is matched, by identity at
+    compile time, to a leaf of the frame's arguments, so every call can rebuild those arguments (aliased
+    inputs included: Dynamo passes one tensor for ``f(x, x)``) and read the microbatch graph's inputs from
+    them by their Dynamo source names. Python numbers that Dynamo made dynamic (an int as a SymInt, a
+    float wrapped in a 0-dim tensor) are matched by their source path instead; the microbatch capture
+    bakes them into the stage graphs, so the cache is keyed by their values as well as by input shapes.
     """
 
-    def __init__(self, config: PipelineConfig, frame: FrameCall, examples: list[Any]) -> None:
+    def __init__(self, config: PipelineConfig, frame: FrameCall, graph_args: list[Any]) -> None:
         self.config, self.frame = config, frame
-        by_id = {id(e): i for i, e in enumerate(examples) if isinstance(e, torch.Tensor)}
-        self.leaf_positions = {
-            name: [by_id.get(id(leaf)) for leaf in tree_flatten(value)[0]]
-            for name, value in frame.arguments.items()
-        }
+        by_id = {id(g.example): i for i, g in enumerate(graph_args) if isinstance(g.example, torch.Tensor)}
+        self.numbers = [i for i, g in enumerate(graph_args) if _is_number_arg(g)]
+        by_path = {_argument_path(graph_args[i].source): i for i in self.numbers}
+        self.leaf_positions = {}
+        for name, value in frame.arguments.items():
+            self.leaf_positions[name] = [
+                by_path.get((name, tuple(_key(k) for k in path)))
+                if isinstance(leaf, (int, float)) and not isinstance(leaf, bool)
+                else by_id.get(id(leaf))
+                for path, leaf in tree_flatten_with_path(value)[0]
+            ]
         self.pipelines: dict[tuple, tuple[Pipeline, list[Any]]] = {}
 
     def __call__(self, *args: Any) -> tuple[Any, ...]:
         arguments = self._arguments_now(args)
-        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in args)
+        key = (
+            tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in args),
+            tuple(_number(args[i]) for i in self.numbers),
+        )
         if key not in self.pipelines:
+            if self.numbers and len(self.pipelines) == 4:
+                warnings.warn(
+                    "dynapipe captured and partitioned the model again for new values of Python numbers "
+                    "passed to the compiled call (each value is baked into the stage graphs); pass a number "
+                    "that changes every step as a 0-dim tensor instead",
+                    stacklevel=2,
+                )
             pipeline = self._build(arguments)
             readers = [compile(source, "<dynamo source>", "eval") for source in pipeline.input_sources]
             self.pipelines[key] = (pipeline, readers)
@@ -100,13 +120,17 @@ class _LazyPipeline:
         return pipeline(*[eval(reader, {"L": arguments}) for reader in readers])  # noqa: S307 - Dynamo source names
 
     def _arguments_now(self, args: tuple) -> dict[str, Any]:
-        """The frame's arguments with each tensor Dynamo passed swapped in for its compile-time twin."""
+        """The frame's arguments with each tensor and number Dynamo passed swapped in for its compile-time twin."""
         arguments = {}
         for name, value in self.frame.arguments.items():
             leaves, spec = tree_flatten(value)
             positions = self.leaf_positions[name]
             arguments[name] = tree_unflatten(
-                [leaf if i is None else args[i] for leaf, i in zip(leaves, positions, strict=True)], spec
+                [
+                    leaf if i is None else type(leaf)(_number(args[i])) if i in self.numbers else args[i]
+                    for leaf, i in zip(leaves, positions, strict=True)
+                ],
+                spec,
             )
         return arguments
 
@@ -254,6 +278,35 @@ def _assign(
     )
 
 
+def _is_number_arg(graph_arg: Any) -> bool:
+    """A Python number Dynamo passes as a graph input: an int as a SymInt, a float as a 0-dim tensor."""
+    return graph_arg.pass_arg_as_tensor or isinstance(graph_arg.example, (torch.SymInt, torch.SymFloat))
+
+
+def _number(value: Any) -> int | float:
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _argument_path(source: Any) -> tuple[str, tuple] | None:
+    """(frame argument name, keys into it) of a Dynamo source such as ``L['cfg']['scale']``; None if the
+    value does not live in the frame's arguments as a pytree leaf (an attribute, a global, a size)."""
+    keys = []
+    while isinstance(source, (GetItemSource, DictGetItemSource)):
+        keys.append(source.index)
+        source = source.base
+    if not isinstance(source, LocalSource):
+        return None
+    return source.local_name, tuple(reversed(keys))
+
+
+def _key(entry: Any) -> Any:
+    """The raw key of one pytree path entry (dict key, sequence index or attribute name)."""
+    for field in ("key", "idx", "name"):
+        if hasattr(entry, field):
+            return getattr(entry, field)
+    return entry
+
+
 def _output_nodes(captured: CapturedGraph) -> list[Any]:
     out = captured.gm.graph.find_nodes(op="output")[0].args[0]
     return list(out) if isinstance(out, (tuple, list)) else [out]
@@ -268,10 +321,34 @@ def _output_specs(captured: CapturedGraph) -> list[OutputSpec]:
                 f"output {node} of the compiled call is not a tensor; return tensors (or pytrees of them)"
             )
         shape = tuple(int(d.node.hint) if isinstance(d, torch.SymInt) else int(d) for d in value.shape)
-        if shape:
+        # the capture marks the batch dimension dynamic, so a batched output has a symbolic dim 0 (a
+        # microbatch of one row cannot be marked: then a leading dimension of 1 counts as the batch)
+        batched = bool(shape) and (
+            isinstance(value.shape[0], torch.SymInt) or shape[0] == captured.microbatch_size == 1
+        )
+        if batched:
             shape = (shape[0] * captured.n_microbatches, *shape[1:])
-        specs.append(OutputSpec(shape, value.dtype))
+        merge = "cat" if batched else "last" if _updates_state_in_place(node) else "reduce"
+        specs.append(OutputSpec(shape, value.dtype, merge, value.requires_grad))
     return specs
+
+
+_IN_PLACE_OPERATORS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+}  # fmt: skip
+
+
+def _updates_state_in_place(node: fx.Node) -> bool:
+    """Whether an output is a buffer or parameter itself, after in-place updates (``self.count += 1``:
+    Dynamo returns it so as to assign it back)."""
+    while node.op != "get_attr":
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        in_place = node.target in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.endswith("__"))
+        if not (in_place and node.args and isinstance(node.args[0], fx.Node)):
+            return False
+        node = node.args[0]
+    return True
 
 
 def _loss_index(captured: CapturedGraph) -> int | None:

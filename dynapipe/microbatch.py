@@ -55,9 +55,13 @@ def split_value(value: Any, n_microbatches: int, batch_size: int, index: int) ->
     return tree_map(pick, value)
 
 
-def merge_outputs(per_microbatch: list[torch.Tensor], reduction: str) -> torch.Tensor:
-    """One graph output over all microbatches: reduce scalars, concatenate the rest on dim 0."""
-    if per_microbatch[0].dim() == 0:
-        total = torch.stack(per_microbatch).sum()
-        return total / len(per_microbatch) if reduction == "mean" else total
-    return torch.cat(per_microbatch, dim=0)
+def merge_outputs(per_microbatch: list[torch.Tensor], reduction: str, merge: str) -> torch.Tensor:
+    """One graph output over all microbatches. ``merge``: "cat" for batched outputs (dim 0); "last" for
+    model state updated in place (each microbatch updates it, as BatchNorm's running statistics); "reduce"
+    for the rest (the loss, a statistic, a buffer's new value): combined as the loss is, mean or sum."""
+    if merge == "cat":
+        return torch.cat(per_microbatch, dim=0)
+    if merge == "last":
+        return per_microbatch[-1]
+    total = torch.stack(per_microbatch).sum(0)
+    return total / len(per_microbatch) if reduction == "mean" else total

@@ -56,11 +56,13 @@ def mlp(n_stages: int) -> Case:
 
 
 class SkipNet(nn.Module):
-    """The embedding output is read again by the head: a skip connection over every middle stage."""
+    """The embedding output is read again by the head: a skip connection over every middle stage. A
+    stop-gradient branch (``gate``) gives parameters no gradient, which DDP must still count as ready."""
 
     def __init__(self, width: int = 16, n_blocks: int = 4):
         super().__init__()
         self.embed = nn.Linear(12, width)
+        self.gate = nn.Linear(width, width)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(n_blocks)
         )
@@ -68,7 +70,7 @@ class SkipNet(nn.Module):
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         e = self.embed(x)
-        h = e
+        h = e + 0.1 * self.gate(e).detach()
         for block in self.blocks:
             h = block(h) + h
         logits = self.head(torch.cat([h, e], dim=-1))

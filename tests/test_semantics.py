@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -160,3 +161,51 @@ def test_torch_cond_stays_in_one_stage() -> None:
 def test_backend_resolves_without_importing_dynapipe() -> None:
     code = "import sys, torch; assert 'dynapipe' in torch._dynamo.list_backends(); assert 'dynapipe' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+class ScaledNet(nn.Module):
+    """Python numbers in the call (a float, an int inside a dict), several outputs, and buffers that the
+    forward updates: in place (a counter) and by reassignment (a running centre, as DINO keeps one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+        self.register_buffer("count", torch.zeros(()))
+        self.register_buffer("center", torch.zeros(3))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, scale: float, cfg: dict) -> dict:
+        self.count += 1
+        logits = self.b(torch.tanh(self.a(x))) * scale
+        loss = F.cross_entropy(logits - self.center, y) * cfg["weight"]
+        with torch.no_grad():
+            self.center = 0.9 * self.center + 0.1 * logits.mean(0)
+        return {"loss": loss, "aux": logits.pow(2).mean(), "mean_logits": logits.mean(0), "logits": logits}
+
+
+def call_values_worker(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    net = ScaledNet()
+    torch.manual_seed(0)
+    ref = ScaledNet()
+    x, y = torch.randn(8, 8), torch.randint(0, 3, (8,))
+    step = torch.compile(net, backend="dynapipe", options={"split_points": ["b"], "n_microbatches": 2})
+    # Dynamo makes the numbers graph inputs from their second value on: every value must reach the stages
+    for scale, weight in [(0.5, 1), (2.0, 2), (3.0, 3), (0.5, 4)]:
+        out = step(x, y, scale, {"weight": weight})
+        expect = ref(x, y, scale, {"weight": weight})
+        for key in ("loss", "aux", "mean_logits", "logits"):  # batched outputs concatenated, others reduced
+            torch.testing.assert_close(out[key], expect[key], msg=lambda m, k=key: f"{k} at {scale}: {m}")
+        out["loss"].backward()
+        expect["loss"].backward()
+        for n, p in _owned(net).items():
+            torch.testing.assert_close(p.grad, dict(ref.named_parameters())[n].grad)
+            p.grad, dict(ref.named_parameters())[n].grad = None, None
+        torch.testing.assert_close(net.center, ref.center)
+        torch.testing.assert_close(net.count, 2 * ref.count)  # updated in place once per microbatch
+    with pytest.raises(RuntimeError, match=r"output 1 of the compiled call is not the loss"):
+        out = step(x, y, 0.5, {"weight": 1})
+        (out["loss"] + out["aux"]).backward()  # the aux term would silently add nothing
+
+
+def test_python_numbers_outputs_and_buffer_updates() -> None:
+    run_distributed(call_values_worker, 2, timeout=180)

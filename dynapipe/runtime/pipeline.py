@@ -43,6 +43,25 @@ class _HeldGradients(torch.autograd.Function):
         return (None, None, None, *scaled)
 
 
+class _NoGradient(torch.autograd.Function):
+    """Marks an output that requires grad in the user's graph but is not the loss: the step's backward
+    already ran from the loss, so a backward through this output fails loudly instead of adding nothing."""
+
+    @staticmethod
+    def forward(ctx, value, anchor, index, loss_index):  # noqa: ARG004 - anchor only connects the graph
+        ctx.index, ctx.loss_index = index, loss_index
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        raise RuntimeError(
+            f"dynapipe: output {ctx.index} of the compiled call is not the loss. The pipeline runs the backward "
+            f"inside the call, from the loss only (output {ctx.loss_index}: the first scalar output that "
+            "requires grad), so no gradient can flow through other outputs. Return the total loss (e.g. "
+            "`loss + aux_loss`) as the first scalar output and .detach() the outputs you only log."
+        )
+
+
 @dataclass(frozen=True)
 class StepReport:
     """What one call did on this rank, handed to ``options["on_step"]``."""
@@ -58,6 +77,8 @@ class StepReport:
 class OutputSpec:
     shape: tuple[int, ...]  # merged over microbatches
     dtype: torch.dtype
+    merge: str  # over microbatches: "cat" (batched), "last" (state updated in place) or "reduce"
+    requires_grad: bool  # in the user's graph (only the loss carries a gradient back)
 
 
 @dataclass
@@ -90,8 +111,13 @@ class Pipeline:
         if self.layout.dp_degree > 1:
             for s in self.local_stages:
                 if any(p.requires_grad for p in self.plans[s].module.parameters()):
+                    # find_unused_parameters: a parameter whose use the stage detaches gets no gradient,
+                    # and DDP must count it as ready or its bucket never completes
                     reducers[s] = DistributedDataParallel(
-                        self.plans[s].module, process_group=self.layout.dp_group, forward_sync_buffers=False
+                        self.plans[s].module,
+                        process_group=self.layout.dp_group,
+                        forward_sync_buffers=False,
+                        find_unused_parameters=True,
                     )
                     if self.ddp_comm_hook is not None:
                         reducers[s].register_comm_hook(self.layout.dp_group, self.ddp_comm_hook)
@@ -144,9 +170,11 @@ class Pipeline:
             )
         if train:
             anchor = torch.zeros((), requires_grad=True)
-            outputs[self.loss_index] = _HeldGradients.apply(
-                outputs[self.loss_index], grads, anchor, *self.params
-            )
+            for k, spec in enumerate(self.outputs):
+                if k == self.loss_index:
+                    outputs[k] = _HeldGradients.apply(outputs[k], grads, anchor, *self.params)
+                elif spec.requires_grad:
+                    outputs[k] = _NoGradient.apply(outputs[k], anchor, k, self.loss_index)
         return tuple(outputs)
 
     def _forward_only(self) -> list[Action]:
@@ -182,8 +210,8 @@ class _OutputDelivery:
     def send(self, results: dict[int, tuple]) -> None:
         p = self.pipeline
         self.merged = [
-            merge_outputs([results[mb][k] for mb in range(p.n_microbatches)], p.loss_reduction)
-            for k in range(len(p.outputs))
+            merge_outputs([results[mb][k] for mb in range(p.n_microbatches)], p.loss_reduction, spec.merge)
+            for k, spec in enumerate(p.outputs)
         ]
         for peer in self.others:
             for k, value in enumerate(self.merged):
