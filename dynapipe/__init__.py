@@ -5,6 +5,7 @@ from .errors import CaptureError, ConfigError, DynapipeError, GraphBreakError, P
 from .explain import explain
 from .launch import launch
 from .partition import pipe_split
+from .runtime import clip_grad_norm_
 
 __all__ = [
     "CaptureError",
@@ -14,6 +15,7 @@ __all__ = [
     "PartitionError",
     "PipelineConfig",
     "PipelineError",
+    "clip_grad_norm_",
     "explain",
     "launch",
     "pipe_split",

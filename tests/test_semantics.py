@@ -209,3 +209,29 @@ def call_values_worker(rank: int, world: int) -> None:
 
 def test_python_numbers_outputs_and_buffer_updates() -> None:
     run_distributed(call_values_worker, 2, timeout=180)
+
+
+def clip_worker(rank: int, world: int, dp: int) -> float:
+    """dynapipe.clip_grad_norm_ clips by the whole model's norm, tied weights counted once."""
+    from models import tied
+
+    import dynapipe
+
+    pipe, ref = tied(world // dp), tied(world // dp)
+    options = {"split_points": pipe.split_points, "n_microbatches": 2, "dp_degree": dp}
+    step = torch.compile(pipe.step, backend="dynapipe", options=options)
+    shard = [a.chunk(dp)[rank % dp] for a in pipe.args]  # each replica feeds its shard (rank = pp * dp + d)
+    step(*shard).backward()
+    ref.step(*ref.args).backward()
+    norm = dynapipe.clip_grad_norm_(pipe.model.parameters(), max_norm=0.1)
+    expect = torch.nn.utils.clip_grad_norm_(ref.model.parameters(), max_norm=0.1)
+    torch.testing.assert_close(norm, expect)
+    assert norm > 0.1  # the gradients were clipped
+    for n, p in _owned(pipe.model).items():
+        torch.testing.assert_close(p.grad, dict(ref.model.named_parameters())[n].grad)
+    return norm.item()
+
+
+@pytest.mark.parametrize(("world", "dp"), [(2, 1), (4, 2)])
+def test_clip_grad_norm_over_the_pipeline(world: int, dp: int) -> None:
+    run_distributed(clip_worker, world, dp, timeout=180)

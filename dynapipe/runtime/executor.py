@@ -148,9 +148,8 @@ class Executor:
                 # armed only for the stage's last weight-gradient work (a B, or a W of zero-bubble schedules)
                 reducer = self.reducers[action.stage].reducer
                 reducer._rebuild_buckets()  # as DDP's forward does: buckets in gradient-ready order, once
-                reducer.prepare_for_backward(
-                    inflight[(action.stage, action.mb)].outputs
-                )  # finds unused params
+                # from these outputs DDP finds the parameters that get no gradient (if it looks for them)
+                reducer.prepare_for_backward(inflight[(action.stage, action.mb)].outputs)
             upcoming = self._post(compute[i + 1]) if i + 1 < len(compute) else []
             received = self._wait(posted)
             t0 = time.perf_counter()

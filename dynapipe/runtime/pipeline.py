@@ -24,6 +24,7 @@ from ..microbatch import merge_outputs, split_value
 from ..schedules import Action, Kind, Timeline
 from .comm import Comm
 from .executor import Executor, device_of
+from .grad_norm import register_pipeline_params
 from .layout import Layout
 
 __all__ = ["Pipeline", "StepReport"]
@@ -111,16 +112,20 @@ class Pipeline:
         if self.layout.dp_degree > 1:
             for s in self.local_stages:
                 if any(p.requires_grad for p in self.plans[s].module.parameters()):
-                    # find_unused_parameters: a parameter whose use the stage detaches gets no gradient,
-                    # and DDP must count it as ready or its bucket never completes
+                    # a parameter whose every use the stage detaches gets no gradient; DDP must then look
+                    # for such parameters at every step, or it waits for them and its bucket never completes
                     reducers[s] = DistributedDataParallel(
                         self.plans[s].module,
                         process_group=self.layout.dp_group,
                         forward_sync_buffers=False,
-                        find_unused_parameters=True,
+                        find_unused_parameters=bool(_params_without_gradient(self.plans[s].module)),
                     )
                     if self.ddp_comm_hook is not None:
                         reducers[s].register_comm_hook(self.layout.dp_group, self.ddp_comm_hook)
+        not_counted = {
+            id(p) for p, group, _ in self.tied if dist.get_process_group_ranks(group)[0] != self.rank
+        }
+        register_pipeline_params(self.params, self.layout.pp_group, not_counted)
         self.executor = Executor(
             self.plans, self.rank_of_stage, self.comm, self.n_microbatches, self.loss_index, scale, reducers
         )
@@ -188,6 +193,26 @@ class Pipeline:
             if grads[i] is None:
                 grads[i] = torch.zeros_like(param)
             self.comm.all_reduce(grads[i], group, f"the gradient of shared parameter {name}")
+
+
+def _params_without_gradient(module: torch.fx.GraphModule) -> list[str]:
+    """Trainable parameters of a stage from which no gradient-carrying path reaches the stage's outputs
+    (their uses are detached or under no_grad): read from the captured tensors' ``requires_grad``."""
+    output = module.graph.find_nodes(op="output")[0]
+
+    def carries_grad(node: torch.fx.Node) -> bool:
+        value = node.meta.get("example_value")
+        return not isinstance(value, torch.Tensor) or value.requires_grad  # unknown: assume it does
+
+    stack = [n for n in output.all_input_nodes if carries_grad(n)]
+    reached: set[torch.fx.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node not in reached:
+            reached.add(node)
+            stack.extend(n for n in node.all_input_nodes if carries_grad(n))
+    used = {n.target for n in reached if n.op == "get_attr"}
+    return [name for name, p in module.named_parameters() if p.requires_grad and name not in used]
 
 
 class _OutputDelivery:
