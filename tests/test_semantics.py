@@ -149,13 +149,45 @@ def cond_worker(rank: int, world: int) -> list[str]:
     torch.testing.assert_close(loss, ref_loss)
     for n, p in _owned(net).items():
         torch.testing.assert_close(p.grad, dict(ref.named_parameters())[n].grad)
-    return sorted(_owned(net))
+    owned = sorted(_owned(net))
+
+    # blocks checkpointed from the caller's loop (a higher-order op per block) can still be split points
+    torch.manual_seed(0)
+    net, ref = CheckpointNet(), CheckpointNet()
+    ref.load_state_dict(net.state_dict())
+    step = torch.compile(net, backend="dynapipe", options={"split_points": ["blocks.2"], "n_microbatches": 2})
+    loss = step(x, y)
+    loss.backward()
+    ref_loss = ref(x, y)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss)
+    for n, p in _owned(net).items():
+        torch.testing.assert_close(p.grad, dict(ref.named_parameters())[n].grad)
+    return owned + sorted(_owned(net))
 
 
-def test_torch_cond_stays_in_one_stage() -> None:
+class CheckpointNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return F.cross_entropy(self.head(x), y)
+
+
+def test_torch_cond_and_checkpoint_regions() -> None:
     results = run_distributed(cond_worker, 2, timeout=120)
-    assert results[0] == ["mid.bias", "mid.weight", "pre.bias", "pre.weight"]  # the cond's weights go with it
-    assert results[1] == ["post.bias", "post.weight"]
+    # the cond's weights go with it; the checkpointed blocks 2 and 3 start the second stage
+    assert results[0][:4] == ["mid.bias", "mid.weight", "pre.bias", "pre.weight"]
+    assert results[0][4:] == [f"blocks.{i}.0.{w}" for i in (0, 1) for w in ("bias", "weight")]
+    assert results[1][:2] == ["post.bias", "post.weight"]
+    assert results[1][2:] == [f"blocks.{i}.0.{w}" for i in (2, 3) for w in ("bias", "weight")] + [
+        "head.bias",
+        "head.weight",
+    ]
 
 
 def test_backend_resolves_without_importing_dynapipe() -> None:
