@@ -299,6 +299,29 @@ def grad_modes(graph: fx.Graph) -> dict[fx.Node, bool]:
     return modes
 
 
+def is_autocast_node(node: fx.Node) -> bool:
+    """Whether ``node`` opens or closes a ``torch.autocast`` region: Dynamo records ``with torch.autocast()``
+    as an ``_enter_autocast(...)`` call whose result (the context, not a tensor) only the matching
+    ``_exit_autocast(ctx)`` reads. Such nodes set state; they compute nothing a stage could send."""
+    return node.op == "call_function" and node.target in (
+        torch.amp.autocast_mode._enter_autocast,
+        torch.amp.autocast_mode._exit_autocast,
+    )
+
+
+def autocast_regions(graph: fx.Graph) -> dict[fx.Node, tuple[fx.Node, ...]]:
+    """The ``_enter_autocast`` nodes in force at each node, outermost first (regions nest)."""
+    entered: tuple[fx.Node, ...] = ()
+    regions = {}
+    for node in graph.nodes:
+        regions[node] = entered
+        if node.op == "call_function" and node.target is torch.amp.autocast_mode._enter_autocast:
+            entered = (*entered, node)
+        elif node.op == "call_function" and node.target is torch.amp.autocast_mode._exit_autocast:
+            entered = tuple(e for e in entered if e is not node.args[0])
+    return regions
+
+
 def _specialise_sizes(graph: fx.Graph) -> None:
     """Replace nodes that compute sizes (``x.size(0)``, ``s0 * 4``) with their value at this microbatch size."""
     for node in list(graph.nodes):

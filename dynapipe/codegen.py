@@ -15,18 +15,27 @@ Calling convention (the contract between this module and the runtime)
 Glossary: a *boundary* is a tensor computed by one stage and read by later ones; its ``consumers`` are
 those stages. Parameters and buffers never cross a boundary: a stage owns attributes that alias the
 user's tensors, and a tensor read by several stages (tied weights) is an attribute of each of them.
+
+A stage module sets up the state its nodes ran under and leaves none behind: a stage that starts inside a
+``torch.no_grad()`` or ``torch.autocast()`` region re-opens it first (autocast with the arguments of the
+region's own enter, outermost first), and one that ends inside such a region closes it last. A received
+boundary that the stage modifies in place is cloned first (``x_clone = x.clone()``): the runtime makes
+every received boundary that needs a gradient an autograd leaf, which an in-place op may not touch. A write
+that a reader on another copy of the value would miss (another stage, an input every stage reads itself) is
+a ``PartitionError`` naming both nodes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from .capture import CapturedGraph, grad_modes
+from .capture import CapturedGraph, autocast_regions, grad_modes, is_autocast_node
 from .errors import PartitionError
 
 __all__ = ["Boundary", "StagePlan", "build_stages", "partition_digest"]
@@ -76,11 +85,151 @@ def _settle_stages(graph: fx.Graph, stage_of: dict[fx.Node, int]) -> None:
                 stage_of[node] = stage_of[source]
     for node in graph.nodes:
         for user in node.users:
+            if is_autocast_node(user):  # an autocast exit reads its enter's context: codegen re-enters
+                continue
             if node in stage_of and user in stage_of and stage_of[user] < stage_of[node]:
                 raise PartitionError(
                     f"node {user.name} (stage {stage_of[user]}) reads {node.name} from the later stage "
                     f"{stage_of[node]}; stages must follow the graph's order"
                 )
+
+
+# ``x += y`` and ``x[i] = y`` (``operator``'s other names that end in "_", like ``and_``, compute new values)
+_INPLACE_OPERATORS = frozenset(
+    getattr(operator, name)
+    for name in (
+        "iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imatmul", "imod", "imul", "ior", "ipow",
+        "irshift", "isub", "itruediv", "ixor", "setitem", "delitem",
+    )
+)  # fmt: skip
+_INPLACE_DUNDERS = frozenset(f"__{op.__name__}__" for op in _INPLACE_OPERATORS)  # Tensor.__iadd__ ...
+
+
+def _nodes_in(value: object) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.map_arg(value, found.append)
+    return found
+
+
+def _written(node: fx.Node) -> list[fx.Node]:
+    """The nodes whose tensors ``node`` may modify in place. Conservative: a name that reads as in-place
+    counts (``x.add_()``, ``torch.relu_(x)``, ``F.relu(x, inplace=True)``, ``x += y``, ``x[i] = y``)."""
+    if node.op not in ("call_function", "call_method"):
+        return []
+    target = node.target
+    first = _nodes_in(node.args[:1])  # the tensor (or, for _foreach_ ops, the tensors) an in-place op writes
+    schema = getattr(target, "_schema", None)
+    if schema is not None:  # an operator overload says so itself
+        return node.all_input_nodes if schema.is_mutable else []
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    if getattr(operator, name, None) is target:
+        return first if target in _INPLACE_OPERATORS else []
+    if name in _INPLACE_DUNDERS or (name.endswith("_") and not name.endswith("__")):
+        return first
+    inplace = node.kwargs.get("inplace") is True
+    if not inplace and callable(target):  # F.dropout(x, p, training, inplace), as nn.Dropout calls it
+        try:
+            inplace = (
+                inspect.signature(target).bind(*node.args, **node.kwargs).arguments.get("inplace") is True
+            )
+        except (TypeError, ValueError):  # a builtin without a signature, or not these arguments
+            pass
+    return first if inplace else _nodes_in(node.kwargs.get("out"))
+
+
+def _storage(node: fx.Node) -> int | None:
+    """Which storage the node's traced value lives in: views share it, so equal keys mean the nodes alias
+    (None: not a tensor, or a tensor without a storage, like a sparse one)."""
+    value = node.meta.get("example_value")
+    if not isinstance(value, torch.Tensor):
+        return None
+    try:
+        return value.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _roots(target: fx.Node, s: int, stage_of: dict[fx.Node, int], storage: dict) -> set[fx.Node]:
+    """The values made outside stage ``s`` that ``target``, made on it or not, is a view of."""
+    roots, stack, seen = set(), [target], set()
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            if stage_of.get(node) != s:
+                roots.add(node)
+            else:
+                stack.extend(a for a in node.all_input_nodes if storage[a] == storage[target])
+    return roots
+
+
+def _missed_write(
+    write: fx.Node, value: fx.Node, reader: fx.Node, s: int, t: int, roots: set[fx.Node], stage_of: dict
+) -> str:
+    if t != s:
+        why = f"{reader.name} reads {value.name} after it on stage {t}, which holds its own copy"
+    else:
+        root = min(roots, key=lambda n: n.name)
+        why = (
+            f"stage {s} receives {value.name} and {root.name} as separate copies, so {reader.name} misses it"
+        )
+    fix = (
+        f"are on the stage that makes {value.name} (stage {stage_of[value]})"
+        if value in stage_of
+        else "share a stage"
+    )
+    return (
+        f"{write.name} (stage {s}) modifies {value.name} in place, but {why}; move the split point (or "
+        f"mark the module unsplittable) so that {write.name} and {reader.name} {fix}"
+    )
+
+
+def _in_place_writes(graph: fx.Graph, stage_of: dict[fx.Node, int]) -> dict[int, set[fx.Node]]:
+    """Per stage, the values of earlier stages that it modifies in place, directly or through a view (all of
+    them where the storage of what it writes is unknown).
+
+    Each stage holds its own copy of a value made on another stage, so a reader after a write that reads
+    another copy (on another stage, or a second received view of the same storage) would miss the change:
+    an error naming both nodes, rather than a result that differs from one process.
+    """
+    storage = {n: _storage(n) for n in graph.nodes}
+    aliases: dict[int, list[fx.Node]] = {}
+    for node, key in storage.items():
+        if key is not None:
+            aliases.setdefault(key, []).append(node)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    last = max(stage_of.values())
+    written: dict[int, set[fx.Node]] = {}
+    for write in [n for n in graph.nodes if n in stage_of]:
+        s = stage_of[write]
+        for target in _written(write):
+            if storage[target] is None:
+                written.setdefault(s, set()).update(n for n, at in stage_of.items() if at < s)
+                continue
+            roots = _roots(target, s, stage_of, storage)
+            written.setdefault(s, set()).update(r for r in roots if r in stage_of)
+            for value in aliases[storage[target]]:
+                if order[value] >= order[write] or stage_of.get(value, -1) >= s:
+                    continue  # made on the write's stage (later stages receive it written) or after it
+                for reader in value.users:
+                    t = last if reader.op == "output" else stage_of.get(reader, s)
+                    if order[reader] < order[write] or reader is write or is_autocast_node(reader):
+                        continue
+                    if t != s or (value in stage_of and value not in roots):
+                        raise PartitionError(_missed_write(write, value, reader, s, t, roots, stage_of))
+    return written
+
+
+def _enter_regions(
+    new: fx.Graph, env: dict[fx.Node, fx.Node], open_: list[fx.Node], want: tuple[fx.Node, ...]
+) -> None:
+    """Exit and enter autocast regions in ``new`` so that ``open_`` (enter nodes of the captured graph,
+    outermost first) becomes ``want``; a region enters again with the arguments of its original enter."""
+    while open_ and tuple(open_) != tuple(want[: len(open_)]):
+        new.call_function(torch.amp.autocast_mode._exit_autocast, (env[open_.pop()],))
+    for enter in want[len(open_) :]:
+        env[enter] = new.node_copy(enter, lambda n: env[n])
+        open_.append(enter)
 
 
 def build_stages(captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages: int) -> list[StagePlan]:
@@ -90,7 +239,7 @@ def build_stages(captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages
     last = n_stages - 1
     output = graph.find_nodes(op="output")[0]
     placeholders = list(graph.find_nodes(op="placeholder"))
-    used = {s for s in stage_of.values()}
+    used = {s for n, s in stage_of.items() if not is_autocast_node(n)}
     if used != set(range(n_stages)):
         missing = sorted(set(range(n_stages)) - used)
         raise PartitionError(
@@ -102,7 +251,7 @@ def build_stages(captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages
 
     consumers: dict[fx.Node, set[int]] = {}
     for node in graph.nodes:
-        if node in stage_of:
+        if node in stage_of and not is_autocast_node(node):  # autocast regions re-open in every stage
             later = {stage_reading(u) for u in node.users} - {stage_of[node]}
             if later:
                 consumers[node] = later
@@ -118,11 +267,14 @@ def build_stages(captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages
         boundaries[node] = Boundary(
             node.name, stage_of[node], tuple(sorted(cons)), shape, dtype, requires_grad
         )
+    written = _in_place_writes(graph, stage_of)
 
     modes = grad_modes(graph)
+    regions = autocast_regions(graph)
+    by_name = {n.name: n for n in graph.nodes}
     plans = []
     for s in range(n_stages):
-        body = [n for n in graph.nodes if stage_of.get(n) == s]
+        body = [n for n in graph.nodes if stage_of.get(n) == s and not is_autocast_node(n)]
         reads = {a for n in body + ([output] if s == last else []) for a in n.all_input_nodes}
         inputs = [i for i, p in enumerate(placeholders) if p in reads]
         receives = [boundaries[n] for n in graph.nodes if n in reads and n in boundaries and stage_of[n] < s]
@@ -132,16 +284,26 @@ def build_stages(captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages
         for i in inputs:
             env[placeholders[i]] = new.placeholder(placeholders[i].name)
             env[placeholders[i]].meta = dict(placeholders[i].meta)
-        by_name = {n.name: n for n in graph.nodes}
         for b in receives:
             env[by_name[b.name]] = new.placeholder(b.name)
             env[by_name[b.name]].meta = dict(by_name[b.name].meta)
+        # A received boundary the stage writes to in place (or through a view) is copied first: the runtime
+        # makes it an autograd leaf, which an in-place op may not touch, and between stages of one rank it
+        # shares storage with the producer's output. User inputs are not leaves: never copied.
+        for b in receives:
+            node = by_name[b.name]
+            if node in written.get(s, ()):
+                env[node] = new.create_node("call_method", "clone", (env[node],), name=f"{b.name}_clone")
+                env[node].meta = dict(node.meta)
         for attr in [n for n in graph.find_nodes(op="get_attr") if n in reads]:
             env[attr] = new.node_copy(attr)
         if body and modes[body[0]] != torch.is_grad_enabled():
             new.call_function(torch._C._set_grad_enabled, (modes[body[0]],))
+        entered: list[fx.Node] = []
         for node in body:
+            _enter_regions(new, env, entered, regions[node])
             env[node] = new.node_copy(node, lambda n: env[n])
+        _enter_regions(new, env, entered, ())
         if body and modes.get(body[-1].next, modes[body[-1]]) != torch.is_grad_enabled():
             new.call_function(torch._C._set_grad_enabled, (torch.is_grad_enabled(),))
         if s == last:

@@ -12,6 +12,8 @@ How the cuts are chosen
    placeholders and parameters itself, so they are free). A cut is *not allowed* where a non-tensor is
    live, inside an ``unsplittable`` module, inside a ``torch.no_grad()`` region, or between a node and
    its ``getitem``. ``torch.cond`` and other higher-order ops are single nodes, so never cut inside.
+   A ``torch.autocast()`` region may be cut: its enter's context, read only by its exit, is no value a
+   stage sends (codegen re-enters the region in each stage), so the pair neither blocks a cut nor moves.
 2. **Balance.** Binary search the smallest bottleneck B (slowest stage time) that a greedy
    farthest-cut sweep reaches in k stages under ``max_stage_memory`` -- exact, as both limits are
    monotone in a stage's extent. O(k log n) per probe without a memory limit, O(n) with one.
@@ -53,7 +55,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..capture import CapturedGraph
+from ..capture import CapturedGraph, is_autocast_node
 from ..cost import GraphCosts, compute_nodes, format_bytes, graph_costs
 from ..errors import ConfigError, PartitionError
 from .manual import _inside, layer_boundaries
@@ -210,8 +212,14 @@ class _Chain:
         self.prefix = [0.0]
         for w in weight:
             self.prefix.append(self.prefix[-1] + w)
-        self.users = [[pos[u] for u in node.users if u in pos] for node in self.nodes]
-        self.inputs = [[pos[a] for a in node.all_input_nodes if a in pos] for node in self.nodes]
+        # an autocast exit reads its enter's context, which never crosses a cut: not a data edge
+        self.users = [
+            [pos[u] for u in node.users if u in pos and not is_autocast_node(u)] for node in self.nodes
+        ]
+        self.inputs = [
+            [pos[a] for a in node.all_input_nodes if a in pos and not is_autocast_node(a)]
+            for node in self.nodes
+        ]
         self.to_output = [output in node.users for node in self.nodes]
         # memory: state (get_attr read) and saved-activation buffers, as resource ids per position
         state_ids = {a: j for j, a in enumerate(costs.state_bytes)}
@@ -239,7 +247,7 @@ class _Chain:
     def _pinned(self, c: list, groups: list[list[int]]) -> list[bool]:
         share = self.prefix[-1] / self.k * _HEAVY_SHARE
         pinned = [
-            x.flops > 0 or (share > 0 and w >= share) or not node.users
+            x.flops > 0 or (share > 0 and w >= share) or not node.users or is_autocast_node(node)
             for x, w, node in zip(c, self.weight, self.nodes, strict=True)
         ]
         for group in groups:
