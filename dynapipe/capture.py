@@ -185,6 +185,22 @@ def _module_path(stack_entry: str, self_name: str | None) -> str:
     return rest
 
 
+def _node_module_path(gm: fx.GraphModule, node: fx.Node, self_name: str | None) -> str:
+    """The module a node runs in. A higher-order op called from outside the module it wraps
+    (``checkpoint(block, h)`` in a loop over blocks) takes the module its body runs in."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        return _module_path(list(stack.values())[-1][0], self_name)
+    body = node.args[0] if node.op == "call_function" and node.args else None
+    if isinstance(body, fx.Node) and body.op == "get_attr":
+        sub = getattr(gm, body.target, None)
+        if isinstance(sub, fx.GraphModule):
+            paths = [_node_module_path(sub, n, self_name) for n in sub.graph.nodes if n.op == "call_function"]
+            common = os.path.commonprefix([p.split(".") for p in paths]) if paths else []
+            return ".".join(common)
+    return ""
+
+
 def _hint(value: Any) -> Any:
     """Concrete value of a size-derived SymInt/SymFloat/SymBool at the microbatch size (None if the
     value depends on tensor data, like ``x.item()``: that is computed at run time instead)."""
@@ -228,7 +244,12 @@ def _record(frame: FrameCall, arguments: dict[str, Any]) -> tuple[fx.GraphModule
                 f"{err}\nFix: rewrite the line shown above (or move it out of the compiled call); "
                 "torch.compile(..., fullgraph=True, backend='eager') reproduces the break in one process."
             ) from err
-        raise CaptureError(f"dynapipe could not capture the step at the microbatch size: {err}") from err
+        raise CaptureError(
+            f"dynapipe could not capture the step at the microbatch size: {err}\nEvery input tensor whose "
+            "first dimension equals the batch size was cut into microbatches. If one of them is not per-example "
+            "data (a class-weight vector, a lookup table that happens to have that length), make it a buffer "
+            "of the model instead of an argument."
+        ) from err
     raise CaptureError("Dynamo produced no graph for the step: the compiled call performs no tensor work")
 
 
@@ -277,8 +298,7 @@ def _to_captured(
         graph.erase_node(node)
     _specialise_sizes(graph)
     for node in graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        node.meta["module_path"] = _module_path(list(stack.values())[-1][0], self_name) if stack else ""
+        node.meta["module_path"] = _node_module_path(gm, node, self_name)
     graph.lint()
     gm.recompile()
     outputs = graph.find_nodes(op="output")[0].args[0]
