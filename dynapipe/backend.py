@@ -9,7 +9,6 @@ the pipeline. Later calls with the same input shapes reuse it.
 
 from __future__ import annotations
 
-import operator
 import warnings
 from datetime import timedelta
 from typing import Any
@@ -26,7 +25,7 @@ from .capture import (
     frame_being_compiled,
     ignore_logging_in_graphs,
 )
-from .codegen import build_stages, partition_digest
+from .codegen import build_stages, partition_digest, written_in_place
 from .config import PipelineConfig
 from .cost import graph_costs
 from .errors import ConfigError, DynapipeError
@@ -333,19 +332,11 @@ def _output_specs(captured: CapturedGraph) -> list[OutputSpec]:
     return specs
 
 
-_IN_PLACE_OPERATORS = {
-    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
-}  # fmt: skip
-
-
 def _updates_state_in_place(node: fx.Node) -> bool:
     """Whether an output is a buffer or parameter itself, after in-place updates (``self.count += 1``:
     Dynamo returns it so as to assign it back)."""
     while node.op != "get_attr":
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        in_place = node.target in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.endswith("__"))
-        if not (in_place and node.args and isinstance(node.args[0], fx.Node)):
+        if not (node.args and isinstance(node.args[0], fx.Node) and node.args[0] in written_in_place(node)):
             return False
         node = node.args[0]
     return True

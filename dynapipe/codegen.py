@@ -38,7 +38,7 @@ import torch.fx as fx
 from .capture import CapturedGraph, autocast_regions, grad_modes, is_autocast_node
 from .errors import PartitionError
 
-__all__ = ["Boundary", "StagePlan", "build_stages", "partition_digest"]
+__all__ = ["Boundary", "StagePlan", "build_stages", "partition_digest", "written_in_place"]
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def _nodes_in(value: object) -> list[fx.Node]:
     return found
 
 
-def _written(node: fx.Node) -> list[fx.Node]:
+def written_in_place(node: fx.Node) -> list[fx.Node]:
     """The nodes whose tensors ``node`` may modify in place. Conservative: a name that reads as in-place
     counts (``x.add_()``, ``torch.relu_(x)``, ``F.relu(x, inplace=True)``, ``x += y``, ``x[i] = y``)."""
     if node.op not in ("call_function", "call_method"):
@@ -202,7 +202,7 @@ def _in_place_writes(graph: fx.Graph, stage_of: dict[fx.Node, int]) -> dict[int,
     written: dict[int, set[fx.Node]] = {}
     for write in [n for n in graph.nodes if n in stage_of]:
         s = stage_of[write]
-        for target in _written(write):
+        for target in written_in_place(write):
             if storage[target] is None:
                 written.setdefault(s, set()).update(n for n, at in stage_of.items() if at < s)
                 continue
