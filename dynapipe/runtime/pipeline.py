@@ -51,7 +51,7 @@ class _NoGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, anchor, index, loss_index):  # noqa: ARG004 - anchor only connects the graph
         ctx.index, ctx.loss_index = index, loss_index
-        return value.clone()
+        return value.view_as(value)  # no copy: logits can be large
 
     @staticmethod
     def backward(ctx, grad_output):
