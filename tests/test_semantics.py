@@ -3,6 +3,7 @@ memory of other ranks' stages released, code-level split markers, torch.cond, th
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -267,3 +268,39 @@ def clip_worker(rank: int, world: int, dp: int) -> float:
 @pytest.mark.parametrize(("world", "dp"), [(2, 1), (4, 2)])
 def test_clip_grad_norm_over_the_pipeline(world: int, dp: int) -> None:
     run_distributed(clip_worker, world, dp, timeout=180)
+
+
+def two_pipelines_worker(rank: int, world: int) -> None:
+    """Two compiled calls over one model that cut it in different places, alternating with optimizer
+    steps: a parameter trained on one rank by the first is read on another by the second, whose copy
+    must be brought up to date before it runs."""
+    torch.manual_seed(0)
+    net = nn.Sequential(*(m for _ in range(5) for m in (nn.Linear(6, 6), nn.Tanh())), nn.Linear(6, 3))
+    ref = copy.deepcopy(net)
+    first = torch.compile(
+        lambda x, y: F.cross_entropy(net(x), y), backend="dynapipe", options={"split_points": ["4"]}
+    )
+    second = torch.compile(
+        lambda x, y: F.cross_entropy(net(x), y) * 2, backend="dynapipe", options={"split_points": ["8"]}
+    )
+    calls = [
+        (first, lambda x, y: F.cross_entropy(ref(x), y)),
+        (second, lambda x, y: F.cross_entropy(ref(x), y) * 2),
+    ]
+    opt, ref_opt = torch.optim.SGD(net.parameters(), lr=0.5), torch.optim.SGD(ref.parameters(), lr=0.5)
+    for i in range(4):
+        step, ref_step = calls[i % 2]
+        x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+        loss, ref_loss = step(x, y), ref_step(x, y)
+        torch.testing.assert_close(loss, ref_loss, msg=lambda m, i=i: f"call {i}: {m}")
+        loss.backward()
+        ref_loss.backward()
+        for n, p in net.named_parameters():  # the gradient is on the ranks that read it in this call
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, dict(ref.named_parameters())[n].grad)
+        opt.step(), ref_opt.step()
+        opt.zero_grad(), ref_opt.zero_grad()
+
+
+def test_two_pipelines_over_one_model() -> None:
+    run_distributed(two_pipelines_worker, 2, timeout=180)

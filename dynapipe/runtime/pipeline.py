@@ -10,6 +10,7 @@ call whose loss is never back-propagated leaves ``.grad`` untouched.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +27,11 @@ from .comm import Comm
 from .executor import Executor, device_of
 from .grad_norm import register_pipeline_params
 from .layout import Layout
+from .state import refresh_state, state_readers
 
 __all__ = ["Pipeline", "StepReport"]
+
+_SERIALS = itertools.count()  # pipelines are built in the same order on every rank
 
 
 class _HeldGradients(torch.autograd.Function):
@@ -126,6 +130,8 @@ class Pipeline:
             id(p) for p, group, _ in self.tied if dist.get_process_group_ranks(group)[0] != self.rank
         }
         register_pipeline_params(self.params, self.layout.pp_group, not_counted)
+        self.serial = next(_SERIALS)
+        self.state_readers = state_readers(self.plans, self.rank_of_stage)
         self.executor = Executor(
             self.plans, self.rank_of_stage, self.comm, self.n_microbatches, self.loss_index, scale, reducers
         )
@@ -153,6 +159,7 @@ class Pipeline:
         held = {p: p.grad for p in self.params}
         for p in self.params:
             p.grad = None
+        refresh_state(self.state_readers, self.serial, self.comm)  # after another pipeline over this model
         delivery = _OutputDelivery(self, device_of(inputs))
         try:
             self.executor.run(actions, inputs, train, on_results=delivery.send)

@@ -1,20 +1,32 @@
-"""Which rank keeps which parameters and buffers in memory.
+"""Which rank keeps which parameters and buffers in memory, and keeps the copies current.
 
 The first pipeline built over a set of tensors frees, on each rank, the storage of every tensor its own
 stages do not read: the tensors keep their shape, so the user's model, optimizer and Dynamo's guards stay
 valid, but hold no memory. A later pipeline over the same tensors (an inference graph, another input
 shape) may cut the graph elsewhere; a stage that then needs a tensor its rank has freed gets it back from a
 rank that still holds it, and nothing more is freed, so every pipeline built so far keeps working.
+
+With several pipelines over one model a tensor can then live on several ranks, and only the ranks whose
+stages read it in the pipeline that ran last have its current value (the optimizer steps the copies that
+got gradients; a forward updates buffers where it runs). So before a pipeline runs after another one, each
+rank that reads a tensor but did not read it last fetches it from a rank that did.
 """
 
 from __future__ import annotations
+
+import weakref
+from functools import partial
 
 import torch
 
 from ..codegen import StagePlan
 from .comm import Comm
 
-__all__ = ["place_state"]
+__all__ = ["place_state", "refresh_state", "state_readers"]
+
+# id(tensor) -> (weak reference, the pipeline that read it last, the ranks whose stages read it there)
+_LAST_READERS: dict[int, tuple[weakref.ref, int, frozenset[int]]] = {}
+_LAST_PIPELINE: int | None = None  # the pipeline that ran last, over any tensors
 
 
 def _state(plans: list[StagePlan], stages: list[int]) -> list[torch.Tensor]:
@@ -34,13 +46,58 @@ def _storage_bytes(t: torch.Tensor) -> int:
     return (t.storage_offset() + extent) * t.element_size()
 
 
+def _forget(key: int, _: weakref.ref) -> None:
+    _LAST_READERS.pop(key, None)
+
+
+def _last_readers(t: torch.Tensor) -> tuple[int, frozenset[int]] | None:
+    entry = _LAST_READERS.get(id(t))
+    return (entry[1], entry[2]) if entry is not None and entry[0]() is t else None
+
+
+def state_readers(
+    plans: list[StagePlan], rank_of_stage: dict[int, int]
+) -> list[tuple[torch.Tensor, frozenset]]:
+    """Every parameter and buffer of a pipeline with the ranks whose stages read it."""
+    readers: dict[int, tuple[torch.Tensor, set[int]]] = {}
+    for s in range(len(plans)):
+        for t in _state(plans, [s]):
+            readers.setdefault(id(t), (t, set()))[1].add(rank_of_stage[s])
+    return [(t, frozenset(ranks)) for t, ranks in readers.values()]
+
+
+def refresh_state(readers: list[tuple[torch.Tensor, frozenset]], pipeline: int, comm: Comm) -> None:
+    """Before pipeline number ``pipeline`` runs: give each rank that reads a tensor the value held by the
+    ranks that read it in the pipeline that ran last over it. Every rank runs the same pipelines in the
+    same order, so every rank computes the same transfers."""
+    global _LAST_PIPELINE
+    if _LAST_PIPELINE == pipeline:
+        return
+    _LAST_PIPELINE = pipeline
+    for i, (t, ranks) in enumerate(readers):
+        last = _last_readers(t)
+        if last is not None and last[0] != pipeline:
+            source = min(last[1])
+            for r in sorted(ranks - last[1]):
+                if comm.rank == source:
+                    comm.isend(t, r, i, f"the current value of parameter/buffer #{i} for rank {r}")
+                elif comm.rank == r:
+                    if not _held(t):
+                        t.untyped_storage().resize_(_storage_bytes(t))
+                    work = comm.irecv(t.data, source, i)
+                    comm.wait(work, f"receiving the current value of parameter/buffer #{i}", source)
+        key = id(t)
+        _LAST_READERS[key] = (weakref.ref(t, partial(_forget, key)), pipeline, ranks)
+    comm.flush()
+
+
 def place_state(plans: list[StagePlan], local_stages: list[int], comm: Comm) -> int:
-    """Make this rank hold what its stages read; on a first build free the rest. Returns bytes freed."""
+    """Make this rank hold what its stages read, and free the tensors that no pipeline has read yet and
+    its stages do not read. Returns the bytes freed."""
     everything = _state(plans, list(range(len(plans))))
     index = {id(t): i for i, t in enumerate(everything)}
     needed = {index[id(t)] for t in _state(plans, local_stages)}
     held = {i for i, t in enumerate(everything) if _held(t)}
-    first_build = len(held) == len(everything)
     per_rank = comm.gather_objects((sorted(needed), sorted(held)), "which parameters each rank holds")
     for i, t in enumerate(everything):  # every rank walks the same list, so sends and receives pair up
         holders = [r for r, (_, has) in enumerate(per_rank) if i in has]
@@ -54,13 +111,13 @@ def place_state(plans: list[StagePlan], local_stages: list[int], comm: Comm) -> 
                         comm.irecv(t.data, holders[0], i), f"receiving parameter/buffer #{i}", holders[0]
                     )
     comm.flush()
-    if not first_build:
-        return 0
+    # free what this rank's stages do not read, among the tensors that no pipeline has read yet (the same
+    # on every rank): a tensor an earlier pipeline reads stays where it is
     keep = {t.untyped_storage().data_ptr() for t in _state(plans, local_stages)}
     freed = 0
     for t in everything:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in keep and storage.nbytes():
+        if _last_readers(t) is None and storage.data_ptr() not in keep and storage.nbytes():
             freed += storage.nbytes()
             storage.resize_(0)
             if isinstance(t, torch.nn.Parameter):
