@@ -86,15 +86,6 @@ class Comm:
         for work, _, what in pending:
             self.wait(work, what, None)
 
-    def broadcast(
-        self, tensor: torch.Tensor, src: int, what: str, group: dist.ProcessGroup | None = None
-    ) -> None:
-        try:
-            work = dist.broadcast(tensor, src, group=group, async_op=True)
-        except RuntimeError as err:
-            raise self._fail(err, f"broadcasting {what} from rank {src}", src) from err
-        self.wait(work, f"broadcasting {what} from rank {src}", src)
-
     def all_reduce(self, tensor: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> None:
         try:
             work = dist.all_reduce(tensor, group=group, async_op=True)

@@ -127,7 +127,7 @@ class Pipeline:
                     if self.ddp_comm_hook is not None:
                         reducers[s].register_comm_hook(self.layout.dp_group, self.ddp_comm_hook)
         not_counted = {
-            id(p) for p, group, _ in self.tied if dist.get_process_group_ranks(group)[0] != self.rank
+            id(p) for p, group, _ in self.tied if min(dist.get_process_group_ranks(group)) != self.rank
         }
         register_pipeline_params(self.params, self.layout.pp_group, not_counted)
         self.serial = next(_SERIALS)
