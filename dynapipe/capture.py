@@ -12,7 +12,9 @@ The result, :class:`CapturedGraph`, is the contract with the rest of dynapipe:
   user's own tensor objects (so gradients land where the user's optimizer looks);
 * symbolic sizes are specialised to the microbatch size for execution, while each node's
   ``meta["example_value"]`` keeps its symbolic shape (sympy) for the cost model;
-* ``meta["module_path"]`` is the dotted name of the innermost user module that produced the node.
+* ``meta["module_path"]`` is the dotted name of the innermost user module that produced the node, and
+  ``state_names`` the names of parameters and buffers: the user's own names, found by identity
+  (:mod:`dynapipe.names`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch._dynamo.symbolic_convert import InstructionTranslator
 
 from .errors import CaptureError, GraphBreakError
 from .microbatch import is_batched, split_value
+from .names import ModelNames, reachable_modules
 
 __all__ = [
     "FrameCall",
@@ -53,10 +56,6 @@ def ignore_logging_in_graphs() -> None:
 
     names = [n for n in dir(logging.Logger) if n in _LOGGER_METHODS or n.endswith("_once")]
     torch._dynamo.config.ignore_logging_functions.update(getattr(logging.Logger, n) for n in names)
-
-
-_ROOT = re.compile(r"^(?:L|G)\[['\"]([^'\"]+)['\"]\]")
-_MODULE_KEY = re.compile(r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]")
 
 
 @dataclass(frozen=True)
@@ -164,41 +163,25 @@ class _Recorded(Exception):
     """Raised by the recording backend to stop Dynamo once it has handed over the graph."""
 
 
-def _qualified_name(source_name: str, self_name: str | None) -> str:
-    """``L['self']._modules['layers']._modules['0']._parameters['weight']`` -> ``layers.0.weight``."""
-    root = _ROOT.match(source_name)
-    parts = _MODULE_KEY.findall(source_name)
-    if root and root.group(1) != self_name:
-        parts.insert(0, root.group(1))
-    if not parts:  # a tensor reached some other way (a global, an attribute): keep the source readable
-        return re.sub(r"\W+", "_", source_name).strip("_")
-    return ".".join(parts)
-
-
-def _module_path(stack_entry: str, self_name: str | None) -> str:
-    """``L['self'].layers.0`` -> ``layers.0``; ``G['model'].layers.0`` -> ``model.layers.0``."""
-    root = _ROOT.match(stack_entry)
-    rest = stack_entry[root.end() :] if root else stack_entry
-    rest = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", rest).lstrip(".")
-    if root and root.group(1) != self_name:
-        rest = f"{root.group(1)}.{rest}" if rest else root.group(1)
-    return rest
-
-
-def _node_module_path(gm: fx.GraphModule, node: fx.Node, self_name: str | None) -> str:
-    """The module a node runs in. A higher-order op called from outside the module it wraps
-    (``checkpoint(block, h)`` in a loop over blocks) takes the module its body runs in."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if stack:
-        return _module_path(list(stack.values())[-1][0], self_name)
+def _node_module_path(gm: fx.GraphModule, node: fx.Node, names: ModelNames) -> str:
+    """The user's name of the innermost module a node runs in (Dynamo keys its module stack by ``id()``).
+    A higher-order op whose body runs deeper than its caller (``checkpoint(block, h)`` in a loop over
+    blocks) takes the module its body runs in."""
+    path = ""
+    for key in reversed(list(node.meta.get("nn_module_stack") or {})):
+        module_id = str(key).split("@")[0]
+        if module_id.isdigit() and int(module_id) in names.modules:
+            path = names.modules[int(module_id)]
+            break
     body = node.args[0] if node.op == "call_function" and node.args else None
     if isinstance(body, fx.Node) and body.op == "get_attr":
         sub = getattr(gm, body.target, None)
         if isinstance(sub, fx.GraphModule):
-            paths = [_node_module_path(sub, n, self_name) for n in sub.graph.nodes if n.op == "call_function"]
-            common = os.path.commonprefix([p.split(".") for p in paths]) if paths else []
-            return ".".join(common)
-    return ""
+            paths = [_node_module_path(sub, n, names) for n in sub.graph.nodes if n.op == "call_function"]
+            inner = ".".join(os.path.commonprefix([p.split(".") for p in paths])) if paths else ""
+            if not path or inner == path or inner.startswith(path + "."):
+                return inner
+    return path
 
 
 def _hint(value: Any) -> Any:
@@ -269,6 +252,10 @@ def _to_captured(
 ) -> CapturedGraph:
     graph = gm.graph
     self_name = frame.self_name
+    state_values = [v for _, v in placeholders if isinstance(v, torch.Tensor)]
+    names = ModelNames.build(
+        reachable_modules(frame.arguments, frame.code, frame.closure, frame.globals), state_values
+    )
     state_names: dict[str, str] = {}
     input_sources: list[str] = []
     taken = {n.target for n in graph.nodes if n.op == "get_attr"}
@@ -282,7 +269,8 @@ def _to_captured(
             input_sources.append(source)
             continue
         if isinstance(value, torch.Tensor):  # parameter, buffer, or a tensor constant the code reads
-            qualified = _qualified_name(source, self_name)
+            # a tensor no reachable module owns (a global, a closure's tensor) keeps its source, made readable
+            qualified = names.tensors.get(id(value)) or re.sub(r"\W+", "_", source).strip("_")
             name = _attr_name(qualified, taken)
             state_names[name] = qualified
             if isinstance(value, torch.nn.Parameter):
@@ -298,7 +286,7 @@ def _to_captured(
         graph.erase_node(node)
     _specialise_sizes(graph)
     for node in graph.nodes:
-        node.meta["module_path"] = _node_module_path(gm, node, self_name)
+        node.meta["module_path"] = _node_module_path(gm, node, names)
     graph.lint()
     gm.recompile()
     outputs = graph.find_nodes(op="output")[0].args[0]
