@@ -31,8 +31,9 @@ import torch
 import torch.fx as fx
 from torch._dynamo.symbolic_convert import InstructionTranslator
 
+from .batch_check import batch_symbols, check_guards, check_no_batch_slicing, check_same_program
 from .errors import CaptureError, GraphBreakError
-from .microbatch import is_batched, split_value
+from .microbatch import is_batched
 from .names import ModelNames, reachable_modules
 
 __all__ = [
@@ -203,8 +204,16 @@ def _attr_name(qualified: str, taken: set[str]) -> str:
     return name
 
 
-def _record(frame: FrameCall, arguments: dict[str, Any]) -> tuple[fx.GraphModule, list[tuple[str, Any]]]:
-    """Trace ``frame`` on ``arguments`` with Dynamo; return the graph and each placeholder's (source, value)."""
+@dataclass
+class _Trace:
+    gm: fx.GraphModule
+    placeholders: list[tuple[str, Any]]  # each placeholder's Dynamo source and value
+    guards: list[tuple[Any, str]]  # Dynamo's assumptions about symbolic sizes: (sympy expression, where)
+    hints: dict  # symbol -> its value in this trace
+
+
+def _record(frame: FrameCall, arguments: dict[str, Any]) -> _Trace:
+    """Trace ``frame`` on ``arguments`` with Dynamo."""
     box: dict[str, Any] = {}
 
     def recorder(gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
@@ -212,7 +221,12 @@ def _record(frame: FrameCall, arguments: dict[str, Any]) -> tuple[fx.GraphModule
         for node in gm.graph.find_nodes(op="placeholder"):
             grapharg = node.meta["grapharg"]
             args.append((grapharg.source.name, grapharg.example))
-        box["graph"] = (gm, args)
+        shape_env = torch._guards.TracingContext.get().fake_mode.shape_env
+        guards, hints = [], {}
+        if shape_env is not None:  # symbols Dynamo later found equal are replaced by one of them
+            guards = [(shape_env.replace(g.expr), g.sloc.maybe_user_loc or str(g.sloc)) for g in shape_env.guards]
+            hints = dict(shape_env.backed_var_to_val)
+        box["graph"] = _Trace(gm, args, guards, hints)
         raise _Recorded
 
     try:
@@ -237,14 +251,32 @@ def _record(frame: FrameCall, arguments: dict[str, Any]) -> tuple[fx.GraphModule
 
 
 def capture_microbatch(frame: FrameCall, *, n_microbatches: int, batch_size: int) -> CapturedGraph:
-    """Re-trace ``frame`` on microbatch 0 of its own arguments and turn it into a :class:`CapturedGraph`."""
+    """Re-trace ``frame`` on microbatch 0 of its own arguments and turn it into a :class:`CapturedGraph`,
+    refusing code that would compute something else on a microbatch than on the full batch."""
     ignore_logging_in_graphs()
-    mb_args = {k: split_value(v, n_microbatches, batch_size, 0) for k, v in frame.arguments.items()}
-    for leaf in torch.utils._pytree.tree_leaves(mb_args):
-        if is_batched(leaf, batch_size // n_microbatches) and batch_size // n_microbatches > 1:
-            torch._dynamo.maybe_mark_dynamic(leaf, 0)
-    gm, placeholders = _record(frame, mb_args)
-    return _to_captured(gm, placeholders, frame, batch_size, n_microbatches)
+    size = batch_size // n_microbatches
+    trace = _trace_rows(frame, batch_size, size)
+    general = _trace_rows(frame, batch_size, 2) if size == 1 and batch_size >= 2 else trace
+    if general is not trace:
+        check_same_program(trace.gm, general.gm)
+    symbols = batch_symbols(general.gm)
+    check_guards(general.guards, symbols, general.hints, microbatch=max(size, 2), batch=batch_size)
+    check_no_batch_slicing(general.gm, symbols)
+    return _to_captured(trace.gm, trace.placeholders, frame, batch_size, n_microbatches)
+
+
+def _trace_rows(frame: FrameCall, batch_size: int, rows: int) -> _Trace:
+    """Trace ``frame`` on the first ``rows`` rows of its batched arguments, the batch dimension dynamic."""
+
+    def cut(x: Any) -> Any:
+        if not is_batched(x, batch_size):
+            return x
+        rows_of_x = x.narrow(0, 0, rows)
+        if rows > 1:
+            torch._dynamo.maybe_mark_dynamic(rows_of_x, 0)
+        return rows_of_x
+
+    return _record(frame, torch.utils._pytree.tree_map(cut, frame.arguments))
 
 
 def _to_captured(

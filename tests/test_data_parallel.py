@@ -3,6 +3,7 @@ for every schedule; GPT-2's tied embedding and LM head stay in sync with and wit
 
 from __future__ import annotations
 
+import pytest
 from harness import run_distributed
 from models import CASES
 from test_pipeline import _check_coverage, _check_runs, _check_tied, train_and_compare, train_many
@@ -33,6 +34,7 @@ def test_pp2_dp2_matches_single_process() -> None:
     _check_runs(results, runs)
 
 
+@pytest.mark.hf
 def test_gpt2_tied_embeddings_with_dp() -> None:
     """pp=2 x dp=2 (pp=2 and pp=4 without dp are in test_pipeline.py::test_huggingface_models...)."""
     options = {"schedule": "1f1b", "n_microbatches": 2, "dp_degree": 2}

@@ -32,6 +32,7 @@ def run_example(name: str, *args: str, cwd: Path | None = None) -> str:
     return proc.stdout
 
 
+@pytest.mark.hf
 def test_train_gpt2_two_stages():
     out = run_example("train_gpt2.py", "--steps", "2")
     assert "tied transformer.wte.weight held by 2 ranks" in out

@@ -148,3 +148,42 @@ def test_a_stateless_loss_module_keeps_the_models_names() -> None:
     )
     assert {"blocks.1.lin", "loss_fn"} <= paths
     assert "inp.weight" in state
+
+
+def hf_module_worker(rank: int, world: int) -> list[str]:
+    """HuggingFace Llama compiled as a module (its forward is wrapped by a ``*args, **kwargs`` decorator in
+    newer transformers), split at its own module names, equal to one process."""
+    from models import llama
+
+    case, ref = llama(world), llama(world)
+    step = torch.compile(
+        case.model, backend="dynapipe", options={"split_points": case.split_points, "n_microbatches": 4}
+    )
+    ids = case.args[0]
+    out = step(input_ids=ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    expect = ref.model(input_ids=ids, labels=ids, use_cache=False)
+    expect.loss.backward()
+    torch.testing.assert_close(out.loss, expect.loss)
+    torch.testing.assert_close(out.logits, expect.logits)
+    reference = dict(ref.model.named_parameters())
+    held = []
+    for name, p in case.model.named_parameters():
+        if p.untyped_storage().nbytes() > 0:
+            torch.testing.assert_close(p.grad, reference[name].grad, msg=lambda m: f"grad {name}: {m}")
+            held.append(name)
+    return held
+
+
+@pytest.mark.hf
+def test_huggingface_llama_compiled_as_a_module_with_split_points() -> None:
+    from harness import run_distributed
+
+    transformers = pytest.importorskip("transformers")
+    results = run_distributed(hf_module_worker, 2, timeout=240)
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4)
+    )
+    assert set(results[0]) | set(results[1]) == {n for n, _ in model.named_parameters()}
+    assert "model.layers.0.mlp.up_proj.weight" in results[0]
+    assert "model.layers.3.mlp.up_proj.weight" in results[1]

@@ -27,6 +27,7 @@ from dynapipe.explain import capture, explain
 from dynapipe.partition import assign_balanced, assign_by_split_points, balanced_partition, layer_boundaries
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf
 
 BATCH, SEQ, HIDDEN, VOCAB, LAYERS, N_MICRO = 4, 16, 64, 1000, 8, 2
 MICRO = BATCH // N_MICRO

@@ -107,6 +107,7 @@ def test_small_models_match_single_process(world: int, schedule: str) -> None:
     _check_tied(results, "tied", "embed.weight", 2)
 
 
+@pytest.mark.hf
 @pytest.mark.parametrize(("world", "names"), [(2, ["llama", "gpt2", "opt", "bloom"]), (4, ["llama", "gpt2"])])
 def test_huggingface_models_match_single_process(world: int, names: list[str]) -> None:
     results = run_distributed(
@@ -117,6 +118,7 @@ def test_huggingface_models_match_single_process(world: int, names: list[str]) -
         _check_tied(results, "gpt2", "transformer.wte.weight", 2)
 
 
+@pytest.mark.hf
 def test_automatic_partition_matches_single_process() -> None:
     names = ["skip", "tied", "llama"]
     options = {"schedule": "1f1b", "n_microbatches": 4, "split_points": ()}
@@ -124,6 +126,7 @@ def test_automatic_partition_matches_single_process() -> None:
     _check_coverage(results, names)
 
 
+@pytest.mark.hf
 def test_more_huggingface_families_with_automatic_partition() -> None:
     """Qwen2 (GQA), T5 (encoder-decoder) and BERT (classification), cut by the automatic partitioner."""
     names = ["qwen2", "t5", "bert"]

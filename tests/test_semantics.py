@@ -107,6 +107,7 @@ def semantics_worker(rank: int, world: int, with_hf: bool = True) -> dict:
     return out
 
 
+@pytest.mark.hf
 def test_semantics_on_two_ranks() -> None:
     results = run_distributed(semantics_worker, 2, timeout=240)
     for r in results.values():
