@@ -27,8 +27,9 @@ from .capture import (
 )
 from .codegen import build_stages, partition_digest, written_in_place
 from .config import PipelineConfig
-from .cost import graph_costs
+from .cost import graph_costs, stage_costs
 from .errors import ConfigError, DynapipeError
+from .explain import Explanation
 from .microbatch import check_divisible
 from .partition import assign_balanced, assign_by_split_points, marker_positions
 from .runtime.comm import Comm, ensure_process_group
@@ -156,6 +157,9 @@ class _LazyPipeline:
         layout = build_layout(
             device, dp_degree=config.dp_degree, mesh=config.mesh, timeout_s=config.timeout_s
         )
+        comm.agree(
+            {"batch size": str(batch_size), "input shapes": _shapes(inputs), **config.summary()}, "the call"
+        )
         n_pp = layout.n_pp
         spec = get_schedule(config.schedule)
         n_stages = _stage_count(config, spec, n_pp)
@@ -168,7 +172,13 @@ class _LazyPipeline:
             batch_size=batch_size,
         )
         in_flight = n_microbatches if spec.name == "gpipe" else min(n_microbatches, n_stages)
-        plans = build_stages(captured, _assign(captured, config, n_stages, in_flight, comm), n_stages)
+        stage_of = _assign(captured, config, n_stages, in_flight, comm)
+        plans = build_stages(captured, stage_of, n_stages)
+        plan = None
+        if config.on_step is not None:  # the table of the plan that runs, for whoever watches the steps
+            plan = Explanation(
+                stage_of, stage_costs(captured, stage_of, optimizer=config.optimizer), captured
+            )
         pp_of_stage = placement_map(spec.placement, n_ranks=n_pp, n_stages=n_stages)
         table = spec.build(n_ranks=n_pp, n_stages=n_stages, n_microbatches=n_microbatches)
         if layout.dp_degree > 1:
@@ -177,7 +187,14 @@ class _LazyPipeline:
             table = split_last_backward(table)
         edges = sorted({(b.producer, c) for p in plans for b in p.sends for c in b.consumers})
         validate(table, n_pp, n_stages, n_microbatches, pp_of_stage, edges=edges)
-        comm.agree(partition_digest(plans) + format_schedule(table), "the partition and schedule")
+        comm.agree(
+            {
+                "stages start at": _stage_starts(stage_of, n_stages),
+                "stage code (hash)": partition_digest(plans)[:16],
+                "schedule": format_schedule(table),
+            },
+            "the partition and schedule",
+        )
 
         local = sorted(s for s, pp in pp_of_stage.items() if pp == layout.pp_index)
         pipeline = Pipeline(
@@ -194,6 +211,7 @@ class _LazyPipeline:
             loss_reduction=config.loss_reduction,
             tied=tied_groups(plans, pp_of_stage, layout, config.timeout_s),
             on_step=config.on_step,
+            plan=plan,
             ddp_comm_hook=config.ddp_comm_hook,
         )
         place_state(plans, local, comm)
@@ -274,6 +292,28 @@ def _assign(
         optimizer=config.optimizer,
         in_flight=in_flight,
         costs=costs,
+    )
+
+
+def _shapes(inputs: dict[str, Any]) -> str:
+    """``x: (8, 16), y: (8,)``: every input tensor's shape by its place in the call's arguments."""
+    leaves = tree_flatten_with_path(inputs)[0]
+    return ", ".join(
+        f"{''.join(str(k) for k in path).lstrip('.')}: {tuple(leaf.shape)}"
+        for path, leaf in leaves
+        if isinstance(leaf, torch.Tensor)
+    )
+
+
+def _stage_starts(stage_of: dict[fx.Node, int], n_stages: int) -> str:
+    """The first node of every stage after the first, with the module it runs in."""
+    first: dict[int, fx.Node] = {}
+    for node, stage in stage_of.items():
+        first.setdefault(stage, node)
+    return ", ".join(
+        f"{first[s].name} ({first[s].meta.get('module_path') or 'top level'})"
+        for s in range(1, n_stages)
+        if s in first
     )
 
 

@@ -75,7 +75,9 @@ def check_guards(
         if not expr.free_symbols & symbols:
             continue
         at_batch = expr.xreplace({s: sympy.Integer(batch) for s in symbols})
-        at_batch = at_batch.xreplace({s: sympy.Integer(v) for s, v in hints.items() if s in at_batch.free_symbols})
+        at_batch = at_batch.xreplace(
+            {s: sympy.Integer(v) for s, v in hints.items() if s in at_batch.free_symbols}
+        )
         if at_batch.free_symbols or bool(at_batch):
             continue
         raise CaptureError(
@@ -115,7 +117,9 @@ def _selects_dim0(node: fx.Node) -> bool:
         first = index[0] if isinstance(index, tuple) and index else index
         if isinstance(first, slice):
             return first != slice(None, None, None)
-        return isinstance(first, int) or (isinstance(first, fx.Node) and isinstance(first.meta.get("example_value"), (int, torch.SymInt)))
+        return isinstance(first, int) or (
+            isinstance(first, fx.Node) and isinstance(first.meta.get("example_value"), (int, torch.SymInt))
+        )
     position = _SELECT_ON_DIM.get(node.target)
     if position is None:
         return False

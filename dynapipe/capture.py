@@ -224,7 +224,9 @@ def _record(frame: FrameCall, arguments: dict[str, Any]) -> _Trace:
         shape_env = torch._guards.TracingContext.get().fake_mode.shape_env
         guards, hints = [], {}
         if shape_env is not None:  # symbols Dynamo later found equal are replaced by one of them
-            guards = [(shape_env.replace(g.expr), g.sloc.maybe_user_loc or str(g.sloc)) for g in shape_env.guards]
+            guards = [
+                (shape_env.replace(g.expr), g.sloc.maybe_user_loc or str(g.sloc)) for g in shape_env.guards
+            ]
             hints = dict(shape_env.backed_var_to_val)
         box["graph"] = _Trace(gm, args, guards, hints)
         raise _Recorded

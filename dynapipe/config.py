@@ -60,6 +60,19 @@ class PipelineConfig:
     ddp_comm_hook: Any = None
     on_step: Any = None
 
+    def summary(self) -> dict[str, str]:
+        """Every option as text that is the same in every process for the same value (ranks compare it)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or isinstance(value, (bool, int, float, str, tuple, list, dict)):
+                out[f.name] = repr(value)
+            elif callable(value):
+                out[f.name] = getattr(value, "__qualname__", type(value).__name__)
+            else:
+                out[f.name] = type(value).__name__
+        return out
+
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> PipelineConfig:
         options = dict(options or {})

@@ -86,7 +86,9 @@ def _walk(value: Any, label: str, depth: int, seen: set[int]) -> Iterator[tuple[
         cells = (_cell(c) for c in value.__closure__ or ())
         children = list(zip(value.__code__.co_freevars, cells, strict=False))
         children += [
-            (name, value.__globals__[name]) for name in _global_names(value.__code__) if name in value.__globals__
+            (name, value.__globals__[name])
+            for name in _global_names(value.__code__)
+            if name in value.__globals__
         ]
         if hasattr(value, "__wrapped__"):  # functools.wraps
             children.append((label, value.__wrapped__))
@@ -104,7 +106,9 @@ class ModelNames:
     tensors: dict[int, str]
 
     @classmethod
-    def build(cls, reachable: list[tuple[str, torch.nn.Module]], used_tensors: list[torch.Tensor]) -> ModelNames:
+    def build(
+        cls, reachable: list[tuple[str, torch.nn.Module]], used_tensors: list[torch.Tensor]
+    ) -> ModelNames:
         roots = _roots(reachable)
         used = {id(t) for t in used_tensors}
         owners = [

@@ -5,8 +5,10 @@
 
 A randomly initialised ``LlamaForCausalLM`` is cut into 4 stages (one per process) by
 ``torch.compile(..., backend="dynapipe")`` and trained with the 1F1B schedule on a synthetic "count up by
-one" language. The training loop is the single-device one. Rank 0 prints the loss as it falls, and the
-script ends by checking its first step against the same model trained on one process.
+one" language. The training loop is the single-device one. Rank 0 first says what dynapipe did (the
+stages it cut, from the plan that runs: modules, parameters, estimated time; the schedule), writes a
+picture of the partition and the measured timeline of one step (``--out``, default ``dynapipe-demo/``),
+prints the loss as it falls, and ends by checking its first step against the same model on one process.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from dynapipe.cost import format_bytes
 from dynapipe.launch import launch
+from dynapipe.viz import merge_timelines, partition_svg, partition_text, timeline_svg, write_chrome_trace
 
 VOCAB, SEQ, BATCH = 128, 32, 16
 
@@ -45,14 +50,26 @@ def batch(step: int) -> torch.Tensor:
     return (start + torch.arange(SEQ)) % VOCAB
 
 
-def train(steps: int) -> None:
-    rank = int(os.environ["RANK"])
+def describe(report, out: Path) -> None:
+    """Say what dynapipe did, from the plan that runs (rank 0), and draw it."""
+    plan = report.plan
+    print(f"dynapipe cut the model into {len(plan.stages)} stages, one per process (estimated from FLOPs):")
+    print(partition_text(plan))
+    params = ", ".join(f"stage {s.index}: {format_bytes(s.param_bytes)}" for s in plan.stages)
+    print(f"parameters per stage ({format_bytes(sum(s.param_bytes for s in plan.stages))} in all): {params}")
+    out.mkdir(parents=True, exist_ok=True)
+    partition_svg(plan, out / "partition.svg", title="dynapipe's partition of the demo Llama")
+
+
+def train(steps: int, out: Path) -> None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
     model = make_model()
+    reports = []
     step_fn = torch.compile(
         lambda ids: model(input_ids=ids, labels=ids).loss,
         backend="dynapipe",
-        options={"schedule": "1f1b", "n_microbatches": 4},
+        options={"schedule": "1f1b", "n_microbatches": 4, "on_step": reports.append},
     )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses, start = [], time.perf_counter()
@@ -62,6 +79,22 @@ def train(steps: int) -> None:
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
+        if step == 0 and rank == 0:
+            describe(reports[0], out)
+            print("schedule: 1f1b, 4 microbatches of 4 sequences per step", flush=True)
+        if step == 1:  # the first step also captured and partitioned: draw a steady one
+            timelines = [None] * world if rank == 0 else None
+            dist.gather_object(reports[-1].timeline, timelines, dst=0)
+            if rank == 0:
+                measured = merge_timelines(timelines)
+                timeline_svg(measured, out / "timeline.svg", title="Measured step 1: 1f1b, 4 ranks")
+                write_chrome_trace(measured, out / "timeline.json")
+                print(
+                    f"step 1 took {measured.makespan * 1e3:.0f} ms, {measured.bubble_fraction:.0%} of it idle; "
+                    f"wrote {out / 'partition.svg'}, {out / 'timeline.svg'} and {out / 'timeline.json'} "
+                    "(chrome://tracing)",
+                    flush=True,
+                )
         if rank == 0 and (step % 5 == 0 or step == steps - 1):
             print(
                 f"step {step:3d}  loss {loss.item():.4f}  ({time.perf_counter() - start:.1f} s)", flush=True
@@ -84,8 +117,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--nproc", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path("dynapipe-demo"), help="where the pictures go")
     args = parser.parse_args()
-    launch(train, args.steps, nproc=args.nproc)
+    launch(train, args.steps, args.out, nproc=args.nproc)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,9 @@ def test_batch_dependent_code_is_refused_naming_the_line(model, args, n_microbat
 
 
 def test_the_same_code_is_fine_where_it_cannot_differ() -> None:
-    capture(SqueezeAll(), (torch.randn(4, 4), torch.randn(4)), n_microbatches=2)  # two rows: no squeeze of dim 0
+    capture(
+        SqueezeAll(), (torch.randn(4, 4), torch.randn(4)), n_microbatches=2
+    )  # two rows: no squeeze of dim 0
     capture(BranchOnBatch(), (torch.randn(2, 4),), n_microbatches=1)  # the microbatch is the batch
     capture(Fine(), (torch.randn(8, 4), torch.randn(8, 4)), n_microbatches=8)
     capture(Fine(), (torch.randn(8, 4), torch.randn(8, 4)), n_microbatches=2)

@@ -87,6 +87,17 @@ def bad_input_worker(rank: int, world: int) -> dict[str, str]:
     out["nested_break"] = _error(
         lambda: torch.compile(nested, backend="dynapipe")(torch.randn(4, 4), torch.randint(0, 2, (4,)))
     )
+    same = Depth(4)
+    out["batch_differs"] = _error(
+        lambda: torch.compile(same, backend="dynapipe", options={"split_points": ["layers.2"]})(
+            torch.randn(8 + 4 * rank, 4)
+        )
+    )
+    out["options_differ"] = _error(
+        lambda: torch.compile(same, backend="dynapipe", options={"split_points": [f"layers.{1 + rank}"]})(
+            torch.randn(8, 4)
+        )
+    )
     differs = Depth(4 + rank)  # rank 1 builds a different model: the ranks capture different graphs
     out["ranks_differ"] = _error(
         lambda: torch.compile(differs, backend="dynapipe", options={"split_points": ["layers.2"]})(
@@ -119,10 +130,14 @@ def test_bad_input_is_a_clear_error() -> None:
         assert "GraphBreakError" in out["graph_break"]
         assert "test_errors.py" in out["graph_break"] and "torch._dynamo.graph_break()" in out["graph_break"]
         assert "PipelineError: ranks disagree on the partition" in out["ranks_differ"], out["ranks_differ"]
+        assert "stage code (hash): rank 0 has" in out["ranks_differ"], out["ranks_differ"]
+        assert "batch size: rank 0 has 8; rank 1 has 12" in out["batch_differs"], out["batch_differs"]
+        assert "input shapes: rank 0 has ['x']: (8, 4); rank 1 has ['x']: (12, 4)" in out["batch_differs"]
+        assert "split_points: rank 0 has ('layers.1',); rank 1 has ('layers.2',)" in out["options_differ"]
         assert out["nested_break"].startswith("GraphBreakError"), out["nested_break"]
 
 
-def dying_worker(rank: int, world: int, mode: str) -> float:
+def dying_worker(rank: int, world: int, mode: str, victim: int) -> float:
     from models import mlp
 
     case = mlp(world)
@@ -132,7 +147,7 @@ def dying_worker(rank: int, world: int, mode: str) -> float:
         options={"split_points": case.split_points, "n_microbatches": 4, "timeout_s": 6},
     )
     step(*case.args).backward()  # one good step: everything is set up
-    if rank == world - 1:
+    if rank == victim:
         if mode == "dies":
             os._exit(3)
         time.sleep(14)  # stalls: never sends its next activations or gradients
@@ -149,10 +164,19 @@ def dying_worker(rank: int, world: int, mode: str) -> float:
 @pytest.mark.parametrize("mode", ["dies", "stalls"])
 def test_dead_or_stalled_rank_fails_the_others_fast(mode: str) -> None:
     start = time.monotonic()
-    results = run_distributed(dying_worker, 2, mode, timeout=90, allow_failure=True)
+    results = run_distributed(dying_worker, 2, mode, 1, timeout=90, allow_failure=True)
     message = str(results[0])
     assert "PipelineError: rank 0:" in message and "rank 1" in message, message
     assert "relaunch" in message
     seconds = float(re.search(r"noticed after ([0-9.]+) seconds", message).group(1))
     assert seconds < 20, f"rank 0 needed {seconds:.1f} s to notice"
     assert time.monotonic() - start < 80
+
+
+def test_every_survivor_names_the_rank_that_died() -> None:
+    """Rank 2 of four dies: rank 0, which talks only to ranks 1 and 3, still names rank 2."""
+    results = run_distributed(dying_worker, 4, "dies", 2, timeout=120, allow_failure=True)
+    for rank in (0, 1, 3):
+        message = str(results[rank])
+        assert f"PipelineError: rank {rank}:" in message, message
+        assert "rank 2 stopped without a word: it probably died first" in message, message

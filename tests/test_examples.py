@@ -33,6 +33,16 @@ def run_example(name: str, *args: str, cwd: Path | None = None) -> str:
 
 
 @pytest.mark.hf
+def test_demo_says_what_dynapipe_did(tmp_path):
+    out = run_example("train_llama.py", "--steps", "3", "--out", str(tmp_path))
+    assert "dynapipe cut the model into 4 stages" in out and "parameters per stage" in out
+    assert "model.layers.2-3" in out and "lm_head" in out and "schedule: 1f1b" in out
+    for name in ("partition.svg", "timeline.svg"):
+        ET.parse(tmp_path / name)  # well-formed SVG
+    assert (tmp_path / "timeline.json").stat().st_size > 0
+
+
+@pytest.mark.hf
 def test_train_gpt2_two_stages():
     out = run_example("train_gpt2.py", "--steps", "2")
     assert "tied transformer.wte.weight held by 2 ranks" in out

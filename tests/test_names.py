@@ -144,7 +144,9 @@ def test_several_models_are_named_by_their_variables() -> None:
 def test_a_stateless_loss_module_keeps_the_models_names() -> None:
     net, loss_fn = Net(), nn.MSELoss()
     paths, state = _names(
-        lambda b: torch.compile(lambda x, y: loss_fn(net(x), y), backend=b), torch.randn(4, 6), torch.tensor(0.0)
+        lambda b: torch.compile(lambda x, y: loss_fn(net(x), y), backend=b),
+        torch.randn(4, 6),
+        torch.tensor(0.0),
     )
     assert {"blocks.1.lin", "loss_fn"} <= paths
     assert "inp.weight" in state

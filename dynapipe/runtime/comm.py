@@ -8,6 +8,7 @@ with a message a person can act on, instead of hanging.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -17,6 +18,9 @@ import torch.distributed as dist
 from ..errors import ConfigError, PipelineError
 
 __all__ = ["ensure_process_group", "Comm"]
+
+_REPORT = "dynapipe/failure/{}"  # per rank, in the process group's store: what this rank saw go wrong
+_REPORT_GRACE_S = 2.0  # how long a failing rank waits for the others' reports before naming who is silent
 
 
 def ensure_process_group(device: torch.device, timeout_s: float) -> None:
@@ -53,10 +57,46 @@ class Comm:
 
     def _fail(self, err: Exception, what: str, peer: int | None) -> PipelineError:
         who = f"rank {peer}" if peer is not None else "a peer rank"
+        cause = self.report_failure(f"{what} failed", peer=peer)
         return PipelineError(
-            f"rank {self.rank}: {what} failed: {err}\n{who} probably died or raised an error (look for its "
-            f"traceback above), or stalled past timeout_s ({self.timeout.total_seconds():.0f} s). Fix that "
-            "rank's error and relaunch all ranks."
+            f"rank {self.rank}: {what} failed: {err}\n{cause or who + ' probably died or raised an error'} (look "
+            f"for its traceback above), or stalled past timeout_s ({self.timeout.total_seconds():.0f} s). Fix "
+            "that rank's error and relaunch all ranks."
+        )
+
+    def report_failure(self, seen: str, *, peer: int | None = None, learn: bool = True) -> str:
+        """Tell the other ranks, through the process group's store, what failed here (and with which peer),
+        and say who failed first: a silent rank that others lost died (so a rank that fails second-hand,
+        because its neighbour gave up, still names the rank that died), else a rank that raised an error."""
+        world = dist.get_world_size()
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            store.set(_REPORT.format(self.rank), f"{'' if peer is None else peer}\t{seen}")
+            if not learn:
+                return ""
+            keys = [_REPORT.format(r) for r in range(world)]
+            deadline = time.monotonic() + _REPORT_GRACE_S
+            while not store.check(keys) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            reports = {
+                r: store.get(k).decode().split("\t", 1) for r, k in enumerate(keys) if store.check([k])
+            }
+        except RuntimeError:
+            return (
+                ""
+                if self.rank == 0
+                else "rank 0 (which hosts the process group's store) is unreachable: it probably died"
+            )
+        silent = [r for r in range(world) if r not in reports]
+        lost = {int(p) for p, _ in reports.values() if p}
+        dead = [r for r in silent if r in lost] or silent
+        if dead:
+            seen_by = "; ".join(f"rank {r}: {text}" for r, (_, text) in sorted(reports.items()))
+            return (
+                f"rank {', '.join(map(str, dead))} stopped without a word: it probably died first ({seen_by})"
+            )
+        return "; ".join(
+            f"rank {r} {text}" for r, (_, text) in sorted(reports.items()) if text.startswith("raised")
         )
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> None:
@@ -102,14 +142,37 @@ class Comm:
             raise self._fail(err, f"exchanging {what}", None) from err
         return out
 
-    def agree(self, digest: str, what: str) -> None:
-        """Fail unless every rank computed the same ``digest`` (e.g. of its partition)."""
-        digests = self.gather_objects(digest, what)
-        if len(set(digests)) > 1:
+    def agree(self, facts: dict[str, str], what: str) -> None:
+        """Fail unless every rank computed the same ``facts``, naming each one that differs and its value
+        on every rank (``batch size: rank 0 has 8, rank 1 has 12``)."""
+        gathered = self.gather_objects(facts, what)
+        differences = []
+        for key in facts:
+            values = [str(f.get(key)) for f in gathered]
+            if len(set(values)) == 1:
+                continue
             groups: dict[str, list[int]] = {}
-            for r, d in enumerate(digests):
-                groups.setdefault(str(d)[:12], []).append(r)
+            for r, value in enumerate(values):
+                groups.setdefault(value, []).append(r)
+            parts = [
+                f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))} {_difference(value, values[0])}"
+                for value, ranks in groups.items()
+            ]
+            differences.append(f"  {key}: {'; '.join(parts)}")
+        if differences:
             raise PipelineError(
-                f"ranks disagree on {what}: {groups} (hash prefix -> ranks). Every rank must run the same "
-                "model code, options and input shapes; check for rank-dependent branches or configs."
+                f"ranks disagree on {what}:\n"
+                + "\n".join(differences)
+                + "\nEvery rank must run the same model "
+                "code, options and input shapes; check for rank-dependent branches, configs or data."
             )
+
+
+def _difference(value: str, first: str) -> str:
+    """A value as one rank sees it: whole when short, else its first line that differs from rank 0's."""
+    if len(value) <= 80 and "\n" not in value:
+        return f"has {value}"
+    for i, (a, b) in enumerate(zip(value.splitlines(), first.splitlines(), strict=False)):
+        if a != b:
+            return f"has line {i + 1}: {a[:100]!r}"
+    return f"has {len(value.splitlines())} lines"

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ..codegen import StagePlan
-from ..errors import ConfigError
+from ..errors import ConfigError, PipelineError
 from ..microbatch import merge_outputs, split_value
 from ..schedules import Action, Kind, Timeline
 from .comm import Comm
@@ -76,6 +76,7 @@ class StepReport:
     timeline: Timeline  # this rank's compute actions, seconds from the step's start
     peak_inflight: dict[int, int]  # stage -> most microbatches whose activations were alive at once
     stages: dict[int, StagePlan]  # this rank's stages (``stages[i].module.code`` is readable)
+    plan: Any = None  # the partition that runs, as a dynapipe.explain.Explanation (print it for the table)
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Pipeline:
     loss_reduction: str
     tied: list[tuple[torch.nn.Parameter, dist.ProcessGroup, str]] = field(default_factory=list)
     on_step: Callable[[StepReport], None] | None = None
+    plan: Any = None  # handed to on_step (see StepReport.plan)
     ddp_comm_hook: Callable | None = None
 
     def __post_init__(self) -> None:
@@ -164,6 +166,10 @@ class Pipeline:
         try:
             self.executor.run(actions, inputs, train, on_results=delivery.send)
             grads = [p.grad for p in self.params]
+        except Exception as err:
+            if not isinstance(err, PipelineError):  # this rank's own error: its peers will name it
+                self.comm.report_failure(f"raised {type(err).__name__}: {str(err)[:200]}", learn=False)
+            raise
         finally:
             for p, g in held.items():
                 p.grad = g
@@ -178,6 +184,7 @@ class Pipeline:
                     self.executor.timeline,
                     dict(self.executor.peak_inflight),
                     {s: self.plans[s] for s in self.local_stages},
+                    self.plan,
                 )
             )
         if train:
