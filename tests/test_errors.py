@@ -179,4 +179,4 @@ def test_every_survivor_names_the_rank_that_died() -> None:
     for rank in (0, 1, 3):
         message = str(results[rank])
         assert f"PipelineError: rank {rank}:" in message, message
-        assert "rank 2 stopped without a word: it probably died first" in message, message
+        assert "rank 2 went silent first: it died or hung" in message, message

@@ -57,11 +57,13 @@ class Comm:
 
     def _fail(self, err: Exception, what: str, peer: int | None) -> PipelineError:
         who = f"rank {peer}" if peer is not None else "a peer rank"
-        cause = self.report_failure(f"{what} failed", peer=peer)
+        cause = self.report_failure(f"{what} failed", peer=peer) or (
+            f"{who} probably died or raised an error, or stalled past timeout_s "
+            f"({self.timeout.total_seconds():.0f} s)"
+        )
         return PipelineError(
-            f"rank {self.rank}: {what} failed: {err}\n{cause or who + ' probably died or raised an error'} (look "
-            f"for its traceback above), or stalled past timeout_s ({self.timeout.total_seconds():.0f} s). Fix "
-            "that rank's error and relaunch all ranks."
+            f"rank {self.rank}: {what} failed: {err}\n{cause}. Look for that rank's traceback, fix its error "
+            "and relaunch all ranks."
         )
 
     def report_failure(self, seen: str, *, peer: int | None = None, learn: bool = True) -> str:
@@ -93,7 +95,7 @@ class Comm:
         if dead:
             seen_by = "; ".join(f"rank {r}: {text}" for r, (_, text) in sorted(reports.items()))
             return (
-                f"rank {', '.join(map(str, dead))} stopped without a word: it probably died first ({seen_by})"
+                f"rank {', '.join(map(str, dead))} went silent first: it died or hung ({seen_by})"
             )
         return "; ".join(
             f"rank {r} {text}" for r, (_, text) in sorted(reports.items()) if text.startswith("raised")
