@@ -113,3 +113,98 @@ def test_empty_init_from_sharded_hf_folder_matches_one_process(world, names, opt
     if options.get("dp_degree") == 2:  # one replica wrote: two shards, from the ranks of replica 0
         files = sorted(f for f in os.listdir(os.path.join(save_to, "gpt2")) if f.startswith("model-rank"))
         assert files == ["model-rank00000.safetensors", "model-rank00002.safetensors"], files
+
+
+def _batch(step: int) -> torch.Tensor:
+    """Step ``step``'s token ids: from the step number alone, so a resumed run sees the same data."""
+    return torch.randint(0, 96, (8, 12), generator=torch.Generator().manual_seed(1000 + step))
+
+
+def resume_worker(
+    rank: int, world: int, hf: str, first: int, steps: int, options: dict, load: str, save: str
+):
+    """Train an empty-init Llama (AdamW) for steps ``first .. first + steps - 1`` and save it; start from
+    ``load`` (a save_checkpoint folder) when given, else from the HF folder ``hf``."""
+    _, model = _empty_twin("llama", 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if load:
+        extra = dynapipe.load_checkpoint(load, model, optimizer=opt)  # before the first call
+        assert extra == {"step": first}, extra
+    n_stages = options.get("n_stages", world)
+    points = [f"model.layers.{round(i * 4 / n_stages)}" for i in range(1, n_stages)]
+    opts = {"n_microbatches": 4, "split_points": points, "checkpoint": hf, **options}
+    step = torch.compile(lambda ids: model(input_ids=ids, labels=ids).loss, backend="dynapipe", options=opts)
+    for i in range(first, first + steps):
+        step(_batch(i)).backward()
+        opt.step()
+        opt.zero_grad()
+    dynapipe.save_checkpoint(save, model, optimizer=opt, extra={"step": first + steps}, timeout_s=60)
+
+
+def _read_checkpoint(folder: str) -> dict[str, torch.Tensor]:
+    """Weights and optimizer state of a save_checkpoint folder, read in one process without dynapipe."""
+    import json
+
+    from safetensors.torch import load_file
+
+    out = {}
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        for file in set(json.load(f)["weight_map"].values()):
+            out.update(load_file(os.path.join(folder, file)))
+    with open(os.path.join(folder, "optimizer.index.json")) as f:
+        for file in set(json.load(f).values()):
+            for name, state in torch.load(os.path.join(folder, file), weights_only=True).items():
+                out.update({f"{name}:{k}": v for k, v in state.items()})
+    return out
+
+
+def test_exact_resume(tmp_path) -> None:
+    """4 steps straight == 2 steps, save, new processes, load, 2 more: bitwise with the same stages and
+    schedule; close with 4 interleaved stages on the 2 ranks (another cut and schedule)."""
+    hf = write_hf_folder(str(tmp_path), "llama")
+    run = lambda first, steps, options, load, save: run_distributed(  # noqa: E731
+        resume_worker, 2, hf, first, steps, options, load, str(tmp_path / save), timeout=240
+    )
+    run(0, 4, {}, "", "straight")
+    run(0, 2, {}, "", "half")
+    assert os.readlink(tmp_path / "latest") == "half"
+    run(2, 2, {}, str(tmp_path / "latest"), "resumed")
+    run(2, 2, {"n_stages": 4, "schedule": "interleaved-1f1b"}, str(tmp_path / "half"), "restaged")
+    straight, resumed = _read_checkpoint(tmp_path / "straight"), _read_checkpoint(tmp_path / "resumed")
+    restaged, half = _read_checkpoint(tmp_path / "restaged"), _read_checkpoint(tmp_path / "half")
+    assert straight.keys() == resumed.keys() == restaged.keys()
+    assert any(not torch.equal(half[k], straight[k]) for k in half)
+    for key, value in straight.items():
+        assert torch.equal(value, resumed[key]), f"{key} differs after resuming"
+        torch.testing.assert_close(restaged[key], value, msg=lambda m: f"{key} with 4 stages: {m}")
+
+
+def killed_save_worker(rank: int, world: int, hf: str, root: str) -> None:
+    """Save step-1; during the save of step-2, rank 1 dies before it has written its shard."""
+    _, model = _empty_twin("llama", 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opts = {"n_microbatches": 2, "split_points": ["model.layers.2"], "checkpoint": hf, "timeout_s": 20}
+    step = torch.compile(lambda ids: model(input_ids=ids, labels=ids).loss, backend="dynapipe", options=opts)
+    for i in (1, 2):
+        step(_batch(i)).backward()
+        opt.step()
+        if i == 2 and rank == 1:
+            import safetensors.torch
+
+            safetensors.torch.save_file = lambda *a, **k: os._exit(3)
+        dynapipe.save_checkpoint(os.path.join(root, f"step-{i}"), model, optimizer=opt, timeout_s=10)
+
+
+def test_rank_killed_during_save_leaves_previous_checkpoint(tmp_path) -> None:
+    from transformers import LlamaForCausalLM
+
+    hf = write_hf_folder(str(tmp_path), "llama")
+    root = tmp_path / "run"
+    results = run_distributed(killed_save_worker, 2, hf, str(root), timeout=120, allow_failure=True)
+    assert "PipelineError" in str(results[0]) and "writing the checkpoint" in str(results[0]), results[0]
+    assert not (root / "step-2").exists()
+    assert os.readlink(root / "latest") == "step-1"
+    LlamaForCausalLM.from_pretrained(root / "latest")  # the previous checkpoint still loads
+    (partial,) = [p for p in root.iterdir() if p.name.startswith("step-2.tmp-")]
+    with pytest.raises(dynapipe.ConfigError, match="has neither"):
+        dynapipe.load_checkpoint(partial, HF_CASES["llama"](2).model)
