@@ -208,3 +208,47 @@ def test_rank_killed_during_save_leaves_previous_checkpoint(tmp_path) -> None:
     (partial,) = [p for p in root.iterdir() if p.name.startswith("step-2.tmp-")]
     with pytest.raises(dynapipe.ConfigError, match="has neither"):
         dynapipe.load_checkpoint(partial, HF_CASES["llama"](2).model)
+
+
+def _llama_step(model, **options):
+    step = torch.compile(
+        lambda ids: model(input_ids=ids, labels=ids, use_cache=False).loss, backend="dynapipe", options=options
+    )
+    return lambda: step(torch.randint(0, 96, (4, 8)))
+
+
+def test_meta_device_model_fails_at_once_naming_empty_init() -> None:
+    case = HF_CASES["llama"](2)
+    with torch.device("meta"):
+        model = type(case.model)(case.model.config)
+    with pytest.raises(dynapipe.ConfigError, match=r"meta device.*dynapipe.empty_init\(\)"):
+        _llama_step(model)()
+
+
+def test_profile_without_weights_fails() -> None:
+    _, model = _empty_twin("llama", 2)
+    with pytest.raises(dynapipe.ConfigError, match="profile=True.*empty_init"):
+        _llama_step(model, profile=True)()
+
+
+def test_bad_checkpoints_fail_naming_the_key_and_file(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    _, model = _empty_twin("llama", 2)
+    with pytest.raises(dynapipe.ConfigError, match="does not exist"):
+        _llama_step(model, checkpoint=str(tmp_path / "nowhere"))()
+    with pytest.raises(dynapipe.ConfigError, match="saved from GPT2LMHeadModel.*LlamaForCausalLM"):
+        _llama_step(model, checkpoint=write_hf_folder(str(tmp_path), "gpt2"))()
+    weights = HF_CASES["llama"](2).model.state_dict()
+    for name, change, message in [
+        ("missing", lambda w: w.pop("model.norm.weight"), "has no tensor 'model.norm.weight'"),
+        ("unexpected", lambda w: w.update(extra=torch.zeros(2)), "'extra' in model.safetensors"),
+        ("shape", lambda w: w.update({"model.norm.weight": torch.ones(3)}), r"model.norm.weight.*shape \(3,\)"),
+    ]:
+        folder = tmp_path / name
+        folder.mkdir()
+        w = dict(weights)
+        change(w)
+        save_file(w, folder / "model.safetensors")
+        with pytest.raises(dynapipe.ConfigError, match=message):
+            _llama_step(model, checkpoint=str(folder))()
