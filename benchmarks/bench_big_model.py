@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import tempfile
 import time
 
@@ -69,7 +68,8 @@ def _worker(mode: str, hf: str, hidden: int, layers: int, report: str) -> None:
     )
     step(torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))).backward()
     elapsed = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/status") as f:  # VmHWM: ru_maxrss would carry the launching parent's peak over exec
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
     with open(f"{report}.{dist.get_rank()}", "w") as f:
         json.dump({"base": base, "peak": peak, "first_step": elapsed}, f)
 

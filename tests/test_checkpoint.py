@@ -262,39 +262,45 @@ def test_bad_checkpoints_fail_naming_the_key_and_file(tmp_path) -> None:
 
 def memory_worker(rank: int, world: int, hf: str, config) -> dict:
     """Peak RSS growth of a rank from a bare process to the end of its first training step."""
-    import resource
-
     from transformers import LlamaForCausalLM
 
     with open("/proc/self/statm") as f:
         base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     with dynapipe.empty_init():
         model = LlamaForCausalLM(config)
-    opts = {"n_microbatches": 2, "checkpoint": hf, "split_points": ["model.layers.1"]}
+    opts = {
+        "n_microbatches": 2,
+        "checkpoint": hf,
+        "split_points": ["model.layers.1", "model.layers.2", "model.layers.3"],
+    }
     step = torch.compile(
         lambda ids: model(input_ids=ids, labels=ids, use_cache=False).loss, backend="dynapipe", options=opts
     )
     step(torch.randint(0, config.vocab_size, (2, 8))).backward()
     held = sum(p.untyped_storage().nbytes() for p in model.parameters())
-    return {"growth": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, "held": held}
+    with open("/proc/self/status") as f:  # VmHWM: ru_maxrss would carry pytest's peak over exec
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) * 1024
+    return {"growth": peak - base, "held": held}
 
 
 def test_peak_memory_per_rank_is_its_stage_not_the_model(tmp_path) -> None:
-    """2 ranks, one Llama block each, a 420 MiB model dominated by its blocks: a rank's growth (its
-    stage's parameters and gradients, ~210 MiB each, plus compile overhead) stays below the model's size."""
+    """4 ranks, one Llama block each, a 724 MiB model dominated by its blocks: a rank holds a quarter of the
+    parameters, and its growth to the end of its first step (its stage's parameters, gradients twice while
+    the pipeline hands its held gradients to ``.grad``, ~3 x 181 MiB, plus ~70 MiB of compile overhead;
+    measured 616 MiB) stays below the model's size, where every rank building the whole model starts above it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=256, hidden_size=2048, intermediate_size=5632, num_hidden_layers=2,
+        vocab_size=256, hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=8,
     )  # fmt: skip
     model = LlamaForCausalLM(config)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(tmp_path / "hf", max_shard_size="100MB")
     del model
-    results = run_distributed(memory_worker, 2, str(tmp_path / "hf"), config, timeout=300)
+    results = run_distributed(memory_worker, 4, str(tmp_path / "hf"), config, timeout=300)
     for rank, r in results.items():
-        assert r["held"] < 0.6 * size, (rank, r, size)
-        assert r["growth"] < 0.85 * size, (
+        assert r["held"] < 0.3 * size, (rank, r, size)
+        assert r["growth"] < 0.92 * size, (
             f"rank {rank} grew {r['growth'] / 2**20:.0f} MiB, model {size / 2**20:.0f} MiB"
         )
