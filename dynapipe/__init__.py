@@ -3,9 +3,11 @@
 from .config import PipelineConfig
 from .errors import CaptureError, ConfigError, DynapipeError, GraphBreakError, PartitionError, PipelineError
 from .explain import explain
+from .init import empty_init
 from .launch import launch
 from .partition import pipe_split
 from .runtime import clip_grad_norm_
+from .runtime.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = [
     "CaptureError",
@@ -16,7 +18,10 @@ __all__ = [
     "PipelineConfig",
     "PipelineError",
     "clip_grad_norm_",
+    "empty_init",
     "explain",
     "launch",
+    "load_checkpoint",
     "pipe_split",
+    "save_checkpoint",
 ]

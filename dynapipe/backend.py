@@ -3,7 +3,8 @@
 Dynamo calls :func:`dynapipe_backend` with the graph it traced at the full batch size. The backend keeps
 the Python frame Dynamo compiled and returns a callable; the first time that callable runs (outside
 Dynamo's compile, where errors read cleanly) it re-captures the frame at the microbatch size, cuts it into
-stages, checks that every rank cut the same way, frees the parameters of other ranks' stages and builds
+stages, checks that every rank cut the same way, fills the parameters its own stages read if no rank holds
+them yet (a model built under ``dynapipe.empty_init()``), frees those of other ranks' stages and builds
 the pipeline. Later calls with the same input shapes reuse it.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import torch
@@ -32,6 +34,7 @@ from .errors import ConfigError, DynapipeError
 from .explain import Explanation
 from .microbatch import check_divisible
 from .partition import assign_balanced, assign_by_split_points, marker_positions
+from .runtime.checkpoint import check_models, fill_state
 from .runtime.comm import Comm, ensure_process_group
 from .runtime.layout import build_layout, tied_groups
 from .runtime.pipeline import OutputSpec, Pipeline
@@ -136,6 +139,7 @@ class _LazyPipeline:
 
     def _build(self, arguments: dict[str, Any]) -> Pipeline:
         config = self.config
+        models = check_models(self.frame, config)  # meta tensors, a bad checkpoint: fail before any wait
         inputs = {n: v for n, v in arguments.items() if n != self.frame.self_name}
         batch_size = next(
             (
@@ -197,6 +201,8 @@ class _LazyPipeline:
         )
 
         local = sorted(s for s, pp in pp_of_stage.items() if pp == layout.pp_index)
+        # before Pipeline: its DDP wrappers broadcast the local stages' parameters, which must hold values
+        place_state(plans, local, comm, fill=partial(fill_state, models, config.checkpoint))
         pipeline = Pipeline(
             plans=plans,
             rank_of_stage={s: layout.global_rank(pp) for s, pp in pp_of_stage.items()},
@@ -214,7 +220,6 @@ class _LazyPipeline:
             plan=plan,
             ddp_comm_hook=config.ddp_comm_hook,
         )
-        place_state(plans, local, comm)
         return pipeline
 
 

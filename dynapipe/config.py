@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,9 @@ class PipelineConfig:
         ``torch.distributed.algorithms.ddp_comm_hooks``) registered on every stage's DDP wrapper, with the
         data-parallel process group as its state.
     mesh: a DeviceMesh with dims ("pp", "dp") to use instead of the default init_device_mesh layout.
+    checkpoint: a folder of safetensors weights (``save_pretrained``'s, or ``dynapipe.save_checkpoint``'s)
+        to fill a model built under ``dynapipe.empty_init()``: each rank reads only its own stages' tensors,
+        once per model (a later pipeline over the model never reloads over trained weights).
     on_step: called after every step with a :class:`dynapipe.runtime.StepReport` (timeline, in-flight
         activations, the stage modules): for logging, timelines and tests.
     """
@@ -58,6 +62,7 @@ class PipelineConfig:
     dp_degree: int = 1
     mesh: Any = None
     ddp_comm_hook: Any = None
+    checkpoint: str | None = None
     on_step: Any = None
 
     def summary(self) -> dict[str, str]:
@@ -111,6 +116,8 @@ class PipelineConfig:
             raise ConfigError(
                 f"optimizer must be one of 'adamw', 'adam', 'sgd', 'none', got {self.optimizer!r}"
             )
+        if self.checkpoint is not None and not isinstance(self.checkpoint, (str, os.PathLike)):
+            raise ConfigError(f"checkpoint must be the path of a folder, got {self.checkpoint!r}")
         if self.on_step is not None and not callable(self.on_step):
             raise ConfigError(f"on_step must be a callable taking a StepReport, got {self.on_step!r}")
         if self.n_stages is not None and self.split_points and len(self.split_points) != self.n_stages - 1:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ModelNames", "reachable_modules"]
+__all__ = ["ModelNames", "reachable_modules", "root_modules"]
 
 _MAX_DEPTH = 4
 _MAX_ITEMS = 256  # a container longer than this holds data, not models
@@ -109,7 +109,7 @@ class ModelNames:
     def build(
         cls, reachable: list[tuple[str, torch.nn.Module]], used_tensors: list[torch.Tensor]
     ) -> ModelNames:
-        roots = _roots(reachable)
+        roots = root_modules(reachable)
         used = {id(t) for t in used_tensors}
         owners = [
             i
@@ -132,7 +132,7 @@ class ModelNames:
         return cls(modules, tensors)
 
 
-def _roots(reachable: list[tuple[str, torch.nn.Module]]) -> list[tuple[str, torch.nn.Module]]:
+def root_modules(reachable: list[tuple[str, torch.nn.Module]]) -> list[tuple[str, torch.nn.Module]]:
     """The reachable modules that are no other reachable module's submodule, in the order reached."""
     inside: set[int] = set()
     for _, module in reachable:

@@ -94,9 +94,7 @@ class Comm:
         dead = [r for r in silent if r in lost] or silent
         if dead:
             seen_by = "; ".join(f"rank {r}: {text}" for r, (_, text) in sorted(reports.items()))
-            return (
-                f"rank {', '.join(map(str, dead))} went silent first: it died or hung ({seen_by})"
-            )
+            return f"rank {', '.join(map(str, dead))} went silent first: it died or hung ({seen_by})"
         return "; ".join(
             f"rank {r} {text}" for r, (_, text) in sorted(reports.items()) if text.startswith("raised")
         )

@@ -15,6 +15,7 @@ rank that reads a tensor but did not read it last fetches it from a rank that di
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -22,7 +23,7 @@ import torch
 from ..codegen import StagePlan
 from .comm import Comm
 
-__all__ = ["place_state", "refresh_state", "state_readers"]
+__all__ = ["holds_current", "place_state", "refresh_state", "state_readers"]
 
 # id(tensor) -> (weak reference, the pipeline that read it last, the ranks whose stages read it there)
 _LAST_READERS: dict[int, tuple[weakref.ref, int, frozenset[int]]] = {}
@@ -53,6 +54,13 @@ def _forget(key: int, _: weakref.ref) -> None:
 def _last_readers(t: torch.Tensor) -> tuple[int, frozenset[int]] | None:
     entry = _LAST_READERS.get(id(t))
     return (entry[1], entry[2]) if entry is not None and entry[0]() is t else None
+
+
+def holds_current(t: torch.Tensor, rank: int) -> bool:
+    """Whether ``rank``'s copy of ``t`` has its current value: it holds memory and, if pipelines have run
+    over ``t``, ``rank`` read it in the one that ran last."""
+    last = _last_readers(t)
+    return _held(t) and (last is None or rank in last[1])
 
 
 def state_readers(
@@ -91,16 +99,28 @@ def refresh_state(readers: list[tuple[torch.Tensor, frozenset]], pipeline: int, 
     comm.flush()
 
 
-def place_state(plans: list[StagePlan], local_stages: list[int], comm: Comm) -> int:
+def place_state(
+    plans: list[StagePlan],
+    local_stages: list[int],
+    comm: Comm,
+    fill: Callable[[list[torch.Tensor]], None],
+) -> int:
     """Make this rank hold what its stages read, and free the tensors that no pipeline has read yet and
-    its stages do not read. Returns the bytes freed."""
+    its stages do not read. A tensor its stages read that no rank holds (built under empty_init) is
+    given to ``fill``. Returns the bytes freed."""
     everything = _state(plans, list(range(len(plans))))
     index = {id(t): i for i, t in enumerate(everything)}
     needed = {index[id(t)] for t in _state(plans, local_stages)}
     held = {i for i, t in enumerate(everything) if _held(t)}
     per_rank = comm.gather_objects((sorted(needed), sorted(held)), "which parameters each rank holds")
+    anywhere = set().union(*(has for _, has in per_rank))
+    unheld = [everything[i] for i in sorted(needed - anywhere)]
+    if unheld:
+        fill(unheld)
     for i, t in enumerate(everything):  # every rank walks the same list, so sends and receives pair up
         holders = [r for r, (_, has) in enumerate(per_rank) if i in has]
+        if not holders:
+            continue  # filled by every rank that reads it
         for r, (needs, has) in enumerate(per_rank):
             if i in needs and i not in has:
                 if comm.rank == holders[0]:

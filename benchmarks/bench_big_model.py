@@ -1,0 +1,110 @@
+"""Start-up of a Llama larger than one rank should hold: empty init + checkpoint against the whole model.
+
+    python benchmarks/bench_big_model.py                 # 4 processes, a 845 MiB (fp32) Llama
+    python benchmarks/bench_big_model.py --hidden 1024   # a 4x smaller one
+
+Writes a random ``LlamaForCausalLM`` as a sharded HuggingFace folder, then for each row starts ``--nproc``
+fresh processes that run one pipelined training step (forward and backward, 1F1B, 4 microbatches) and
+report their peak RSS and the time from the start of building the model to the end of that step:
+
+* ``empty init + checkpoint``: built under ``dynapipe.empty_init()``, each rank fills its own stage from
+  the folder (``options["checkpoint"]``);
+* ``whole model per rank``: every rank builds the model and loads the whole folder (``from_pretrained``),
+  then dynapipe frees the other stages' parameters after the partition (the path without empty init).
+
+Not measured: torch.distributed.pipelining with manual stages built on meta (a row to add).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+VOCAB, SEQ, BATCH = 8000, 16, 8
+
+
+def _config(hidden: int, layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=SEQ,
+    )
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _worker(mode: str, hf: str, hidden: int, layers: int, report: str) -> None:
+    import torch.distributed as dist
+    from transformers import LlamaForCausalLM
+
+    import dynapipe
+
+    base, start = _rss_mb(), time.perf_counter()
+    options = {"n_microbatches": 4}
+    if mode == "empty":
+        with dynapipe.empty_init():
+            model = LlamaForCausalLM(_config(hidden, layers))
+        options["checkpoint"] = hf
+    else:
+        model = LlamaForCausalLM.from_pretrained(hf)
+    step = torch.compile(
+        lambda ids: model(input_ids=ids, labels=ids, use_cache=False).loss,
+        backend="dynapipe",
+        options=options,
+    )
+    step(torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))).backward()
+    elapsed = time.perf_counter() - start
+    with open("/proc/self/status") as f:  # VmHWM: ru_maxrss would carry the launching parent's peak over exec
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    with open(f"{report}.{dist.get_rank()}", "w") as f:
+        json.dump({"base": base, "peak": peak, "first_step": elapsed}, f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=4)
+    a = parser.parse_args()
+    from transformers import LlamaForCausalLM
+
+    from dynapipe.launch import launch
+
+    root = tempfile.mkdtemp(prefix="bench-big-")
+    hf = os.path.join(root, "llama-hf")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_config(a.hidden, a.layers))
+    size = sum(p.numel() * 4 for p in model.parameters()) / 2**20
+    model.save_pretrained(hf, max_shard_size="64MB")
+    del model
+    print(f"Llama hidden={a.hidden} layers={a.layers}: {size:.0f} MiB fp32, {a.nproc} ranks\n")
+    print(
+        "| path | peak RSS per rank (MiB, max) | growth over bare process (MiB, max) | time to first step (s, max) |"
+    )
+    print("| --- | --- | --- | --- |")
+    for mode, label in (("empty", "empty init + checkpoint"), ("whole", "whole model per rank")):
+        report = os.path.join(root, mode)
+        launch(_worker, mode, hf, a.hidden, a.layers, report, nproc=a.nproc)
+        rows = [json.load(open(f"{report}.{r}")) for r in range(a.nproc)]
+        print(
+            f"| {label} | {max(r['peak'] for r in rows):.0f} | {max(r['peak'] - r['base'] for r in rows):.0f} "
+            f"| {max(r['first_step'] for r in rows):.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""Where each rank's weights come from, and checkpoints of a pipelined model in the model's own names.
+
+**Filling.** A rank fills the empty tensors its stages read that no rank holds yet (built under
+:func:`dynapipe.empty_init`): from the folder of a :func:`load_checkpoint` made before the first call,
+else from ``options["checkpoint"]``, else with the modules' own initialisers. A tensor that holds memory
+anywhere is never filled again, so a second pipeline over the model never reloads over trained weights.
+
+**Saving.** Each tensor is written by the lowest rank holding its current value (a tied weight once, one
+data-parallel replica), as safetensors under the names of ``model.state_dict()``, with an index as
+``save_pretrained`` writes, so the folder loads with ``from_pretrained`` or ``load_state_dict`` without
+dynapipe. Beside it: optimizer state keyed by the same names, each rank's RNG state, and ``extra``. Every
+rank writes into a temporary folder; after a barrier bounded by ``timeout_s``, rank 0 renames it into
+place and then points ``latest`` at it (a symlink replaced atomically), so a rank that dies mid-save
+leaves no folder that loads as a checkpoint and the previous one untouched. Ranks must share the
+filesystem the folder is on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import uuid
+import weakref
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+
+from ..capture import FrameCall
+from ..config import PipelineConfig
+from ..errors import ConfigError
+from ..init import allocate, initialise, is_empty
+from ..names import reachable_modules, root_modules
+from ..weights import INDEX, WeightsFolder, model_names
+from .comm import Comm
+from .state import holds_current
+
+__all__ = ["check_models", "fill_state", "load_checkpoint", "save_checkpoint"]
+
+OPTIMIZER_INDEX = "optimizer.index.json"
+OPTIMIZER_GROUPS = "optimizer-groups.pt"
+EXTRA = "extra.pt"
+LATEST = "latest"
+
+
+@dataclass
+class _Source:
+    """A :func:`load_checkpoint` whose tensors are filled when a pipeline first needs them."""
+
+    folder: WeightsFolder
+    optimizer: weakref.ref | None
+
+
+# id(model) -> (weak reference to the model, where its not yet filled tensors come from)
+_PENDING: dict[int, tuple[weakref.ref, _Source]] = {}
+
+
+def _forget(key: int, _: weakref.ref) -> None:
+    _PENDING.pop(key, None)
+
+
+def _pending(model: torch.nn.Module) -> _Source | None:
+    entry = _PENDING.get(id(model))
+    return entry[1] if entry is not None and entry[0]() is model else None
+
+
+def check_models(frame: FrameCall, config: PipelineConfig) -> list[torch.nn.Module]:
+    """The models the compiled call reaches, after the checks that must fail on every rank at once."""
+    roots = [
+        m
+        for _, m in root_modules(reachable_modules(frame.arguments, frame.code, frame.closure, frame.globals))
+    ]
+    for root in roots:
+        meta = [n for n, t in root.state_dict(keep_vars=True).items() if t.is_meta]
+        if meta:
+            raise ConfigError(
+                f"{type(root).__name__} has {len(meta)} tensor(s) on the meta device (e.g. {meta[0]!r}), which hold "
+                "no values a pipeline could run; build the model under `with dynapipe.empty_init():` instead of "
+                "torch.device('meta') / init_empty_weights, so each rank fills only its own stages"
+            )
+    empty = any(is_empty(t) for root in roots for t in root.parameters())
+    if config.profile and empty:
+        raise ConfigError(
+            "profile=True times every node with the real weights, but the model was built under "
+            "dynapipe.empty_init() and holds none yet; drop profile=True (the cost model estimates times) or "
+            "build the model eagerly"
+        )
+    if config.checkpoint is not None:
+        owners = [r for r in roots if any(True for _ in r.parameters())]
+        if len(owners) != 1:
+            raise ConfigError(
+                f"options['checkpoint'] holds one model's weights, but the compiled call reaches {len(owners)} "
+                f"models with parameters ({[type(r).__name__ for r in owners]}); call "
+                "dynapipe.load_checkpoint(path, model) for each before the first step instead"
+            )
+        WeightsFolder.open(config.checkpoint).check(owners[0])
+    return roots
+
+
+def fill_state(roots: list[torch.nn.Module], checkpoint: str | None, tensors: list[torch.Tensor]) -> None:
+    """Give ``tensors`` (empty, read by this rank's stages, held by no rank) their first values."""
+    for root in roots:
+        names = model_names(root)
+        mine = [t for t in tensors if id(t) in names]
+        if not mine:
+            continue
+        source = _pending(root)
+        folder = source.folder if source else WeightsFolder.open(checkpoint) if checkpoint else None
+        if folder is None:
+            initialise(mine, [root])
+            continue
+        for t in mine:
+            allocate(t)
+        folder.read_into([(names[id(t)], t) for t in mine])
+        optimizer = source.optimizer() if source and source.optimizer else None
+        if optimizer is not None:
+            _load_optimizer_state(folder.path, optimizer, {names[id(t)][0]: t for t in mine})
+    leftover = {id(t) for t in tensors} - {k for root in roots for k in model_names(root)}
+    if leftover:
+        initialise([t for t in tensors if id(t) in leftover], roots)  # raises, naming the tensors
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: Any = None,
+    timeout_s: float = 300.0,
+) -> str:
+    """Write ``model`` (and ``optimizer``, RNG states, ``extra``) to the folder ``path``, collectively:
+    call it on every rank. Returns the folder. ``path`` must not exist; ``latest`` beside it is updated."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        raise ConfigError(f"checkpoint folder {path!r} exists already; save each checkpoint to a new folder")
+    comm = Comm(timedelta(seconds=timeout_s))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    entries = list(
+        {id(t): (name, t) for name, t in reversed(model.state_dict(keep_vars=True).items())}.values()
+    )
+    entries.reverse()  # each tensor under its first name, in state_dict order
+    current = [i for i, (_, t) in enumerate(entries) if holds_current(t, rank)]
+    token = uuid.uuid4().hex[:12]
+    if world > 1:
+        per_rank = comm.gather_objects((current, token), "which tensors each rank saves")
+        token = per_rank[0][1]
+    else:
+        per_rank = [(current, token)]
+    owner: dict[int, int] = {}
+    for r, (held, _) in enumerate(per_rank):
+        for i in held:
+            owner.setdefault(i, r)
+    unheld = [entries[i][0] for i in range(len(entries)) if i not in owner]
+    if unheld:
+        raise ConfigError(
+            f"no rank holds a value of {len(unheld)} tensor(s) of the model (e.g. {unheld[0]!r}): it was built "
+            "under dynapipe.empty_init() and no pipeline has filled them yet; run a step before saving"
+        )
+    mine = {entries[i][0]: entries[i][1] for i in sorted(owner) if owner[i] == rank}
+    tmp = f"{path}.tmp-{token}"
+    os.makedirs(tmp, exist_ok=True)
+    shard = f"model-rank{rank:05d}.safetensors"
+    if mine:
+        tensors = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in mine.items()}
+        safetensors.torch.save_file(tensors, os.path.join(tmp, shard), metadata={"format": "pt"})
+    optim_file = f"optimizer-rank{rank:05d}.pt"
+    if optimizer is not None:
+        by_id = {id(t): n for n, t in mine.items()}
+        state = {by_id[id(p)]: s for p, s in optimizer.state.items() if id(p) in by_id}
+        torch.save(state, os.path.join(tmp, optim_file))
+    torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{rank:05d}.pt"))
+    if rank == 0:
+        _save_rank0_files(tmp, model, optimizer, extra)
+    _barrier(comm, world, "writing the checkpoint")  # every rank wrote its files, or none is published
+    if rank == 0:
+        sizes = {n: t.numel() * t.element_size() for n, t in entries}
+        weight_map = {entries[i][0]: f"model-rank{owner[i]:05d}.safetensors" for i in sorted(owner)}
+        _write_json(
+            os.path.join(tmp, INDEX),
+            {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map},
+        )
+        if optimizer is not None:
+            files = {entries[i][0]: f"optimizer-rank{owner[i]:05d}.pt" for i in sorted(owner)}
+            _write_json(os.path.join(tmp, OPTIMIZER_INDEX), files)
+        _fsync_dir(tmp)
+        os.rename(tmp, path)
+        link = os.path.join(os.path.dirname(path), f".{LATEST}-{token}")
+        os.symlink(os.path.basename(path), link)
+        os.replace(link, os.path.join(os.path.dirname(path), LATEST))
+        _fsync_dir(os.path.dirname(path))
+    _barrier(comm, world, "publishing the checkpoint")
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike, model: torch.nn.Module, *, optimizer: torch.optim.Optimizer | None = None
+) -> Any:
+    """Load a folder of :func:`save_checkpoint` (or ``save_pretrained``'s weights) into ``model`` and
+    ``optimizer``; returns the ``extra`` saved with it. Tensors this rank holds are loaded now; empty ones
+    (before the first call of a model built under empty_init) when a pipeline first needs them. Restores
+    this rank's RNG state when the checkpoint has one for it."""
+    folder = WeightsFolder.open(path)
+    folder.check(model)
+    names = model_names(model)
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
+    held = [t for key, t in tensors.items() if not is_empty(t)]
+    folder.read_into([(names[id(t)], t) for t in held])
+    if optimizer is not None:
+        _load_optimizer_groups(folder.path, optimizer)
+        _load_optimizer_state(folder.path, optimizer, {names[id(t)][0]: t for t in held})
+    if len(held) < len(tensors):
+        _PENDING[id(model)] = (
+            weakref.ref(model, partial(_forget, id(model))),
+            _Source(folder, weakref.ref(optimizer) if optimizer is not None else None),
+        )
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng = os.path.join(folder.path, f"rng-rank{rank:05d}.pt")
+    if os.path.exists(rng):
+        _set_rng_state(torch.load(rng, weights_only=True))
+    extra = os.path.join(folder.path, EXTRA)
+    # extra is the user's own objects (a scheduler's state, a data loader's position): load it as pickled
+    return torch.load(extra, weights_only=False) if os.path.exists(extra) else None
+
+
+def _save_rank0_files(tmp: str, model: torch.nn.Module, optimizer: Any, extra: Any) -> None:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_file"):
+        config.architectures = [type(model).__name__]  # as save_pretrained records it
+        config.to_json_file(os.path.join(tmp, "config.json"))
+    if optimizer is not None:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        torch.save(groups, os.path.join(tmp, OPTIMIZER_GROUPS))
+    if extra is not None:
+        torch.save(extra, os.path.join(tmp, EXTRA))
+
+
+def _load_optimizer_groups(path: str, optimizer: torch.optim.Optimizer) -> None:
+    file = os.path.join(path, OPTIMIZER_GROUPS)
+    if not os.path.exists(file):
+        raise ConfigError(f"checkpoint {path!r} has no optimizer state; load it without optimizer=")
+    groups = torch.load(file, weights_only=True)
+    if len(groups) != len(optimizer.param_groups):
+        raise ConfigError(
+            f"the checkpoint's optimizer has {len(groups)} parameter group(s), this one "
+            f"{len(optimizer.param_groups)}; build the optimizer with the same groups"
+        )
+    for saved, group in zip(groups, optimizer.param_groups, strict=True):
+        group.update(saved)
+
+
+def _load_optimizer_state(
+    path: str, optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor]
+) -> None:
+    """Optimizer state of ``params`` (name -> parameter), reading only the files that hold them."""
+    with open(os.path.join(path, OPTIMIZER_INDEX)) as f:
+        file_of = json.load(f)
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    by_file: dict[str, list[str]] = {}
+    for name, p in params.items():
+        if id(p) in in_optimizer and name in file_of:
+            by_file.setdefault(file_of[name], []).append(name)
+    for file, names in sorted(by_file.items()):
+        state = torch.load(os.path.join(path, file), weights_only=True, mmap=True)
+        for name in names:
+            if name in state:
+                p = params[name]
+                optimizer.state[p] = {k: _to_param_device(v, p) for k, v in state[name].items()}
+
+
+def _to_param_device(value: Any, param: torch.Tensor) -> Any:
+    """A copy of one optimizer state entry; moments go to the parameter's device, 0-dim ``step`` stays put
+    (where torch's optimizers keep it unless ``capturable``)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(param.device, copy=True) if value.dim() else value.clone()
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier(comm: Comm, world: int, what: str) -> None:
+    """All ranks reached this point, or a PipelineError after ``timeout_s`` (a dead rank never hangs it)."""
+    if world > 1:
+        device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+        comm.all_reduce(torch.zeros(1, device=device), None, what)
+
+
+def _write_json(file: str, value: Any) -> None:
+    with open(file, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
