@@ -8,8 +8,9 @@ and each is found here from what the trace recorded:
   that is false at the full batch size means the full batch takes the other path;
 * **slicing along the batch dimension** (``x[: x.shape[0] // 2]``, ``x[0]``, ``narrow``/``split``/``chunk``
   on dim 0): each microbatch would keep its own rows, not the batch's;
-* **a microbatch of one row**: Dynamo specialises size 1 (``squeeze()`` drops the batch dimension), so the
-  graph at one row is compared, op by op, with a trace at two rows; any difference is refused.
+* **a microbatch of one row**: ``squeeze()`` drops its batch dimension (found in a trace at two rows,
+  where the batch dimension is symbolic). A Python branch on ``x.shape[0] == 1`` is not found: Dynamo
+  decides it without a guard.
 
 Reductions over examples that the README documents as per-microbatch (BatchNorm statistics, a mean loss
 over tokens) are not refused: they are what every pipeline library computes.
@@ -27,7 +28,7 @@ import torch.fx as fx
 
 from .errors import CaptureError
 
-__all__ = ["batch_symbols", "check_guards", "check_no_batch_slicing", "check_same_program"]
+__all__ = ["batch_symbols", "check_guards", "check_no_batch_slicing", "check_no_batch_squeeze"]
 
 _SELECT_ON_DIM = {  # ops that pick rows along a dimension, and where their dim argument is (default 0)
     torch.narrow: 1,
@@ -138,31 +139,20 @@ def _changes_dim0(node: fx.Node, size: torch.SymInt) -> bool:
     return False
 
 
-def check_same_program(one_row: fx.GraphModule, two_rows: fx.GraphModule) -> None:
-    """The graph traced at one row (Dynamo specialises size 1) runs the same ops, on tensors of the same
-    ranks, as the graph traced at two rows, which stands for every larger batch."""
-    a, b = _tensor_ops(one_row), _tensor_ops(two_rows)
-    for (node, sig_a), (_, sig_b) in zip(a, b, strict=False):
-        if sig_a != sig_b:
-            raise CaptureError(
-                "with one row per microbatch the step computes something else than with more rows (Dynamo "
-                "specialises a size of 1, so squeeze() or a size check drops or treats the batch dimension "
-                f"differently), first here:\n  {_user_line(node)}\nFix: use n_microbatches so that each "
-                "microbatch has at least 2 rows, or name the dimension (squeeze(-1))."
-            )
-    if len(a) != len(b):
-        node = (a[len(b)] if len(a) > len(b) else a[-1])[0] if a else None
-        raise CaptureError(
-            "with one row per microbatch the step runs other operations than with more rows"
-            f"{':' + chr(10) + '  ' + _user_line(node) if node is not None else ''}\nFix: use n_microbatches so "
-            "that each microbatch has at least 2 rows."
-        )
-
-
-def _tensor_ops(gm: fx.GraphModule) -> list[tuple[fx.Node, tuple]]:
-    ops = []
+def check_no_batch_squeeze(gm: fx.GraphModule, symbols: set[sympy.Symbol]) -> None:
+    """With one row per microbatch, ``squeeze()`` would drop the batch dimension that the full batch keeps.
+    ``gm`` is traced at two rows, where the batch dimension is symbolic and can be recognised."""
     for node in gm.graph.nodes:
-        value = node.meta.get("example_value")
-        if node.op in ("call_function", "call_method") and isinstance(value, torch.Tensor):
-            ops.append((node, (str(node.target), value.dim())))
-    return ops
+        if node.target not in (torch.squeeze, "squeeze") or not node.args:
+            continue
+        value = node.args[0].meta.get("example_value") if isinstance(node.args[0], fx.Node) else None
+        if not isinstance(value, torch.Tensor) or not value.dim() or not _has_batch(value.shape[0], symbols):
+            continue
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+        if dim is None or any(d in (0, -value.dim()) for d in dims):
+            raise CaptureError(
+                "with one row per microbatch this squeeze() drops the batch dimension, which the full batch "
+                f"keeps:\n  {_user_line(node)}\nFix: name the dimension to squeeze (squeeze(-1)), or use "
+                "n_microbatches so that each microbatch has at least 2 rows."
+            )

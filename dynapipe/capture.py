@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.symbolic_convert import InstructionTranslator
 
-from .batch_check import batch_symbols, check_guards, check_no_batch_slicing, check_same_program
+from .batch_check import batch_symbols, check_guards, check_no_batch_slicing, check_no_batch_squeeze
 from .errors import CaptureError, GraphBreakError
 from .microbatch import is_batched
 from .names import ModelNames, reachable_modules
@@ -259,9 +259,9 @@ def capture_microbatch(frame: FrameCall, *, n_microbatches: int, batch_size: int
     size = batch_size // n_microbatches
     trace = _trace_rows(frame, batch_size, size)
     general = _trace_rows(frame, batch_size, 2) if size == 1 and batch_size >= 2 else trace
-    if general is not trace:
-        check_same_program(trace.gm, general.gm)
     symbols = batch_symbols(general.gm)
+    if general is not trace:
+        check_no_batch_squeeze(general.gm, symbols)
     check_guards(general.guards, symbols, general.hints, microbatch=max(size, 2), batch=batch_size)
     check_no_batch_slicing(general.gm, symbols)
     return _to_captured(trace.gm, trace.placeholders, frame, batch_size, n_microbatches)

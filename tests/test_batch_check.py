@@ -59,7 +59,7 @@ class Fine(nn.Module):
     [
         (BranchOnBatch(), (torch.randn(8, 4),), 4, "# BRANCH", "different path at the full batch of 8 rows"),
         (SliceBatch(), (torch.randn(8, 4),), 2, "# SLICE", "slices along the batch dimension"),
-        (SqueezeAll(), (torch.randn(4, 4), torch.randn(4)), 4, "# SQUEEZE", "one row per microbatch"),
+        (SqueezeAll(), (torch.randn(4, 4), torch.randn(4)), 4, "# SQUEEZE", "drops the batch dimension"),
     ],
     ids=["branch", "slice", "squeeze"],
 )
