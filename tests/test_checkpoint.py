@@ -304,3 +304,34 @@ def test_peak_memory_per_rank_is_its_stage_not_the_model(tmp_path) -> None:
         assert r["growth"] < 0.92 * size, (
             f"rank {rank} grew {r['growth'] / 2**20:.0f} MiB, model {size / 2**20:.0f} MiB"
         )
+
+
+def from_pretrained_worker(rank: int, world: int, folder: str) -> int:
+    """A model loaded with ``from_pretrained`` (its tensors memory-mapped from safetensors, whose storage
+    cannot be resized) pipelines, frees what other ranks hold, and equals one process."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder)
+    case = HF_CASES["llama"](world)
+    step = torch.compile(
+        lambda ids, labels: model(input_ids=ids, labels=labels).loss,
+        backend="dynapipe",
+        options={"split_points": case.split_points, "n_microbatches": 4},
+    )
+    loss = step(*case.args)
+    loss.backward()
+    expect = case.step(*case.args)
+    expect.backward()
+    torch.testing.assert_close(loss, expect)
+    reference = dict(case.model.named_parameters())
+    held = _held(model)
+    for name, p in held.items():
+        torch.testing.assert_close(p.grad, reference[name].grad, msg=lambda m: f"grad {name}: {m}")
+    return len(held)
+
+
+def test_from_pretrained_model_is_pipelined(tmp_path) -> None:
+    folder = write_hf_folder(str(tmp_path), "llama")
+    held = run_distributed(from_pretrained_worker, 2, folder, timeout=240)
+    total = sum(1 for _ in HF_CASES["llama"](2).model.parameters())
+    assert all(0 < n < total for n in held.values()), held

@@ -47,6 +47,19 @@ def _storage_bytes(t: torch.Tensor) -> int:
     return (t.storage_offset() + extent) * t.element_size()
 
 
+def release(t: torch.Tensor) -> None:
+    """Free ``t``'s memory, keeping the tensor object, shape and dtype. A storage that cannot be resized
+    (memory-mapped by ``from_pretrained``'s safetensors loading) is swapped for an empty resizable one."""
+    storage = t.untyped_storage()
+    if storage.resizable():
+        storage.resize_(0)
+        return
+    empty = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    empty.untyped_storage().resize_(0)
+    with torch.no_grad():
+        t.data = empty
+
+
 def _forget(key: int, _: weakref.ref) -> None:
     _LAST_READERS.pop(key, None)
 
@@ -139,7 +152,7 @@ def place_state(
         storage = t.untyped_storage()
         if _last_readers(t) is None and storage.data_ptr() not in keep and storage.nbytes():
             freed += storage.nbytes()
-            storage.resize_(0)
+            release(t)
             if isinstance(t, torch.nn.Parameter):
                 t.grad = None
     return freed
