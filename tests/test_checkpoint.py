@@ -335,3 +335,39 @@ def test_from_pretrained_model_is_pipelined(tmp_path) -> None:
     held = run_distributed(from_pretrained_worker, 2, folder, timeout=240)
     total = sum(1 for _ in HF_CASES["llama"](2).model.parameters())
     assert all(0 < n < total for n in held.values()), held
+
+
+class _Scale(torch.nn.Module):
+    """A parameter with no initialiser (no reset_parameters): empty_init cannot fill it without a checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.linspace(0.5, 1.5, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
+def one_rank_cannot_fill_worker(rank: int, world: int) -> str:
+    import time
+
+    with dynapipe.empty_init():
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), _Scale())
+    step = torch.compile(
+        lambda x: model(x).square().mean(),
+        backend="dynapipe",
+        options={"split_points": ["2"], "timeout_s": 60},
+    )
+    start = time.monotonic()
+    try:
+        step(torch.randn(4, 8))
+    except Exception as err:  # noqa: BLE001 - the message is what the test checks
+        return f"{time.monotonic() - start:.1f} s: {type(err).__name__}: {err}"
+    return "no error"
+
+
+def test_a_rank_that_cannot_fill_its_stage_stops_every_rank_at_once() -> None:
+    results = run_distributed(one_rank_cannot_fill_worker, 2, timeout=120)
+    assert "ConfigError" in results[1] and "2.gain" in results[1], results[1]
+    assert "PipelineError: rank 1 could not fill the parameters" in results[0], results[0]
+    assert float(results[0].split(" s:")[0]) < 30, results[0]

@@ -21,6 +21,7 @@ from functools import partial
 import torch
 
 from ..codegen import StagePlan
+from ..errors import DynapipeError, PipelineError
 from .comm import Comm
 
 __all__ = ["holds_current", "place_state", "refresh_state", "state_readers"]
@@ -128,8 +129,20 @@ def place_state(
     per_rank = comm.gather_objects((sorted(needed), sorted(held)), "which parameters each rank holds")
     anywhere = set().union(*(has for _, has in per_rank))
     unheld = [everything[i] for i in sorted(needed - anywhere)]
+    failure = None
     if unheld:
-        fill(unheld)
+        try:
+            fill(unheld)
+        except (
+            DynapipeError
+        ) as err:  # a bad checkpoint on one rank only: every rank stops now, not at timeout
+            failure = err
+    failed = comm.gather_objects(None if failure is None else f"{type(failure).__name__}: {failure}", "fill")
+    if failure is not None:
+        raise failure
+    for r, message in enumerate(failed):
+        if message is not None:
+            raise PipelineError(f"rank {r} could not fill the parameters its stages read: {message}")
     for i, t in enumerate(everything):  # every rank walks the same list, so sends and receives pair up
         holders = [r for r, (_, has) in enumerate(per_rank) if i in has]
         if not holders:
