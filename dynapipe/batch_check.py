@@ -124,10 +124,10 @@ def _selects_dim0(node: fx.Node) -> bool:
     if position is None:
         return False
     dim = node.kwargs.get("dim", node.args[position] if len(node.args) > position else 0)
-    return dim == 0
+    return bool(dim == 0)
 
 
-def _changes_dim0(node: fx.Node, size: torch.SymInt) -> bool:
+def _changes_dim0(node: fx.Node, size: int | torch.SymInt) -> bool:
     out = node.meta.get("example_value")
     outs = out if isinstance(out, (tuple, list)) else (out,)
     for t in outs:
@@ -151,10 +151,10 @@ def check_same_program(one_row: fx.GraphModule, two_rows: fx.GraphModule) -> Non
                 "microbatch has at least 2 rows, or name the dimension (squeeze(-1))."
             )
     if len(a) != len(b):
-        node = (a[len(b)] if len(a) > len(b) else a[-1])[0] if a else None
+        first = (a[len(b)] if len(a) > len(b) else a[-1])[0] if a else None
         raise CaptureError(
             "with one row per microbatch the step runs other operations than with more rows"
-            f"{':' + chr(10) + '  ' + _user_line(node) if node is not None else ''}\nFix: use n_microbatches so "
+            f"{':' + chr(10) + '  ' + _user_line(first) if first is not None else ''}\nFix: use n_microbatches so "
             "that each microbatch has at least 2 rows."
         )
 

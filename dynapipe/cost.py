@@ -37,7 +37,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import sympy
 import torch
@@ -48,8 +48,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
-from .capture import CapturedGraph, grad_modes
-from .errors import ConfigError
+from .capture import CapturedGraph, compute_nodes, grad_modes
+from .config import Optimizer
 from .schedules.simulate import StageCost
 
 __all__ = [
@@ -58,24 +58,17 @@ __all__ = [
     "GraphCosts",
     "NodeCost",
     "StageRecord",
-    "compute_nodes",
     "format_bytes",
     "graph_costs",
     "stage_costs",
 ]
 
 # Extra per-parameter copies each optimizer keeps (SGD counted with a momentum buffer: the worst case).
-OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 1, "none": 0}
+OPTIMIZER_STATES: dict[Optimizer, int] = {"adamw": 2, "adam": 2, "sgd": 1, "none": 0}
 # FLOP/s that turns FLOPs into seconds without profiling: a nominal accelerator at a realistic fraction
 # of peak. Only ratios matter to the partitioner; the simulator compares it with link bandwidth.
 NOMINAL_FLOP_RATE = 100e12
-_COMPUTE_OPS = ("call_function", "call_method", "call_module")
 _META_KEY = "dynapipe.costs"
-
-
-def compute_nodes(graph: fx.Graph) -> list[fx.Node]:
-    """The nodes that stages are made of, in graph order (placeholders and get_attr are copied instead)."""
-    return [n for n in graph.nodes if n.op in _COMPUTE_OPS]
 
 
 @dataclass(frozen=True)
@@ -108,7 +101,7 @@ class GraphCosts:
     buffer_bytes: list[int]  # per saved-activation buffer
     buffer_names: list[str]
     state_bytes: dict[fx.Node, tuple[int, int, int]]  # get_attr -> (parameter, gradient, optimizer state)
-    optimizer: str
+    optimizer: Optimizer
     profiled: bool
     flop_rate: float
     uncosted: list[str] = field(default_factory=list)  # nodes the fake run could not execute (0 FLOPs)
@@ -217,10 +210,10 @@ def _has_tensor(value: Any) -> bool:
 
 def _call(node: fx.Node, gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
     if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return getattr(args[0], str(node.target))(*args[1:], **kwargs)
     if node.op == "call_module":
-        return gm.get_submodule(node.target)(*args, **kwargs)
-    return node.target(*args, **kwargs)
+        return gm.get_submodule(str(node.target))(*args, **kwargs)
+    return cast(Callable[..., Any], node.target)(*args, **kwargs)
 
 
 class _Runner:
@@ -240,7 +233,7 @@ class _Runner:
         params: list[torch.Tensor] = []
         for src in node.all_input_nodes:
             if src.op == "get_attr":
-                attr = getattr(self.gm, src.target)
+                attr = getattr(self.gm, str(src.target))
                 values[src] = self.state(attr) if isinstance(attr, torch.Tensor) else attr
                 if isinstance(attr, torch.Tensor) and values[src].requires_grad:
                     params.append(values[src])
@@ -273,23 +266,14 @@ def _grads(outputs: Any, wrt: list[torch.Tensor], retain: bool) -> None:
 def graph_costs(
     captured: CapturedGraph,
     *,
-    optimizer: str = "adamw",
+    optimizer: Optimizer = "adamw",
     profile: bool = False,
     flop_rate: float = NOMINAL_FLOP_RATE,
     repeats: int = 3,
 ) -> GraphCosts:
     """Cost every compute node of ``captured`` (cached on the graph module for the same options)."""
-    if optimizer not in OPTIMIZER_STATES:
-        raise ConfigError(
-            f"optimizer {optimizer!r} is not known to the cost model; use one of {sorted(OPTIMIZER_STATES)}"
-        )
-    if not (flop_rate > 0):
-        raise ConfigError(f"flop_rate must be a positive number of FLOP/s, got {flop_rate!r}")
     nodes = compute_nodes(captured.gm.graph)
     cache = captured.gm.meta.setdefault(_META_KEY, {})
-    for key in list(cache):  # the graph changed (pipe_split markers removed): start again
-        if list(cache[key].nodes) != nodes:
-            del cache[key]
     key = (optimizer, bool(profile), float(flop_rate), repeats if profile else 0)
     if key in cache:
         return cache[key]
@@ -306,7 +290,7 @@ def graph_costs(
 
 
 def _fake_costs(
-    captured: CapturedGraph, nodes: list[fx.Node], optimizer: str, flop_rate: float
+    captured: CapturedGraph, nodes: list[fx.Node], optimizer: Optimizer, flop_rate: float
 ) -> GraphCosts:
     graph = captured.gm.graph
     training = any(
@@ -351,7 +335,7 @@ def _fake_costs(
             if isinstance(value, torch.Tensor):
                 new_buffer((node, 0), _evaluate(_bytes_expr(value), values))
         elif node.op == "get_attr":
-            attr = getattr(captured.gm, node.target)
+            attr = getattr(captured.gm, str(node.target))
             if isinstance(attr, torch.Tensor):
                 nbytes = attr.numel() * attr.element_size()
                 grad = (
@@ -398,8 +382,9 @@ def _fake_costs(
                 None if src.op == "get_attr" else buffer_of.get((src, i)) for src, i in _input_leaves(node)
             ]
             for i, kind, n in replay.outputs:
-                if kind == "input" and inputs[n] is not None:  # a view of an input shares its buffer
-                    buffer_of[(node, i)] = inputs[n]
+                viewed = inputs[n] if kind == "input" else None
+                if viewed is not None:  # a view of an input shares its buffer
+                    buffer_of[(node, i)] = viewed
                 elif kind == "new":
                     new_buffer((node, i), n)
             saves: dict[int, None] = {}
@@ -463,7 +448,7 @@ def _signature(node: fx.Node, gm: fx.GraphModule, grad_mode: bool) -> str | None
     described = []
     for src in node.all_input_nodes:
         if src.op == "get_attr":
-            attr = getattr(gm, src.target)
+            attr = getattr(gm, str(src.target))
             if not isinstance(attr, torch.Tensor):
                 return None
             described.append(leaf(attr))
@@ -506,7 +491,8 @@ def _replay(node: fx.Node, runner: _Runner, counter: _FlopCounter, grad_mode: bo
             out = _call(node, runner.gm, args, kwargs)
     flops = counter.total - before
 
-    outputs, out_leaf = [], {}
+    outputs: list[tuple[int, str, int]] = []
+    out_leaf: dict[StorageWeakRef, int] = {}
     for i, leaf in enumerate(tree_flatten(out)[0]):
         if isinstance(leaf, torch.Tensor):
             ref = StorageWeakRef(leaf.untyped_storage())
@@ -687,7 +673,7 @@ def stage_costs(
     stage_of: Mapping[fx.Node, int],
     *,
     costs: GraphCosts | None = None,
-    optimizer: str = "adamw",
+    optimizer: Optimizer = "adamw",
 ) -> list[StageRecord]:
     """One :class:`StageRecord` per stage of the assignment ``stage_of`` (compute node -> stage)."""
     graph = captured.gm.graph

@@ -1,6 +1,6 @@
 """Graph -> stage assignment: by split points a person chose, or balanced automatically."""
 
-from .manual import assign_by_split_points, layer_boundaries, marker_positions, pipe_split
+from .manual import assign_by_split_points, layer_boundaries, pipe_split
 from .mincut import BalancedPartition, assign_balanced, balanced_partition
 
 __all__ = [
@@ -9,6 +9,5 @@ __all__ = [
     "assign_by_split_points",
     "balanced_partition",
     "layer_boundaries",
-    "marker_positions",
     "pipe_split",
 ]

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import operator
 import os
 import tempfile
 from collections import deque
@@ -55,8 +54,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..capture import CapturedGraph, is_autocast_node
-from ..cost import GraphCosts, compute_nodes, format_bytes, graph_costs
+from ..capture import CapturedGraph, compute_nodes, is_autocast_node, unpacked_by
+from ..config import Optimizer
+from ..cost import GraphCosts, format_bytes, graph_costs
 from ..errors import ConfigError, PartitionError
 from .manual import _inside, layer_boundaries
 
@@ -91,7 +91,7 @@ def assign_balanced(
     unsplittable: Sequence[str] = (),
     max_stage_memory: int | None = None,
     profile: bool = False,
-    optimizer: str = "adamw",
+    optimizer: Optimizer = "adamw",
     in_flight: int | None = None,
     costs: GraphCosts | None = None,
 ) -> dict[fx.Node, int]:
@@ -125,20 +125,12 @@ def balanced_partition(
     unsplittable: Sequence[str] = (),
     max_stage_memory: int | None = None,
     profile: bool = False,
-    optimizer: str = "adamw",
+    optimizer: Optimizer = "adamw",
     in_flight: int | None = None,
     costs: GraphCosts | None = None,
     slack: float = BALANCE_SLACK,
 ) -> BalancedPartition:
     """:func:`assign_balanced` with the bottlenecks it found (for :func:`dynapipe.explain` and benchmarks)."""
-    if not isinstance(n_stages, int) or isinstance(n_stages, bool) or n_stages < 1:
-        raise ConfigError(f"n_stages must be a positive int, got {n_stages!r}")
-    if max_stage_memory is not None and not (
-        isinstance(max_stage_memory, (int, float)) and max_stage_memory > 0
-    ):
-        raise ConfigError(f"max_stage_memory must be a positive number of bytes, got {max_stage_memory!r}")
-    if isinstance(unsplittable, str):
-        unsplittable = (unsplittable,)
     costs = costs or graph_costs(captured, optimizer=optimizer, profile=profile)
     chain = _Chain(captured, costs, unsplittable, n_stages, in_flight or captured.n_microbatches)
     if n_stages == 1:
@@ -345,7 +337,8 @@ class _Chain:
 
     def greedy(self, bound: float, memory: float, allowed: list[int]) -> list[int] | None:
         """Fewest cuts (farthest-first) keeping every stage within the limits; None if a node alone exceeds them."""
-        n, cuts, start = len(self.nodes), [], 0
+        n, start = len(self.nodes), 0
+        cuts: list[int] = []
         while True:
             end = self._reach(start, bound, memory)
             if end >= n - 1:
@@ -409,7 +402,8 @@ class _Chain:
         best = [self.score[p] if lo[a] <= -1 <= up[a] else _INF for a, p in enumerate(allowed)]
         back: list[list[int]] = []
         for _ in range(2, k):  # best[a]: fewest bytes of j cuts, the last at allowed[a]
-            new, arg, window, right = [_INF] * len(allowed), [-1] * len(allowed), deque(), 0
+            new, arg, right = [_INF] * len(allowed), [-1] * len(allowed), 0
+            window: deque[int] = deque()
             for a, p in enumerate(allowed):
                 while right < len(allowed) and allowed[right] <= up[a]:  # sliding-window minimum of best
                     if best[right] < _INF:
@@ -566,8 +560,8 @@ def _chain_order(nodes: list[fx.Node]) -> list[fx.Node]:
     anchor: dict[fx.Node, int] = {}
     for node in nodes:
         anchor[node] = index[node]
-        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in index:
-            source = node.args[0]
+        source = unpacked_by(node)
+        if source is not None and source in index:
             if all(a is source or a not in index or index[a] < anchor[source] for a in node.all_input_nodes):
                 anchor[node] = anchor[source]
     return sorted(nodes, key=lambda n: (anchor[n], index[n]))
@@ -591,8 +585,9 @@ def _groups(nodes: list[fx.Node], graph: fx.Graph, unsplittable: Sequence[str]) 
             parent[max(a, b)] = min(a, b)
 
     for node in nodes:
-        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in pos:
-            union(pos[node], pos[node.args[0]])
+        source = unpacked_by(node)
+        if source is not None and source in pos:
+            union(pos[node], pos[source])
     known = sorted({n.meta.get("module_path", "") for n in nodes} - {""})
     for name in unsplittable:
         members = [pos[n] for n in nodes if _inside(n.meta.get("module_path", ""), name)]
@@ -620,10 +615,10 @@ def _groups(nodes: list[fx.Node], graph: fx.Graph, unsplittable: Sequence[str]) 
     if start is not None:
         for i in range(start, len(nodes)):
             union(start, i)
-    members: dict[int, list[int]] = {}
+    by_root: dict[int, list[int]] = {}
     for i in range(len(nodes)):
-        members.setdefault(find(i), []).append(i)
-    return [g for g in members.values() if len(g) > 1]
+        by_root.setdefault(find(i), []).append(i)
+    return [g for g in by_root.values() if len(g) > 1]
 
 
 def _dump(nx, g) -> str:

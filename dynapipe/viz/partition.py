@@ -311,29 +311,28 @@ def partition_svg(
             )
 
         # Bars on the common baseline.
-        for j, (caption, peak, parts, value) in enumerate(
+        bars: tuple[tuple[str, float, list[tuple[str, float]], str], ...] = (
             (
-                (
-                    "compute",
-                    peak_t,
-                    [("F", s.forward_s), ("I", s.backward_input_s), ("W", s.backward_weight_s)],
-                    format_seconds(s.time_s),
-                ),
-                (
-                    "memory",
-                    peak_m,
-                    [
-                        ("params", s.param_bytes),
-                        ("grads", s.grad_bytes),
-                        ("optimizer", s.optimizer_bytes),
-                        ("activations", s.activation_bytes),
-                    ],
-                    format_bytes(_memory(s)),
-                ),
-            )
-        ):
+                "compute",
+                peak_t,
+                [("F", s.forward_s), ("I", s.backward_input_s), ("W", s.backward_weight_s)],
+                format_seconds(s.time_s),
+            ),
+            (
+                "memory",
+                peak_m,
+                [
+                    ("params", s.param_bytes),
+                    ("grads", s.grad_bytes),
+                    ("optimizer", s.optimizer_bytes),
+                    ("activations", s.activation_bytes),
+                ],
+                format_bytes(_memory(s)),
+            ),
+        )
+        for j, (caption, peak, parts, value) in enumerate(bars):
             bx, bw = x + 34 + j * 92, 58
-            top = base
+            top: float = base
             for key, amount in parts:
                 h = bar_h * amount / peak
                 top -= h

@@ -1,0 +1,95 @@
+"""The one planning path: captured graph + options + schedule -> the stage of every compute node.
+
+The backend and :func:`dynapipe.explain` both call :func:`plan_pipeline`, so the table ``explain()``
+prints is the partition that runs: ``pipe_split()`` markers, ``split_points``, ``unsplittable``,
+``max_stage_memory`` and ``profile`` all act the same way in both.
+
+How many microbatches' activations a stage holds at its peak comes from the schedule itself: its table
+is replayed by the simulator (unit costs), which counts, per stage, the forwards whose backward has not
+yet finished (1F1B: ``p - i`` on stage ``i``; GPipe: all ``m``; zero-bubble: more, for the deferred
+weight work). The partitioner takes the largest of these as every stage's memory budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from .capture import CapturedGraph
+from .config import PipelineConfig
+from .cost import GraphCosts, graph_costs
+from .errors import ConfigError
+from .partition import assign_by_split_points, balanced_partition
+from .schedules import ScheduleSpec, StageCost, placement_map, simulate, validate
+
+__all__ = ["Plan", "in_flight_per_stage", "plan_pipeline"]
+
+CostSource = Callable[[CapturedGraph, PipelineConfig], GraphCosts]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The stage of each compute node, with what it was chosen on."""
+
+    stage_of: dict[fx.Node, int]
+    in_flight: tuple[int, ...]  # per stage: microbatches whose activations the schedule holds at once
+    costs: GraphCosts | None  # the node costs the automatic partition used (None for split points)
+    layer_bottleneck_s: float | None = None  # the best split at layer boundaries (automatic only)
+
+
+def local_costs(captured: CapturedGraph, config: PipelineConfig) -> GraphCosts:
+    """Node costs measured (``profile``) or estimated in this process."""
+    return graph_costs(captured, optimizer=config.optimizer, profile=config.profile)
+
+
+def in_flight_per_stage(
+    spec: ScheduleSpec, *, n_ranks: int, n_stages: int, n_microbatches: int
+) -> tuple[int, ...]:
+    """Peak microbatches whose activations each stage holds under ``spec``, read off a simulated step."""
+    table = spec.build(n_ranks=n_ranks, n_stages=n_stages, n_microbatches=n_microbatches)
+    validate(table, n_ranks, n_stages, n_microbatches, spec.placement)  # a bad table is named here
+    timeline = simulate(
+        table, StageCost(1.0, 1.0, 1.0), n_ranks=n_ranks, n_stages=n_stages, placement=spec.placement
+    )
+    rank_of = placement_map(spec.placement, n_ranks=n_ranks, n_stages=n_stages)
+    return tuple(int(timeline.inflight_activations({s: 1})[rank_of[s]]) for s in range(n_stages))
+
+
+def plan_pipeline(
+    captured: CapturedGraph,
+    config: PipelineConfig,
+    *,
+    spec: ScheduleSpec,
+    n_ranks: int,
+    n_stages: int,
+    costs: CostSource = local_costs,
+) -> Plan:
+    """Stage of every compute node: ``pipe_split()`` markers, else ``split_points``, else the balanced
+    partition on the node costs ``costs`` returns (the backend passes rank 0's profile, shared)."""
+    markers = captured.split_markers
+    if markers and config.split_points:
+        raise ConfigError("the model calls pipe_split() and split_points is set too; use one of the two")
+    points: list[str] | list[int] = markers or list(config.split_points)
+    in_flight = in_flight_per_stage(
+        spec, n_ranks=n_ranks, n_stages=n_stages, n_microbatches=captured.n_microbatches
+    )
+    if points or n_stages == 1:
+        if len(points) + 1 != n_stages:
+            raise ConfigError(
+                f"{len(points)} split points make {len(points) + 1} stages, but the pipeline needs {n_stages}; "
+                f"give {n_stages - 1} split points"
+            )
+        return Plan(assign_by_split_points(captured, points), in_flight, None)
+    node_costs = costs(captured, config)
+    part = balanced_partition(
+        captured,
+        n_stages,
+        unsplittable=config.unsplittable,
+        max_stage_memory=config.max_stage_memory,
+        optimizer=config.optimizer,
+        in_flight=max(in_flight),
+        costs=node_costs,
+    )
+    return Plan(part.stage_of, in_flight, node_costs, part.layer_bottleneck_s)
