@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ __all__ = [
     "compute_nodes",
     "unpacked_by",
     "ignore_logging_in_graphs",
+    "settle_getitems",
 ]
 
 _COMPUTE_OPS = ("call_function", "call_method", "call_module")
@@ -351,6 +353,17 @@ def unpacked_by(node: fx.Node) -> fx.Node | None:
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
         return node.args[0]
     return None
+
+
+def settle_getitems(graph: fx.Graph, stage_of: Mapping[fx.Node, int]) -> dict[fx.Node, int]:
+    """A copy of ``stage_of`` (compute node -> stage) with each getitem of a non-tensor in its source's
+    stage: only tensors cross stages. The stages codegen builds, and the stages the cost model counts."""
+    out = dict(stage_of)
+    for node in graph.nodes:
+        source = unpacked_by(node)
+        if source in out and not isinstance(source.meta.get("example_value"), torch.Tensor):
+            out[node] = out[source]
+    return out
 
 
 def _remove_split_markers(graph: fx.Graph) -> list[int]:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .capture import CapturedGraph, autocast_regions, grad_modes, is_autocast_node, unpacked_by
+from .capture import CapturedGraph, autocast_regions, grad_modes, is_autocast_node, settle_getitems
 from .errors import PartitionError
 
 __all__ = ["Boundary", "StagePlan", "build_stages", "partition_digest", "written_in_place"]
@@ -71,13 +71,8 @@ def _concrete(value: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, bool]:
     return shape, value.dtype, bool(value.requires_grad)
 
 
-def _settle_stages(graph: fx.Graph, stage_of: dict[fx.Node, int]) -> None:
-    """Keep ``getitem`` of a tuple with the node that makes the tuple (only tensors cross stages), and
-    check that no node reads from a later stage."""
-    for node in graph.nodes:
-        source = unpacked_by(node)
-        if source in stage_of and not isinstance(source.meta.get("example_value"), torch.Tensor):
-            stage_of[node] = stage_of[source]
+def _check_order(graph: fx.Graph, stage_of: dict[fx.Node, int]) -> None:
+    """No node reads from a later stage."""
     for node in graph.nodes:
         for user in node.users:
             if is_autocast_node(user):  # an autocast exit reads its enter's context: codegen re-enters
@@ -231,7 +226,8 @@ def _enter_regions(
 def build_stages(captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages: int) -> list[StagePlan]:
     """Cut ``captured.gm`` into ``n_stages`` GraphModules following ``stage_of`` (compute node -> stage)."""
     graph = captured.gm.graph
-    _settle_stages(graph, stage_of)
+    stage_of = settle_getitems(graph, stage_of)  # a copy: the caller's assignment stays as it was
+    _check_order(graph, stage_of)
     last = n_stages - 1
     output = graph.find_nodes(op="output")[0]
     placeholders = list(graph.find_nodes(op="placeholder"))

@@ -23,11 +23,12 @@ import torch.fx as fx
 
 from .capture import CapturedGraph, FrameCall, capture_microbatch
 from .config import Optimizer, PipelineConfig
-from .cost import StageRecord, format_bytes, stage_costs
+from .cost import StageRecord, stage_costs
 from .errors import ConfigError
 from .microbatch import check_divisible, infer_batch_size
 from .plan import CostSource, Plan, local_costs, plan_pipeline
 from .schedules import get_schedule
+from .units import format_bytes
 
 __all__ = ["Explanation", "capture", "explain"]
 

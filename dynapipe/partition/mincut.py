@@ -56,8 +56,10 @@ import torch.fx as fx
 
 from ..capture import CapturedGraph, compute_nodes, is_autocast_node, unpacked_by
 from ..config import Optimizer
-from ..cost import GraphCosts, format_bytes, graph_costs
+from ..cost import GraphCosts, graph_costs
 from ..errors import ConfigError, PartitionError
+from ..module_paths import prefixes
+from ..units import format_bytes
 from .manual import _inside, layer_boundaries
 
 __all__ = ["BalancedPartition", "assign_balanced", "balanced_partition"]
@@ -277,7 +279,7 @@ class _Chain:
         first: dict[str, int] = dict.fromkeys(layer_boundaries(captured), -1)
         for i, node in enumerate(self.nodes):
             path = node.meta.get("module_path", "")
-            for name in {*_prefixes(path), *_prefixes(path.partition(".")[2])} & first.keys():
+            for name in {*prefixes(path), *prefixes(path.partition(".")[2])} & first.keys():
                 if first[name] < 0:
                     first[name] = i
         return sorted({i - 1 for i in first.values() if i > 0 and self.cross[i - 1] < _INF})
@@ -538,11 +540,6 @@ class _Chain:
                 f"flow graph written to {path}"
             ) from err
         return fixed | {i for i in free if f"{self.names[i]}_in" in reachable}
-
-
-def _prefixes(path: str) -> list[str]:
-    parts = path.split(".") if path else []
-    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
 def _shared_depth(a: list[str], b: list[str]) -> int:

@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..cost import format_bytes
+from ..units import format_bytes
 from ._svg import COLORS, Canvas, format_seconds, text_width, wrap
 
 if TYPE_CHECKING:
