@@ -1,7 +1,7 @@
 """Graph -> stage assignment: by split points a person chose, or balanced automatically."""
 
+from .balanced import BalancedPartition, assign_balanced, balanced_partition
 from .manual import assign_by_split_points, layer_boundaries, pipe_split
-from .mincut import BalancedPartition, assign_balanced, balanced_partition
 
 __all__ = [
     "BalancedPartition",
