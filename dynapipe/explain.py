@@ -26,8 +26,8 @@ from .config import Optimizer, PipelineConfig
 from .cost import StageRecord, stage_costs
 from .errors import ConfigError
 from .microbatch import check_divisible, infer_batch_size
-from .plan import CostSource, Plan, local_costs, plan_pipeline
-from .schedules import get_schedule
+from .plan import LINK_BANDWIDTH, LINK_LATENCY_S, CostSource, Plan, local_costs, plan_pipeline, predict_step
+from .schedules import Timeline, get_schedule
 from .units import format_bytes
 
 __all__ = ["Explanation", "capture", "explain"]
@@ -71,6 +71,8 @@ class Explanation:
     stages: list[StageRecord]
     captured: CapturedGraph
     layer_imbalance: float | None = None  # the best split at layer boundaries, for comparison
+    predicted: Timeline | None = None  # one simulated step of the plan's schedule
+    lower_bound_s: float | None = None  # all the step's work spread evenly over the ranks
 
     @classmethod
     def of(
@@ -83,7 +85,15 @@ class Explanation:
         if plan.layer_bottleneck_s is not None and mean > 0 and plan.layer_bottleneck_s < float("inf"):
             layer_imbalance = plan.layer_bottleneck_s / mean
         stages = stage_costs(captured, plan.stage_of, costs=node_costs)
-        return cls(plan.stage_of, stages, captured, layer_imbalance)
+        m = captured.n_microbatches
+        lower_bound = m * sum(s.time_s for s in stages) / plan.n_ranks
+        predicted = predict_step(plan, stages, m)
+        return cls(plan.stage_of, stages, captured, layer_imbalance, predicted, lower_bound)
+
+    @property
+    def predicted_step_s(self) -> float | None:
+        """The simulated step time of the plan's schedule (None for a hand-made Explanation)."""
+        return self.predicted.makespan if self.predicted is not None else None
 
     @property
     def imbalance(self) -> float:
@@ -116,7 +126,19 @@ class Explanation:
         if self.layer_imbalance is not None:
             foot += f"; best split at layer boundaries: {self.layer_imbalance:.3f}"
         per_mb = f"per microbatch of {self.captured.microbatch_size}; FLOPs and time are forward + backward"
-        return "\n".join([*lines, foot, per_mb])
+        return "\n".join([*lines, foot, per_mb, *self._step_lines()])
+
+    def _step_lines(self) -> list[str]:
+        if self.predicted is None or self.lower_bound_s is None:
+            return []
+        step = self.predicted.makespan
+        ratio = f"{step / self.lower_bound_s:.3f}x" if self.lower_bound_s > 0 else "-"
+        return [
+            f"predicted step ({self.captured.n_microbatches} microbatches, {len(self.predicted.ranks)} ranks, "
+            f"link {LINK_LATENCY_S * 1e6:.0f} us + bytes / {LINK_BANDWIDTH / 1e9:.0f} GB/s): {_seconds(step)}; "
+            f"bubble {self.predicted.bubble_fraction:.1%}; lower bound (all work / ranks) "
+            f"{_seconds(self.lower_bound_s)}, the plan takes {ratio} of it"
+        ]
 
     def __str__(self) -> str:
         return self.table()

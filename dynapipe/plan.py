@@ -12,21 +12,26 @@ weight work). The partitioner takes the largest of these as every stage's memory
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch.fx as fx
 
 from .capture import CapturedGraph
 from .config import PipelineConfig
-from .cost import GraphCosts, graph_costs
+from .cost import GraphCosts, StageRecord, graph_costs
 from .errors import ConfigError
 from .partition import assign_by_split_points, balanced_partition
-from .schedules import ScheduleSpec, StageCost, placement_map, simulate, validate
+from .schedules import ScheduleSpec, StageCost, Timeline, placement_map, simulate, validate
 
-__all__ = ["Plan", "in_flight_per_stage", "plan_pipeline"]
+__all__ = ["LINK_BANDWIDTH", "LINK_LATENCY_S", "Plan", "in_flight_per_stage", "plan_pipeline", "predict_step"]
 
 CostSource = Callable[[CapturedGraph, PipelineConfig], GraphCosts]
+
+# The link between two ranks when nothing was measured, for the predicted step: a transfer takes
+# LINK_LATENCY_S + bytes / LINK_BANDWIDTH (25 GB/s: PCIe 4/5 or a 200 Gb/s network; NVLink is faster).
+LINK_LATENCY_S = 20e-6
+LINK_BANDWIDTH = 25e9
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,8 @@ class Plan:
 
     stage_of: dict[fx.Node, int]
     in_flight: tuple[int, ...]  # per stage: microbatches whose activations the schedule holds at once
+    spec: ScheduleSpec  # the schedule the plan is for, on n_ranks ranks
+    n_ranks: int
     costs: GraphCosts | None  # the node costs the automatic partition used (None for split points)
     layer_bottleneck_s: float | None = None  # the best split at layer boundaries (automatic only)
 
@@ -81,7 +88,7 @@ def plan_pipeline(
                 f"{len(points)} split points make {len(points) + 1} stages, but the pipeline needs {n_stages}; "
                 f"give {n_stages - 1} split points"
             )
-        return Plan(assign_by_split_points(captured, points), in_flight, None)
+        return Plan(assign_by_split_points(captured, points), in_flight, spec, n_ranks, None)
     node_costs = costs(captured, config)
     part = balanced_partition(
         captured,
@@ -92,4 +99,20 @@ def plan_pipeline(
         in_flight=max(in_flight),
         costs=node_costs,
     )
-    return Plan(part.stage_of, in_flight, node_costs, part.layer_bottleneck_s)
+    return Plan(part.stage_of, in_flight, spec, n_ranks, node_costs, part.layer_bottleneck_s)
+
+
+def predict_step(plan: Plan, stages: Sequence[StageRecord], n_microbatches: int) -> Timeline:
+    """One simulated training step of ``plan``'s schedule over its per-stage costs and the default link."""
+    n_stages = len(stages)
+    table = plan.spec.build(n_ranks=plan.n_ranks, n_stages=n_stages, n_microbatches=n_microbatches)
+    return simulate(
+        table,
+        [s.to_stage_cost() for s in stages],
+        n_ranks=plan.n_ranks,
+        n_stages=n_stages,
+        placement=plan.spec.placement,
+        link_latency=LINK_LATENCY_S,
+        link_bandwidth=LINK_BANDWIDTH,
+        edges=sorted({(s.index, d) for s in stages for d in s.sends}),
+    )

@@ -430,6 +430,8 @@ def test_explain_plans_as_the_backend_does():
     assert "l1" in marked.stages[0].modules and "l2" in marked.stages[1].modules
     assert "l2" not in marked.stages[0].modules and "l1" not in marked.stages[1].modules
     assert not any(n.target is torch.ops.dynapipe.pipe_split.default for n in marked.captured.gm.graph.nodes)
+    step, bound = marked.predicted_step_s, marked.lower_bound_s
+    assert step is not None and bound is not None and step >= bound > 0 and "predicted step" in str(marked)
     with pytest.raises(ConfigError, match=r"3 stages, but the pipeline needs 2|needs 3"):
         explain(MarkedNet(), (x, y), n_stages=3)
     with pytest.raises(ConfigError, match="pipe_split\\(\\) and split_points"):
