@@ -98,8 +98,29 @@ def plan_pipeline(
         optimizer=config.optimizer,
         in_flight=max(in_flight),
         costs=node_costs,
+        step=step_time(spec, n_ranks=n_ranks, n_stages=n_stages, n_microbatches=captured.n_microbatches),
     )
     return Plan(part.stage_of, in_flight, spec, n_ranks, node_costs, part.layer_bottleneck_s)
+
+
+def step_time(
+    spec: ScheduleSpec, *, n_ranks: int, n_stages: int, n_microbatches: int
+) -> Callable[[list[StageCost]], float]:
+    """The partitioner's objective: one simulated step of ``spec`` over a split's per-stage costs."""
+    table = spec.build(n_ranks=n_ranks, n_stages=n_stages, n_microbatches=n_microbatches)
+
+    def step(costs: list[StageCost]) -> float:
+        return simulate(
+            table,
+            costs,
+            n_ranks=n_ranks,
+            n_stages=n_stages,
+            placement=spec.placement,
+            link_latency=LINK_LATENCY_S,
+            link_bandwidth=LINK_BANDWIDTH,
+        ).makespan
+
+    return step
 
 
 def predict_step(plan: Plan, stages: Sequence[StageRecord], n_microbatches: int) -> Timeline:

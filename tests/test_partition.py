@@ -448,3 +448,18 @@ def test_activations_in_flight_come_from_the_schedule(schedule, n_stages, expect
 
     spec = get_schedule(schedule)
     assert in_flight_per_stage(spec, n_ranks=n_stages, n_stages=n_stages, n_microbatches=8) == expected
+
+
+def test_step_objective_picks_among_near_balanced_splits(llama):
+    """With a step objective, the split it finds shortest wins: one that only counts the slowest stage
+    gets a better balance than the default (which prefers fewer bytes: 1.09 here against 1.01); one
+    that counts only bytes keeps the default's fewest-bytes choice."""
+
+    def bottleneck(costs):
+        return max(c.forward + c.backward_input + c.backward_weight for c in costs)
+
+    default = _imbalance(stage_costs(llama, assign_balanced(llama, 4)))
+    balanced = balanced_partition(llama, 4, step=bottleneck)
+    assert _imbalance(stage_costs(llama, balanced.stage_of)) < default - 0.02
+    by_bytes = balanced_partition(llama, 4, step=lambda costs: sum(c.send_bytes for c in costs))
+    assert by_bytes.stage_of == assign_balanced(llama, 4)

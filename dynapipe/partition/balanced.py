@@ -21,7 +21,7 @@ capacities are integers. So every rank computes the same partition from the same
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -30,11 +30,12 @@ from ..capture import CapturedGraph, compute_nodes
 from ..config import Optimizer
 from ..cost import GraphCosts, graph_costs
 from ..errors import PartitionError
+from ..schedules import StageCost
 from .balance import fewest_bytes, greedy, memory_error, min_bottleneck
 from .chain import Chain
 from .mincut import refine
 
-__all__ = ["BALANCE_SLACK", "BalancedPartition", "assign_balanced", "balanced_partition"]
+__all__ = ["BALANCE_SLACK", "BalancedPartition", "StepObjective", "assign_balanced", "balanced_partition"]
 
 # Stages may be this much slower than the best balance if that lets the cuts send fewer bytes.
 BALANCE_SLACK = 0.25
@@ -43,6 +44,10 @@ _BYTES_TOLERANCE = 0.05
 # Relative precision of the bottleneck searches.
 _BALANCE_TOLERANCE = 1e-4
 _INF = math.inf
+# Balance limits (above the best) at which the fewest-bytes split is a candidate for the shortest step.
+_STEP_LIMITS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1)
+# A split's step time in seconds, from the per-stage costs of its stages.
+StepObjective = Callable[[list[StageCost]], float]
 
 
 @dataclass(frozen=True)
@@ -101,8 +106,14 @@ def balanced_partition(
     in_flight: int | None = None,
     costs: GraphCosts | None = None,
     slack: float = BALANCE_SLACK,
+    step: StepObjective | None = None,
 ) -> BalancedPartition:
-    """:func:`assign_balanced` with the bottlenecks it found (for :func:`dynapipe.explain` and benchmarks)."""
+    """:func:`assign_balanced` with the bottlenecks it found (for :func:`dynapipe.explain` and benchmarks).
+
+    step: the step time of a split (per-stage costs -> seconds, e.g. a simulated step of the schedule
+        that will run); the split it finds shortest among the fewest-bytes splits at a few balance limits
+        wins over the fewest-bytes near-balanced one (see the module docstring).
+    """
     costs = costs or graph_costs(captured, optimizer=optimizer, profile=profile)
     chain = Chain(captured, costs, unsplittable, n_stages, in_flight or captured.n_microbatches)
     if n_stages == 1:
@@ -140,6 +151,8 @@ def balanced_partition(
             hi, cuts = mid, found[1]
         else:
             lo = mid
+    if step is not None and chain.timed:
+        cuts = _shortest_step(chain, cuts, step, bound, limit, memory, busy)
     ideals, refined = refine(chain, cuts, memory)
     stage_of = {}
     for i, node in enumerate(chain.nodes):
@@ -147,3 +160,20 @@ def balanced_partition(
     order = {n: i for i, n in enumerate(compute_nodes(captured.gm.graph))}
     stage_of = dict(sorted(stage_of.items(), key=lambda item: order[item[0]]))
     return BalancedPartition(stage_of, tuple(cuts), bound, layer_bound, refined)
+
+
+def _shortest_step(
+    chain: Chain, cuts: list[int], step: StepObjective, bound: float, limit: float, memory: float, busy: bool
+) -> list[int]:
+    """Among ``cuts`` and the fewest-bytes splits within a few limits between the best balance and
+    ``limit``, the split whose step is shortest; ``cuts`` unless another is shorter by more than rounding."""
+    best, best_s = cuts, step(chain.stage_costs(cuts))
+    for share in _STEP_LIMITS:
+        if bound * (1 + share) > limit:
+            break
+        found = fewest_bytes(chain, bound * (1 + share) * (1 + 1e-12), memory, busy=busy)
+        if found is not None and found[1] != best:
+            seconds = step(chain.stage_costs(found[1]))
+            if seconds < best_s * (1 - 1e-9):
+                best, best_s = found[1], seconds
+    return best

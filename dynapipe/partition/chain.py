@@ -22,6 +22,7 @@ from ..capture import CapturedGraph, compute_nodes, is_autocast_node, unpacked_b
 from ..cost import GraphCosts
 from ..errors import ConfigError
 from ..module_paths import prefixes
+from ..schedules import StageCost
 from .manual import _inside, layer_boundaries
 
 __all__ = ["Chain"]
@@ -52,7 +53,13 @@ class Chain:
         self.out_bytes = [x.out_bytes if x.crossable else _INF for x in c]
         self.names = [node.name for node in self.nodes]
         weight = [x.time_s for x in c]
-        if not any(weight):  # nothing has FLOPs (or was timed): balance node counts instead
+        self.timed = any(weight)
+        # per position, the forward, input-gradient and weight-gradient seconds of the nodes before it
+        self.phase_prefix = [(0.0, 0.0, 0.0)]
+        for x in c:
+            f, i, w = self.phase_prefix[-1]
+            self.phase_prefix.append((f + x.forward_s, i + x.backward_input_s, w + x.backward_weight_s))
+        if not self.timed:  # nothing has FLOPs (or was timed): balance node counts instead
             weight = [1.0] * n
         self.weight = weight
         self.prefix = [0.0]
@@ -165,6 +172,18 @@ class Chain:
         return sum(self.state_bytes[j] for j in state) + self.in_flight * sum(
             self.buffer_bytes[j] for j in acts
         )
+
+    def stage_costs(self, cuts: list[int]) -> list[StageCost]:
+        """What the simulator needs of each stage of a split at chain positions ``cuts``: its F, I and W
+        seconds and the bytes live across the cut after it (what it sends, skips included)."""
+        ends = [*cuts, len(self.nodes) - 1]
+        out, start = [], 0
+        for end in ends:
+            a, b = self.phase_prefix[start], self.phase_prefix[end + 1]
+            sent = self.cross[end] if end < len(self.nodes) - 1 else 0
+            out.append(StageCost(b[0] - a[0], b[1] - a[1], b[2] - a[2], 0, int(sent)))
+            start = end + 1
+        return out
 
     def set_memory(self, positions: set[int]) -> float:
         state = {j: None for i in positions for j in self.state[i]}
