@@ -8,6 +8,10 @@ How many microbatches' activations a stage holds at its peak comes from the sche
 is replayed by the simulator (unit costs), which counts, per stage, the forwards whose backward has not
 yet finished (1F1B: ``p - i`` on stage ``i``; GPipe: all ``m``; zero-bubble: more, for the deferred
 weight work). The partitioner takes the largest of these as every stage's memory budget.
+
+Among the near-balanced splits it considers, the partitioner keeps the one whose simulated step of the
+chosen schedule is shortest (:func:`step_time`: per-stage forward, input-gradient and weight-gradient
+time, the bytes each cut sends over the default link below). :func:`explain` reports that step.
 """
 
 from __future__ import annotations
@@ -21,10 +25,18 @@ from .capture import CapturedGraph
 from .config import PipelineConfig
 from .cost import GraphCosts, StageRecord, graph_costs
 from .errors import ConfigError
-from .partition import assign_by_split_points, balanced_partition
-from .schedules import ScheduleSpec, StageCost, Timeline, placement_map, simulate, validate
+from .partition import StepObjective, assign_by_split_points, balanced_partition
+from .schedules import ScheduleSpec, StageCost, Table, Timeline, placement_map, simulate, validate
 
-__all__ = ["LINK_BANDWIDTH", "LINK_LATENCY_S", "Plan", "in_flight_per_stage", "plan_pipeline", "predict_step"]
+__all__ = [
+    "LINK_BANDWIDTH",
+    "LINK_LATENCY_S",
+    "Plan",
+    "in_flight_per_stage",
+    "plan_pipeline",
+    "predict_step",
+    "step_time",
+]
 
 CostSource = Callable[[CapturedGraph, PipelineConfig], GraphCosts]
 
@@ -103,37 +115,33 @@ def plan_pipeline(
     return Plan(part.stage_of, in_flight, spec, n_ranks, node_costs, part.layer_bottleneck_s)
 
 
-def step_time(
-    spec: ScheduleSpec, *, n_ranks: int, n_stages: int, n_microbatches: int
-) -> Callable[[list[StageCost]], float]:
+def step_time(spec: ScheduleSpec, *, n_ranks: int, n_stages: int, n_microbatches: int) -> StepObjective:
     """The partitioner's objective: one simulated step of ``spec`` over a split's per-stage costs."""
     table = spec.build(n_ranks=n_ranks, n_stages=n_stages, n_microbatches=n_microbatches)
-
-    def step(costs: list[StageCost]) -> float:
-        return simulate(
-            table,
-            costs,
-            n_ranks=n_ranks,
-            n_stages=n_stages,
-            placement=spec.placement,
-            link_latency=LINK_LATENCY_S,
-            link_bandwidth=LINK_BANDWIDTH,
-        ).makespan
-
-    return step
+    return lambda costs: _simulate(table, spec, n_ranks, costs).makespan
 
 
 def predict_step(plan: Plan, stages: Sequence[StageRecord], n_microbatches: int) -> Timeline:
     """One simulated training step of ``plan``'s schedule over its per-stage costs and the default link."""
-    n_stages = len(stages)
-    table = plan.spec.build(n_ranks=plan.n_ranks, n_stages=n_stages, n_microbatches=n_microbatches)
+    table = plan.spec.build(n_ranks=plan.n_ranks, n_stages=len(stages), n_microbatches=n_microbatches)
+    edges = sorted({(s.index, d) for s in stages for d in s.sends})
+    return _simulate(table, plan.spec, plan.n_ranks, [s.to_stage_cost() for s in stages], edges)
+
+
+def _simulate(
+    table: Table,
+    spec: ScheduleSpec,
+    n_ranks: int,
+    costs: Sequence[StageCost],
+    edges: Sequence[tuple[int, int]] | None = None,
+) -> Timeline:
     return simulate(
         table,
-        [s.to_stage_cost() for s in stages],
-        n_ranks=plan.n_ranks,
-        n_stages=n_stages,
-        placement=plan.spec.placement,
+        costs,
+        n_ranks=n_ranks,
+        n_stages=len(costs),
+        placement=spec.placement,
         link_latency=LINK_LATENCY_S,
         link_bandwidth=LINK_BANDWIDTH,
-        edges=sorted({(s.index, d) for s in stages for d in s.sends}),
+        edges=edges,
     )
