@@ -128,6 +128,17 @@ class Explanation:
         per_mb = f"per microbatch of {self.captured.microbatch_size}; FLOPs and time are forward + backward"
         return "\n".join([*lines, foot, per_mb, *self._step_lines()])
 
+    def beside(self, measured: Timeline) -> str:
+        """The predicted step beside a measured one (e.g. the ranks' ``StepReport.timeline`` merged, from
+        ``on_step``). Times from FLOPs assume the nominal FLOP rate: compare shapes and bubbles, or
+        plan with ``profile=True`` to compare seconds."""
+        if self.predicted is None:
+            return f"measured step {_seconds(measured.makespan)}, bubble {measured.bubble_fraction:.1%}"
+        return (
+            f"predicted step {_seconds(self.predicted.makespan)}, bubble {self.predicted.bubble_fraction:.1%}; "
+            f"measured {_seconds(measured.makespan)}, bubble {measured.bubble_fraction:.1%}"
+        )
+
     def _step_lines(self) -> list[str]:
         if self.predicted is None or self.lower_bound_s is None:
             return []
