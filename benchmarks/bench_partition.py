@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from dynapipe.cost import compute_nodes, graph_costs, stage_costs
+from dynapipe.capture import compute_nodes
+from dynapipe.cost import graph_costs, stage_costs
 from dynapipe.explain import capture
 from dynapipe.partition import balanced_partition, layer_boundaries
 from dynapipe.partition.manual import _inside

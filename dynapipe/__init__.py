@@ -1,22 +1,35 @@
 """dynapipe: pipeline-parallel training and inference through ``torch.compile(model, backend="dynapipe")``."""
 
 from .config import PipelineConfig
-from .errors import CaptureError, ConfigError, DynapipeError, GraphBreakError, PartitionError, PipelineError
-from .explain import explain
+from .errors import (
+    CaptureError,
+    ConfigError,
+    DynapipeError,
+    GraphBreakError,
+    PartitionError,
+    PipelineError,
+    ScheduleError,
+)
+from .explain import Explanation, explain
 from .init import empty_init
 from .launch import launch
 from .partition import pipe_split
-from .runtime import clip_grad_norm_
+from .runtime import StepReport, clip_grad_norm_
 from .runtime.checkpoint import load_checkpoint, save_checkpoint
+from .schedules import Timeline
 
 __all__ = [
     "CaptureError",
     "ConfigError",
     "DynapipeError",
+    "Explanation",
     "GraphBreakError",
     "PartitionError",
     "PipelineConfig",
     "PipelineError",
+    "ScheduleError",
+    "StepReport",
+    "Timeline",
     "clip_grad_norm_",
     "empty_init",
     "explain",

@@ -29,11 +29,11 @@ from .capture import (
 )
 from .codegen import build_stages, partition_digest, written_in_place
 from .config import PipelineConfig
-from .cost import graph_costs, stage_costs
+from .cost import GraphCosts, graph_costs
 from .errors import ConfigError, DynapipeError
 from .explain import Explanation
 from .microbatch import check_divisible
-from .partition import assign_balanced, assign_by_split_points, marker_positions
+from .plan import CostSource, local_costs, plan_pipeline
 from .runtime.checkpoint import check_models, fill_state
 from .runtime.comm import Comm, ensure_process_group
 from .runtime.layout import build_layout, tied_groups
@@ -175,14 +175,13 @@ class _LazyPipeline:
             n_microbatches=n_microbatches,
             batch_size=batch_size,
         )
-        in_flight = n_microbatches if spec.name == "gpipe" else min(n_microbatches, n_stages)
-        stage_of = _assign(captured, config, n_stages, in_flight, comm)
+        shared = _shared_costs(comm)
+        planned = plan_pipeline(captured, config, spec=spec, n_ranks=n_pp, n_stages=n_stages, costs=shared)
+        stage_of = planned.stage_of
         plans = build_stages(captured, stage_of, n_stages)
         plan = None
         if config.on_step is not None:  # the table of the plan that runs, for whoever watches the steps
-            plan = Explanation(
-                stage_of, stage_costs(captured, stage_of, optimizer=config.optimizer), captured
-            )
+            plan = Explanation.of(captured, planned, config, shared)
         pp_of_stage = placement_map(spec.placement, n_ranks=n_pp, n_stages=n_stages)
         table = spec.build(n_ranks=n_pp, n_stages=n_stages, n_microbatches=n_microbatches)
         if layout.dp_degree > 1:
@@ -261,43 +260,23 @@ def _stage_count(config: PipelineConfig, spec: ScheduleSpec, world: int) -> int:
     return n_stages
 
 
-def _assign(
-    captured: CapturedGraph, config: PipelineConfig, n_stages: int, in_flight: int, comm: Comm
-) -> dict[fx.Node, int]:
-    """Stage of every compute node: ``pipe_split()`` markers, else ``split_points``, else the balanced
-    min-cut partition (profiled on rank 0 and shared, when asked, so every rank cuts the same way)."""
-    markers = marker_positions(captured)
-    if markers and config.split_points:
-        raise ConfigError("the model calls pipe_split() and split_points is set too; use one of the two")
-    points: list = markers or list(config.split_points)
-    if points or n_stages == 1:
-        if len(points) + 1 != n_stages:
-            raise ConfigError(
-                f"{len(points)} split points make {len(points) + 1} stages, but the pipeline needs {n_stages}; "
-                f"give {n_stages - 1} split points"
-            )
-        return assign_by_split_points(captured, points)
-    costs = graph_costs(captured, optimizer=config.optimizer)
-    if config.profile:
+def _shared_costs(comm: Comm) -> CostSource:
+    """Node costs every rank agrees on: with ``profile``, rank 0's measurements (ranks that cannot run
+    the graph, having freed other stages' parameters, send None), so every rank cuts the same way."""
+
+    def costs(captured: CapturedGraph, config: PipelineConfig) -> GraphCosts:
+        estimate = graph_costs(captured, optimizer=config.optimizer)
+        if not config.profile:
+            return estimate
         can_profile = all(
             t.untyped_storage().nbytes() > 0 or t.numel() == 0
             for t in [*captured.gm.parameters(), *captured.gm.buffers()]
         )
-        mine = (
-            graph_costs(captured, optimizer=config.optimizer, profile=True).times() if can_profile else None
-        )
+        mine = local_costs(captured, config).times() if can_profile else None
         times = comm.gather_objects(mine, "profiled node times")[0]  # rank 0's measurements for everyone
-        if times is not None:
-            costs = costs.with_times(times)
-    return assign_balanced(
-        captured,
-        n_stages,
-        unsplittable=config.unsplittable,
-        max_stage_memory=config.max_stage_memory,
-        optimizer=config.optimizer,
-        in_flight=in_flight,
-        costs=costs,
-    )
+        return estimate if times is None else estimate.with_times(times)
+
+    return costs
 
 
 def _shapes(inputs: dict[str, Any]) -> str:

@@ -125,10 +125,10 @@ def _selects_dim0(node: fx.Node) -> bool:
     if position is None:
         return False
     dim = node.kwargs.get("dim", node.args[position] if len(node.args) > position else 0)
-    return dim == 0
+    return bool(dim == 0)
 
 
-def _changes_dim0(node: fx.Node, size: torch.SymInt) -> bool:
+def _changes_dim0(node: fx.Node, size: int | torch.SymInt) -> bool:
     out = node.meta.get("example_value")
     outs = out if isinstance(out, (tuple, list)) else (out,)
     for t in outs:

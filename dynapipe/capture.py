@@ -20,10 +20,12 @@ The result, :class:`CapturedGraph`, is the contract with the rest of dynapipe:
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 import re
 import sys
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +35,7 @@ from torch._dynamo.symbolic_convert import InstructionTranslator
 
 from .batch_check import batch_symbols, check_guards, check_no_batch_slicing, check_no_batch_squeeze
 from .errors import CaptureError, GraphBreakError
+from .markers import is_split_marker
 from .microbatch import is_batched
 from .names import ModelNames, reachable_modules
 
@@ -41,8 +44,13 @@ __all__ = [
     "CapturedGraph",
     "frame_being_compiled",
     "capture_microbatch",
+    "compute_nodes",
+    "unpacked_by",
     "ignore_logging_in_graphs",
+    "settle_getitems",
 ]
+
+_COMPUTE_OPS = ("call_function", "call_method", "call_module")
 
 _LOGGER_METHODS = ("debug", "info", "warning", "warn", "error", "exception", "critical", "log")
 
@@ -130,7 +138,7 @@ def _eager_caller() -> types.FrameType | None:
     Dynamo compiles a frame called from code that runs eagerly only when it gave up on that caller (a
     graph break); such a graph is a piece of the step, not the step.
     """
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith((_TORCH_DIR + "_dynamo", _OWN_DIR)):
         frame = frame.f_back  # dynapipe's backend, then Dynamo's own compile machinery
     eager = None
@@ -154,6 +162,7 @@ class CapturedGraph:
     batch_size: int
     n_microbatches: int
     output_is_tensor: list[bool] = field(default_factory=list)
+    split_markers: list[int] = field(default_factory=list)  # compute-node positions of pipe_split() calls
 
     @property
     def microbatch_size(self) -> int:
@@ -176,7 +185,7 @@ def _node_module_path(gm: fx.GraphModule, node: fx.Node, names: ModelNames) -> s
             break
     body = node.args[0] if node.op == "call_function" and node.args else None
     if isinstance(body, fx.Node) and body.op == "get_attr":
-        sub = getattr(gm, body.target, None)
+        sub = getattr(gm, str(body.target), None)
         if isinstance(sub, fx.GraphModule):
             paths = [_node_module_path(sub, n, names) for n in sub.graph.nodes if n.op == "call_function"]
             inner = ".".join(os.path.commonprefix([p.split(".") for p in paths])) if paths else ""
@@ -221,7 +230,8 @@ def _record(frame: FrameCall, arguments: dict[str, Any]) -> _Trace:
         for node in gm.graph.find_nodes(op="placeholder"):
             grapharg = node.meta["grapharg"]
             args.append((grapharg.source.name, grapharg.example))
-        shape_env = torch._guards.TracingContext.get().fake_mode.shape_env
+        fake_mode = torch._guards.TracingContext.get().fake_mode
+        shape_env = fake_mode.shape_env if fake_mode is not None else None
         guards, hints = [], {}
         if shape_env is not None:  # symbols Dynamo later found equal are replaced by one of them
             guards = [
@@ -321,6 +331,7 @@ def _to_captured(
     _specialise_sizes(graph)
     for node in graph.nodes:
         node.meta["module_path"] = _node_module_path(gm, node, names)
+    markers = _remove_split_markers(graph)
     graph.lint()
     gm.recompile()
     outputs = graph.find_nodes(op="output")[0].args[0]
@@ -328,7 +339,44 @@ def _to_captured(
     is_tensor = [
         isinstance(o, fx.Node) and isinstance(o.meta.get("example_value"), torch.Tensor) for o in flat
     ]
-    return CapturedGraph(gm, input_sources, state_names, batch_size, n_mb, is_tensor)
+    return CapturedGraph(gm, input_sources, state_names, batch_size, n_mb, is_tensor, markers)
+
+
+def compute_nodes(graph: fx.Graph) -> list[fx.Node]:
+    """The nodes that stages are made of, in graph order (placeholders and get_attr are copied instead)."""
+    return [n for n in graph.nodes if n.op in _COMPUTE_OPS]
+
+
+def unpacked_by(node: fx.Node) -> fx.Node | None:
+    """The node whose value ``node`` takes apart (``out[0]``, a ``getitem``), or None. The rule, written
+    once: a getitem goes with its source, so a tuple (which cannot cross stages) never has to."""
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return None
+
+
+def settle_getitems(graph: fx.Graph, stage_of: Mapping[fx.Node, int]) -> dict[fx.Node, int]:
+    """A copy of ``stage_of`` (compute node -> stage) with each getitem of a non-tensor in its source's
+    stage: only tensors cross stages. The stages codegen builds, and the stages the cost model counts."""
+    out = dict(stage_of)
+    for node in graph.nodes:
+        source = unpacked_by(node)
+        if source in out and not isinstance(source.meta.get("example_value"), torch.Tensor):
+            out[node] = out[source]
+    return out
+
+
+def _remove_split_markers(graph: fx.Graph) -> list[int]:
+    """Positions (in compute-node order, markers left out) of ``pipe_split()`` calls, which are removed:
+    a marker is a boundary, not work."""
+    positions, index = [], 0
+    for node in compute_nodes(graph):
+        if is_split_marker(node):
+            positions.append(index)
+            graph.erase_node(node)
+        else:
+            index += 1
+    return positions
 
 
 def grad_modes(graph: fx.Graph) -> dict[fx.Node, bool]:

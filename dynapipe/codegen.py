@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .capture import CapturedGraph, autocast_regions, grad_modes, is_autocast_node
+from .capture import CapturedGraph, autocast_regions, grad_modes, is_autocast_node, settle_getitems
 from .errors import PartitionError
 
 __all__ = ["Boundary", "StagePlan", "build_stages", "partition_digest", "written_in_place"]
@@ -71,18 +71,8 @@ def _concrete(value: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, bool]:
     return shape, value.dtype, bool(value.requires_grad)
 
 
-def _settle_stages(graph: fx.Graph, stage_of: dict[fx.Node, int]) -> None:
-    """Keep ``getitem`` of a tuple with the node that makes the tuple (only tensors cross stages), and
-    check that no node reads from a later stage."""
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target is operator.getitem:
-            source = node.args[0]
-            if (
-                isinstance(source, fx.Node)
-                and source in stage_of
-                and not isinstance(source.meta.get("example_value"), torch.Tensor)
-            ):
-                stage_of[node] = stage_of[source]
+def _check_order(graph: fx.Graph, stage_of: dict[fx.Node, int]) -> None:
+    """No node reads from a later stage."""
     for node in graph.nodes:
         for user in node.users:
             if is_autocast_node(user):  # an autocast exit reads its enter's context: codegen re-enters
@@ -105,7 +95,7 @@ _INPLACE_OPERATORS = frozenset(
 _INPLACE_DUNDERS = frozenset(f"__{op.__name__}__" for op in _INPLACE_OPERATORS)  # Tensor.__iadd__ ...
 
 
-def _nodes_in(value: object) -> list[fx.Node]:
+def _nodes_in(value: fx.node.Argument) -> list[fx.Node]:
     found: list[fx.Node] = []
     fx.map_arg(value, found.append)
     return found
@@ -203,12 +193,13 @@ def _in_place_writes(graph: fx.Graph, stage_of: dict[fx.Node, int]) -> dict[int,
     for write in [n for n in graph.nodes if n in stage_of]:
         s = stage_of[write]
         for target in written_in_place(write):
-            if storage[target] is None:
+            key = storage[target]
+            if key is None:
                 written.setdefault(s, set()).update(n for n, at in stage_of.items() if at < s)
                 continue
             roots = _roots(target, s, stage_of, storage)
             written.setdefault(s, set()).update(r for r in roots if r in stage_of)
-            for value in aliases[storage[target]]:
+            for value in aliases[key]:
                 if order[value] >= order[write] or stage_of.get(value, -1) >= s:
                     continue  # made on the write's stage (later stages receive it written) or after it
                 for reader in value.users:
@@ -235,7 +226,8 @@ def _enter_regions(
 def build_stages(captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages: int) -> list[StagePlan]:
     """Cut ``captured.gm`` into ``n_stages`` GraphModules following ``stage_of`` (compute node -> stage)."""
     graph = captured.gm.graph
-    _settle_stages(graph, stage_of)
+    stage_of = settle_getitems(graph, stage_of)  # a copy: the caller's assignment stays as it was
+    _check_order(graph, stage_of)
     last = n_stages - 1
     output = graph.find_nodes(op="output")[0]
     placeholders = list(graph.find_nodes(op="placeholder"))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from .errors import ConfigError
 
-__all__ = ["PipelineConfig"]
+__all__ = ["LossReduction", "Optimizer", "PipelineConfig"]
 
-_LOSS_REDUCTIONS = ("mean", "sum")
+Optimizer = Literal["adamw", "adam", "sgd", "none"]
+LossReduction = Literal["mean", "sum"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,8 +57,8 @@ class PipelineConfig:
     unsplittable: tuple[str, ...] = ()
     max_stage_memory: int | None = None
     profile: bool = False
-    optimizer: str = "adamw"
-    loss_reduction: str = "mean"
+    optimizer: Optimizer = "adamw"
+    loss_reduction: LossReduction = "mean"
     timeout_s: float = 300.0
     dp_degree: int = 1
     mesh: Any = None
@@ -80,29 +81,28 @@ class PipelineConfig:
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> PipelineConfig:
+        """The config of a ``torch.compile(..., options={...})`` dict; unknown keys are an error."""
         options = dict(options or {})
         valid = sorted(f.name for f in dataclasses.fields(cls) if not f.name.startswith("_"))
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ConfigError(f"unknown dynapipe option(s) {unknown}; valid options are {valid}")
-        for name in ("split_points", "unsplittable"):
-            if name in options:
-                names = options[name]
-                if isinstance(names, str) or not all(isinstance(p, str) for p in names):
-                    raise ConfigError(f"{name} must be a list of module names, got {names!r}")
-                options[name] = tuple(names)
-        config = cls(**options)
-        config._check()
-        return config
+        return cls(**options)
 
-    def _check(self) -> None:
+    def __post_init__(self) -> None:
+        """Every check of every option, once: the rest of dynapipe trusts a PipelineConfig."""
+        for name in ("split_points", "unsplittable"):  # lists from a user's options dict become tuples
+            names = getattr(self, name)
+            if isinstance(names, str) or not all(isinstance(p, str) for p in names):
+                raise ConfigError(f"{name} must be a list of module names, got {names!r}")
+            object.__setattr__(self, name, tuple(names))
         for name in ("n_stages", "virtual_stages", "n_microbatches", "dp_degree"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name} must be a positive int, got {value!r}")
-        if self.loss_reduction not in _LOSS_REDUCTIONS:
+        if self.loss_reduction not in get_args(LossReduction):
             raise ConfigError(
-                f"loss_reduction must be one of {_LOSS_REDUCTIONS}, got {self.loss_reduction!r}"
+                f"loss_reduction must be one of {get_args(LossReduction)}, got {self.loss_reduction!r}"
             )
         if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
             raise ConfigError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
@@ -112,7 +112,7 @@ class PipelineConfig:
             raise ConfigError(
                 f"max_stage_memory must be a positive number of bytes, got {self.max_stage_memory!r}"
             )
-        if self.optimizer not in ("adamw", "adam", "sgd", "none"):
+        if self.optimizer not in get_args(Optimizer):
             raise ConfigError(
                 f"optimizer must be one of 'adamw', 'adam', 'sgd', 'none', got {self.optimizer!r}"
             )

@@ -7,6 +7,7 @@ __all__ = [
     "GraphBreakError",
     "PartitionError",
     "PipelineError",
+    "ScheduleError",
 ]
 
 
@@ -32,3 +33,7 @@ class PartitionError(DynapipeError):
 
 class PipelineError(DynapipeError):
     """Something failed while the pipeline ran: a peer died, ranks disagree, a collective timed out."""
+
+
+class ScheduleError(DynapipeError, ValueError):
+    """A schedule that cannot run: incomplete, misplaced, mis-ordered or deadlocking."""

@@ -22,10 +22,13 @@ import torch
 import torch.fx as fx
 
 from .capture import CapturedGraph, FrameCall, capture_microbatch
-from .cost import StageRecord, format_bytes, graph_costs, stage_costs
+from .config import Optimizer, PipelineConfig
+from .cost import StageRecord, stage_costs
 from .errors import ConfigError
 from .microbatch import check_divisible, infer_batch_size
-from .partition import assign_by_split_points, balanced_partition
+from .plan import LINK_BANDWIDTH, LINK_LATENCY_S, CostSource, Plan, local_costs, plan_pipeline, predict_step
+from .schedules import Timeline, get_schedule
+from .units import format_bytes
 
 __all__ = ["Explanation", "capture", "explain"]
 
@@ -46,6 +49,7 @@ def _frame(fn: Any, args: tuple, kwargs: dict) -> FrameCall:
 def capture(fn: Any, example_inputs: Any, *, n_microbatches: int = 1) -> CapturedGraph:
     """Capture ``fn(*example_inputs)`` (a tuple of arguments, a dict of keyword arguments, or one tensor)
     as the backend would: one microbatch of ``n_microbatches``, batch size symbolic."""
+    args: tuple[Any, ...]
     if isinstance(example_inputs, dict):
         args, kwargs = (), dict(example_inputs)
     elif isinstance(example_inputs, (tuple, list)):
@@ -67,6 +71,29 @@ class Explanation:
     stages: list[StageRecord]
     captured: CapturedGraph
     layer_imbalance: float | None = None  # the best split at layer boundaries, for comparison
+    predicted: Timeline | None = None  # one simulated step of the plan's schedule
+    lower_bound_s: float | None = None  # all the step's work spread evenly over the ranks
+
+    @classmethod
+    def of(
+        cls, captured: CapturedGraph, plan: Plan, config: PipelineConfig, costs: CostSource = local_costs
+    ) -> Explanation:
+        """The table of ``plan``, costed with the node costs it was made on (``costs`` for split points)."""
+        node_costs = plan.costs or costs(captured, config)
+        layer_imbalance = None
+        mean = sum(c.time_s for c in node_costs.nodes.values()) / len(plan.in_flight)
+        if plan.layer_bottleneck_s is not None and mean > 0 and plan.layer_bottleneck_s < float("inf"):
+            layer_imbalance = plan.layer_bottleneck_s / mean
+        stages = stage_costs(captured, plan.stage_of, costs=node_costs)
+        m = captured.n_microbatches
+        lower_bound = m * sum(s.time_s for s in stages) / plan.n_ranks
+        predicted = predict_step(plan, stages, m)
+        return cls(plan.stage_of, stages, captured, layer_imbalance, predicted, lower_bound)
+
+    @property
+    def predicted_step_s(self) -> float | None:
+        """The simulated step time of the plan's schedule (None for a hand-made Explanation)."""
+        return self.predicted.makespan if self.predicted is not None else None
 
     @property
     def imbalance(self) -> float:
@@ -99,7 +126,30 @@ class Explanation:
         if self.layer_imbalance is not None:
             foot += f"; best split at layer boundaries: {self.layer_imbalance:.3f}"
         per_mb = f"per microbatch of {self.captured.microbatch_size}; FLOPs and time are forward + backward"
-        return "\n".join([*lines, foot, per_mb])
+        return "\n".join([*lines, foot, per_mb, *self._step_lines()])
+
+    def beside(self, measured: Timeline) -> str:
+        """The predicted step beside a measured one (e.g. the ranks' ``StepReport.timeline`` merged, from
+        ``on_step``). Times from FLOPs assume the nominal FLOP rate: compare shapes and bubbles, or
+        plan with ``profile=True`` to compare seconds."""
+        if self.predicted is None:
+            return f"measured step {_seconds(measured.makespan)}, bubble {measured.bubble_fraction:.1%}"
+        return (
+            f"predicted step {_seconds(self.predicted.makespan)}, bubble {self.predicted.bubble_fraction:.1%}; "
+            f"measured {_seconds(measured.makespan)}, bubble {measured.bubble_fraction:.1%}"
+        )
+
+    def _step_lines(self) -> list[str]:
+        if self.predicted is None or self.lower_bound_s is None:
+            return []
+        step = self.predicted.makespan
+        ratio = f"{step / self.lower_bound_s:.3f}x" if self.lower_bound_s > 0 else "-"
+        return [
+            f"predicted step ({self.captured.n_microbatches} microbatches, {len(self.predicted.ranks)} ranks, "
+            f"link {LINK_LATENCY_S * 1e6:.0f} us + bytes / {LINK_BANDWIDTH / 1e9:.0f} GB/s): {_seconds(step)}; "
+            f"bubble {self.predicted.bubble_fraction:.1%}; lower bound (all work / ranks) "
+            f"{_seconds(self.lower_bound_s)}, the plan takes {ratio} of it"
+        ]
 
     def __str__(self) -> str:
         return self.table()
@@ -118,39 +168,37 @@ def explain(
     *,
     n_stages: int,
     n_microbatches: int = 1,
+    schedule: Any = "1f1b",
+    virtual_stages: int | None = None,
     split_points: Sequence[str] = (),
     unsplittable: Sequence[str] = (),
     max_stage_memory: int | None = None,
     profile: bool = False,
-    optimizer: str = "adamw",
-    in_flight: int | None = None,
+    optimizer: Optimizer = "adamw",
 ) -> Explanation:
     """Partition ``model`` called on ``example_inputs`` into ``n_stages`` and return the per-stage table.
 
-    ``split_points`` (module names) override the automatic partition, as in the backend; the other
-    options are those of :func:`dynapipe.partition.assign_balanced`.
+    The options are the backend's (:class:`dynapipe.PipelineConfig`) and the plan is the backend's
+    (:func:`dynapipe.plan.plan_pipeline`): what this shows is what ``torch.compile`` would run.
     """
-    captured = capture(model, example_inputs, n_microbatches=n_microbatches)
-    costs = graph_costs(captured, optimizer=optimizer, profile=profile)
-    layer_imbalance = None
-    if split_points:
-        if len(split_points) != n_stages - 1:
-            raise ConfigError(
-                f"{len(split_points)} split_points make {len(split_points) + 1} stages, not {n_stages}"
-            )
-        stage_of = assign_by_split_points(captured, list(split_points))
-    else:
-        part = balanced_partition(
-            captured,
-            n_stages,
-            unsplittable=unsplittable,
-            max_stage_memory=max_stage_memory,
-            optimizer=optimizer,
-            in_flight=in_flight,
-            costs=costs,
+    config = PipelineConfig(
+        n_stages=n_stages,
+        n_microbatches=n_microbatches,
+        schedule=schedule,
+        virtual_stages=virtual_stages,
+        split_points=tuple(split_points),
+        unsplittable=tuple(unsplittable),
+        max_stage_memory=max_stage_memory,
+        profile=profile,
+        optimizer=optimizer,
+    )
+    spec = get_schedule(schedule)
+    per_rank = spec.stages_per_rank or virtual_stages or spec.default_stages_per_rank
+    if n_stages % per_rank:
+        raise ConfigError(
+            f"schedule {spec.name!r} runs {per_rank} stages per rank, which does not divide n_stages "
+            f"({n_stages}); use n_stages={per_rank * max(n_stages // per_rank, 1)} or another schedule"
         )
-        stage_of = part.stage_of
-        mean = sum(c.time_s for c in costs.nodes.values()) / n_stages
-        if part.layer_bottleneck_s is not None and mean > 0 and part.layer_bottleneck_s < float("inf"):
-            layer_imbalance = part.layer_bottleneck_s / mean
-    return Explanation(stage_of, stage_costs(captured, stage_of, costs=costs), captured, layer_imbalance)
+    captured = capture(model, example_inputs, n_microbatches=n_microbatches)
+    plan = plan_pipeline(captured, config, spec=spec, n_ranks=n_stages // per_rank, n_stages=n_stages)
+    return Explanation.of(captured, plan, config)

@@ -16,7 +16,7 @@ the tensors one rank fills, seeded per module from its name so that every rank c
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -37,7 +37,7 @@ def is_empty(t: torch.Tensor) -> bool:
 def allocate(t: torch.Tensor) -> None:
     """Give an empty tensor its memory back, in place (zeros, so that a value never set is visible)."""
     extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
-    t.untyped_storage().resize_((t.storage_offset() + extent) * t.element_size())
+    t.untyped_storage().resize_(int((t.storage_offset() + extent) * t.element_size()))
     t.data.zero_()
 
 
@@ -170,8 +170,8 @@ def _run_initialisers(name: str, module: torch.nn.Module, chain: list, params: l
         owner._init_weights(module)
         for _, parent in reversed(chain):
             owner._init_weights(parent)
-    elif hasattr(module, "reset_parameters"):
-        module.reset_parameters()
+    elif callable(reset := getattr(module, "reset_parameters", None)):
+        reset()
     else:
         names = [n for n, p in module._parameters.items() if any(p is q for q in params)]
         raise ConfigError(
@@ -181,5 +181,5 @@ def _run_initialisers(name: str, module: torch.nn.Module, chain: list, params: l
         )
 
 
-def _cuda_devices(params: list[torch.Tensor]) -> list[int]:
+def _cuda_devices(params: Sequence[torch.Tensor]) -> list[int]:
     return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})

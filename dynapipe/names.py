@@ -67,8 +67,8 @@ def _walk(value: Any, label: str, depth: int, seen: set[int]) -> Iterator[tuple[
     if isinstance(value, (str, bytes, int, float, bool, torch.Tensor, type, types.ModuleType)):
         return
     seen.add(id(value))
-    if isinstance(value, torch._dynamo.eval_frame.OptimizedModule):  # torch.compile(model): the model itself
-        value = value._orig_mod
+    if isinstance(value, torch.nn.Module) and isinstance(getattr(value, "_orig_mod", None), torch.nn.Module):
+        value = value._orig_mod  # what torch.compile(model) returns wraps the model itself
     if isinstance(value, torch.nn.Module):
         yield label, value
         return

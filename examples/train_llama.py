@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dynapipe.cost import format_bytes
 from dynapipe.launch import launch
+from dynapipe.units import format_bytes
 from dynapipe.viz import merge_timelines, partition_svg, partition_text, timeline_svg, write_chrome_trace
 
 VOCAB, SEQ, BATCH = 128, 32, 16
@@ -89,6 +89,7 @@ def train(steps: int, out: Path) -> None:
                 measured = merge_timelines(timelines)
                 timeline_svg(measured, out / "timeline.svg", title="Measured step 1: 1f1b, 4 ranks")
                 write_chrome_trace(measured, out / "timeline.json")
+                print(f"the plan beside the run: {reports[-1].plan.beside(measured)}")
                 print(
                     f"step 1 took {measured.makespan * 1e3:.0f} ms, {measured.bubble_fraction:.0%} of it idle; "
                     f"wrote {out / 'partition.svg'}, {out / 'timeline.svg'} and {out / 'timeline.json'} "

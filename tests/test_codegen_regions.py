@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from harness import run_distributed
 
+from dynapipe.capture import compute_nodes
 from dynapipe.codegen import build_stages
-from dynapipe.cost import compute_nodes
 from dynapipe.errors import PartitionError
 from dynapipe.explain import capture
 from dynapipe.partition import assign_balanced, assign_by_split_points

@@ -417,3 +417,49 @@ def test_balanced_partition_reports_bounds(llama):
     total = sum(c.time_s for c in graph_costs(llama).nodes.values())
     assert part.bottleneck_s >= total / 4 and part.layer_bottleneck_s >= part.bottleneck_s
     assert len(part.cuts) == 3
+
+
+def test_explain_plans_as_the_backend_does():
+    """explain() goes through plan_pipeline: pipe_split() markers cut where they stand, and a marker with
+    split_points as well is the backend's error."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from models import MarkedNet
+
+    x, y = torch.randn(4, 6), torch.randint(0, 2, (4,))
+    marked = explain(MarkedNet(), (x, y), n_stages=2)
+    assert "l1" in marked.stages[0].modules and "l2" in marked.stages[1].modules
+    assert "l2" not in marked.stages[0].modules and "l1" not in marked.stages[1].modules
+    assert not any(n.target is torch.ops.dynapipe.pipe_split.default for n in marked.captured.gm.graph.nodes)
+    step, bound = marked.predicted_step_s, marked.lower_bound_s
+    assert step is not None and bound is not None and step >= bound > 0 and "predicted step" in str(marked)
+    with pytest.raises(ConfigError, match=r"3 stages, but the pipeline needs 2|needs 3"):
+        explain(MarkedNet(), (x, y), n_stages=3)
+    with pytest.raises(ConfigError, match="pipe_split\\(\\) and split_points"):
+        explain(MarkedNet(), (x, y), n_stages=2, split_points=["l3"])
+
+
+@pytest.mark.parametrize(
+    ("schedule", "n_stages", "expected"),
+    [("1f1b", 4, (4, 3, 2, 1)), ("gpipe", 4, (8, 8, 8, 8)), ("1f1b", 2, (2, 1))],
+)
+def test_activations_in_flight_come_from_the_schedule(schedule, n_stages, expected):
+    from dynapipe.plan import in_flight_per_stage
+    from dynapipe.schedules import get_schedule
+
+    spec = get_schedule(schedule)
+    assert in_flight_per_stage(spec, n_ranks=n_stages, n_stages=n_stages, n_microbatches=8) == expected
+
+
+def test_step_objective_picks_among_near_balanced_splits(llama):
+    """With a step objective, the split it finds shortest wins: one that only counts the slowest stage
+    gets a better balance than the default (which prefers fewer bytes: 1.09 here against 1.01); one
+    that counts only bytes keeps the default's fewest-bytes choice."""
+
+    def bottleneck(costs):
+        return max(c.forward + c.backward_input + c.backward_weight for c in costs)
+
+    default = _imbalance(stage_costs(llama, assign_balanced(llama, 4)))
+    balanced = balanced_partition(llama, 4, step=bottleneck)
+    assert _imbalance(stage_costs(llama, balanced.stage_of)) < default - 0.02
+    by_bytes = balanced_partition(llama, 4, step=lambda costs: sum(c.send_bytes for c in costs))
+    assert by_bytes.stage_of == assign_balanced(llama, 4)

@@ -1,14 +1,14 @@
 """Graph -> stage assignment: by split points a person chose, or balanced automatically."""
 
-from .manual import assign_by_split_points, layer_boundaries, marker_positions, pipe_split
-from .mincut import BalancedPartition, assign_balanced, balanced_partition
+from .balanced import BalancedPartition, StepObjective, assign_balanced, balanced_partition
+from .manual import assign_by_split_points, layer_boundaries, pipe_split
 
 __all__ = [
     "BalancedPartition",
+    "StepObjective",
     "assign_balanced",
     "assign_by_split_points",
     "balanced_partition",
     "layer_boundaries",
-    "marker_positions",
     "pipe_split",
 ]

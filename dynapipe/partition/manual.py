@@ -5,57 +5,13 @@ from __future__ import annotations
 import difflib
 import re
 
-import torch
 import torch.fx as fx
 
-from ..capture import CapturedGraph
-from ..cost import compute_nodes
+from ..capture import CapturedGraph, compute_nodes
 from ..errors import ConfigError, PartitionError
+from ..markers import pipe_split
 
-__all__ = ["pipe_split", "SPLIT_MARKERS", "assign_by_split_points", "marker_positions", "layer_boundaries"]
-
-torch.library.define("dynapipe::pipe_split", "() -> ()")
-
-
-@torch.library.impl("dynapipe::pipe_split", "CompositeExplicitAutograd")
-def _pipe_split_impl() -> None:
-    return None
-
-
-@torch.library.register_fake("dynapipe::pipe_split")
-def _pipe_split_fake() -> None:
-    return None
-
-
-def pipe_split() -> None:
-    """Mark a stage boundary inside ``forward``; a no-op when the model runs eagerly."""
-    torch.ops.dynapipe.pipe_split()
-
-
-def _split_markers() -> tuple[object, ...]:
-    markers: list[object] = [torch.ops.dynapipe.pipe_split.default, torch.ops.dynapipe.pipe_split]
-    if hasattr(torch.ops, "pippy") and hasattr(
-        torch.ops.pippy, "_pipe_split"
-    ):  # torch.distributed.pipelining's
-        markers += [torch.ops.pippy._pipe_split.default, torch.ops.pippy._pipe_split]
-    return tuple(markers)
-
-
-SPLIT_MARKERS = _split_markers
-
-
-def marker_positions(captured: CapturedGraph) -> list[int]:
-    """Positions (in compute-node order) of ``pipe_split()`` markers; the markers are removed."""
-    graph, positions, index = captured.gm.graph, [], 0
-    markers = SPLIT_MARKERS()
-    for node in compute_nodes(graph):
-        if node.target in markers:
-            positions.append(index)
-            graph.erase_node(node)
-        else:
-            index += 1
-    captured.gm.recompile()
-    return positions
+__all__ = ["pipe_split", "assign_by_split_points", "layer_boundaries"]
 
 
 def _inside(path: str, name: str) -> bool:

@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -102,14 +103,15 @@ class Comm:
     def isend(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> None:
         tensor = tensor.detach().contiguous()
         try:
-            work = dist.isend(tensor, peer, tag=tag)
+            # None only for a rank outside the group, which no send here involves
+            work = cast(dist.Work, dist.isend(tensor, peer, tag=tag))
         except RuntimeError as err:
             raise self._fail(err, f"sending {what} to rank {peer}", peer) from err
         self.pending.append((work, tensor, f"sending {what} to rank {peer}"))
 
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> dist.Work:
         try:
-            return dist.irecv(tensor, peer, tag=tag)
+            return cast(dist.Work, dist.irecv(tensor, peer, tag=tag))  # None only outside the group
         except RuntimeError as err:
             raise self._fail(err, f"posting a receive from rank {peer}", peer) from err
 

@@ -11,7 +11,7 @@ in memory.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..codegen import Boundary, StagePlan
+from ..errors import PipelineError
 from ..schedules import Action, Kind, Timeline, TimelineEvent
 from .comm import Comm
 from .split_backward import WeightWork, backward_input, backward_weight
@@ -54,7 +55,7 @@ class Executor:
     loss_scale: float  # d(step loss) / d(microbatch loss): 1/M for a mean, 1 for a sum
     reducers: dict[int, Any] = field(default_factory=dict)  # stage -> its DDP wrapper (data parallel)
     peak_inflight: dict[int, int] = field(default_factory=dict)
-    timeline: Timeline | None = None
+    timeline: Timeline = field(default_factory=Timeline)  # the last run's
     _tags: dict[tuple[str, int], int] = field(default_factory=dict)
     _local: dict[tuple[str, int, int, int], torch.Tensor] = field(default_factory=dict)
 
@@ -124,7 +125,7 @@ class Executor:
 
     def run(
         self,
-        actions: list[Action | None],
+        actions: Sequence[Action | None],
         inputs: list[list[torch.Tensor]],
         train: bool,
         on_results: Callable[[dict[int, tuple]], None] | None = None,
@@ -172,7 +173,10 @@ class Executor:
         self.comm.flush()
         self.timeline = Timeline(events)
         if inflight:
-            raise RuntimeError(f"schedule left backward work undone for {sorted(inflight)}")
+            raise PipelineError(
+                f"the schedule left backward work undone for (stage, microbatch) {sorted(inflight)}; give every "
+                "forward its backward (validate() names the missing action)"
+            )
         return results
 
     def _forward(self, action, mb_inputs, received, train, inflight, results) -> None:
@@ -214,6 +218,7 @@ class Executor:
             for sum_of in [[next(it) for _ in b.consumers]]
         }
         for b in state.output_boundaries:
+            assert b is not None  # only the last stage's loss has no boundary, and it returned above
             parts = per_boundary[b.name]
             total = parts[0]
             for p in parts[1:]:

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError, PipelineError
+
 __all__ = ["clip_grad_norm_", "register_pipeline_params"]
 
 # id(parameter) -> (weak reference to it, pipeline process group (None: the default group), whether this
@@ -56,14 +58,17 @@ def clip_grad_norm_(
     registered = [_registered(p) for p in params]
     groups = {r[0] for r in registered if r is not None}
     if len(groups) > 1:
-        raise ValueError("clip_grad_norm_ got parameters of pipelines over different process groups")
+        raise ConfigError(
+            "clip_grad_norm_ got parameters of pipelines over different process groups; call it once per "
+            "pipeline, with that pipeline's parameters"
+        )
     counted = [
         p.grad for p, r in zip(params, registered, strict=True) if p.grad is not None and (r is None or r[1])
     ]
     norm_type = float(norm_type)
     device = grads[0].device if grads else torch.device("cpu")
-    norms = [torch.linalg.vector_norm(g.detach(), norm_type).to(device) for g in counted]
-    norms = torch.stack(norms) if norms else torch.zeros(1, device=device)
+    each = [torch.linalg.vector_norm(g.detach(), norm_type).to(device) for g in counted]
+    norms = torch.stack(each) if each else torch.zeros(1, device=device)
     if norm_type == float("inf"):
         total = norms.max()
         op = dist.ReduceOp.MAX
@@ -75,7 +80,7 @@ def clip_grad_norm_(
     if norm_type != float("inf"):
         total = total.pow(1.0 / norm_type)
     if error_if_nonfinite and not torch.isfinite(total):
-        raise RuntimeError(
+        raise PipelineError(
             f"the total norm of order {norm_type} of the gradients is non-finite, so they cannot be clipped; "
             "set error_if_nonfinite=False to clip anyway"
         )

@@ -59,7 +59,7 @@ class _NoGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        raise RuntimeError(
+        raise PipelineError(
             f"dynapipe: output {ctx.index} of the compiled call is not the loss. The pipeline runs the backward "
             f"inside the call, from the loss only (output {ctx.loss_index}: the first scalar output that "
             "requires grad), so no gradient can flow through other outputs. Return the total loss (e.g. "
@@ -204,9 +204,10 @@ class Pipeline:
         index = {id(p): i for i, p in enumerate(self.params)}
         for param, group, name in self.tied:
             i = index[id(param)]
-            if grads[i] is None:
-                grads[i] = torch.zeros_like(param)
-            self.comm.all_reduce(grads[i], group, f"the gradient of shared parameter {name}")
+            grad = grads[i]
+            if grad is None:
+                grad = grads[i] = torch.zeros_like(param)
+            self.comm.all_reduce(grad, group, f"the gradient of shared parameter {name}")
 
 
 def _params_without_gradient(module: torch.fx.GraphModule) -> list[str]:
@@ -237,7 +238,8 @@ class _OutputDelivery:
     at the end of the step."""
 
     def __init__(self, pipeline: Pipeline, device: torch.device) -> None:
-        self.pipeline, self.merged = pipeline, None
+        self.pipeline = pipeline
+        self.merged: list[torch.Tensor] | None = None
         self.others = sorted(set(pipeline.rank_of_stage.values()) - {pipeline.last_rank})
         self.tag = pipeline.executor.free_tag
         self.posted = []
@@ -258,10 +260,11 @@ class _OutputDelivery:
 
     def receive(self) -> list[torch.Tensor]:
         p = self.pipeline
+        merged: list[torch.Tensor] = []
         if p.rank == p.last_rank:
+            assert self.merged is not None  # the executor handed the last stage's results to send()
             merged = self.merged
         else:
-            merged = []
             for k, (buffer, work) in enumerate(self.posted):
                 p.comm.wait(work, f"receiving output {k} of the step from rank {p.last_rank}", p.last_rank)
                 merged.append(buffer)

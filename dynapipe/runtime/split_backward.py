@@ -113,13 +113,13 @@ def backward_input(
         n.register_prehook(lambda grad_outputs, n=n: arriving.__setitem__(n, grad_outputs)) for n in deferred
     ]
     try:
-        found = torch.autograd.grad(
-            outputs, leaves + shared_edges, grads, retain_graph=True, allow_unused=True
-        )
+        wrt: list[torch.Tensor | GradientEdge] = [*leaves, *shared_edges]
+        # torch's stubs refuse a list that mixes tensors and edges; torch.autograd.grad takes it
+        found = torch.autograd.grad(outputs, wrt, grads, retain_graph=True, allow_unused=True)  # type: ignore[arg-type]
     finally:
         for handle in handles:
             handle.remove()
-    leaf_grads = list(found[: len(leaves)])
+    leaf_grads: list[torch.Tensor | None] = list(found[: len(leaves)])  # None: unused (allow_unused)
     work = WeightWork([], [], [])
     for edge, grad in zip(shared_edges, found[len(leaves) :], strict=True):
         if grad is not None:
@@ -173,4 +173,4 @@ def backward_weight(work: WeightWork, params: list[torch.nn.Parameter]) -> None:
         roots.append(GradientEdge(node, index))
         grads.append(grad)
     if roots and params:
-        torch.autograd.backward(roots, grads, inputs=params)
+        torch.autograd.backward(roots, grads, inputs=params)  # type: ignore[arg-type]  # tensors and edges mixed, as torch takes them

@@ -45,7 +45,7 @@ def _held(t: torch.Tensor) -> bool:
 
 def _storage_bytes(t: torch.Tensor) -> int:
     extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
-    return (t.storage_offset() + extent) * t.element_size()
+    return int((t.storage_offset() + extent) * t.element_size())
 
 
 def release(t: torch.Tensor) -> None:

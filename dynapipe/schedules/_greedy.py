@@ -14,7 +14,7 @@ Policy, per idle rank, among the actions whose inputs have finished:
 
 from __future__ import annotations
 
-from .actions import Action, Kind, Table
+from .actions import Action, Kind, ScheduleError, Table
 from .placement import StageGraph, inputs_of
 
 __all__ = ["list_schedule"]
@@ -79,7 +79,9 @@ def list_schedule(
             busy_until[rank] = now + cost[action.kind]
         if not running:
             if len(finished) < total:
-                raise RuntimeError(f"list scheduler stalled at t={now} with caps {cap}: {table}")
+                raise ScheduleError(
+                    f"list scheduler stalled at t={now} with caps {cap}: {table}; this is a dynapipe bug"
+                )
             break
         now = min(busy_until[r] for r in running)
     return table

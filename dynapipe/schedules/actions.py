@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ScheduleError
+
 __all__ = [
     "Action",
     "Kind",
@@ -34,10 +36,6 @@ __all__ = [
     "normalize_table",
     "parse_schedule",
 ]
-
-
-class ScheduleError(ValueError):
-    """A schedule that cannot run: incomplete, misplaced, mis-ordered or deadlocking."""
 
 
 class Kind(str, enum.Enum):

@@ -68,9 +68,11 @@ def gpipe(n_ranks: int, n_stages: int, n_microbatches: int) -> Table:
     """
     _require(n_ranks, n_stages, n_microbatches, name="gpipe", per_rank=1)
     mbs = range(n_microbatches)
-    return {
-        r: [Action(r, Kind.F, k) for k in mbs] + [Action(r, Kind.B, k) for k in mbs] for r in range(n_ranks)
+    table: Table = {
+        r: [*(Action(r, Kind.F, k) for k in mbs), *(Action(r, Kind.B, k) for k in mbs)]
+        for r in range(n_ranks)
     }
+    return table
 
 
 def one_f_one_b(n_ranks: int, n_stages: int, n_microbatches: int) -> Table:

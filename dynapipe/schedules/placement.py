@@ -14,7 +14,7 @@ that is neither). The stage graph is a chain ``s -> s+1`` plus optional extra pr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .actions import Action, Kind, ScheduleError, Table
@@ -108,7 +108,7 @@ def stage_graph(n_stages: int, edges: Iterable[tuple[int, int]] | None = None) -
     return StageGraph(n_stages=n_stages, producers=producers, consumers=consumers)
 
 
-def backward_kinds(table: Table) -> dict[tuple[int, int], Kind]:
+def backward_kinds(table: Mapping[int, Sequence[Action | None]]) -> dict[tuple[int, int], Kind]:
     """``{(stage, mb): Kind.B or Kind.I}``: which action produces each input gradient in this table."""
     kinds: dict[tuple[int, int], Kind] = {}
     for actions in table.values():

@@ -112,7 +112,8 @@ class Timeline:
                     changes.append((event.start, 1, size))
                 elif action.kind in (Kind.B, Kind.W):
                     changes.append((event.end, 0, -size))  # at equal times, release before acquiring
-            held = peak = 0
+            held: float = 0
+            peak: float = 0
             for _, _, delta in sorted(changes):
                 held += delta
                 peak = max(peak, held)

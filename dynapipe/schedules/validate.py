@@ -110,7 +110,7 @@ def _check_actions(table, n_stages, n_mb, graph, rank_of, where, forward_only) -
                     )
 
 
-def _check_local_order(compute: Table, graph: StageGraph, rank_of: dict[int, int]) -> None:
+def _check_local_order(compute: dict[int, list[Action]], graph: StageGraph, rank_of: dict[int, int]) -> None:
     everywhere = {a for acts in compute.values() for a in acts}
     kinds = backward_kinds(compute)
     for rank, actions in compute.items():
@@ -129,7 +129,7 @@ def _check_local_order(compute: Table, graph: StageGraph, rank_of: dict[int, int
             done.add(action)
 
 
-def _check_complete(compute: Table, n_stages, n_mb, rank_of, forward_only) -> None:
+def _check_complete(compute: dict[int, list[Action]], n_stages, n_mb, rank_of, forward_only) -> None:
     present = {a for acts in compute.values() for a in acts}
     for stage in range(n_stages):
         rank = rank_of[stage]
@@ -150,6 +150,7 @@ def _check_complete(compute: Table, n_stages, n_mb, rank_of, forward_only) -> No
 
 def _message(action: Action) -> tuple[str, int, int, int]:
     """(direction, source stage, destination stage, mb): the key a send and its receive share."""
+    assert action.peer is not None  # a communication action (Action checks it has a peer)
     if action.kind in (Kind.SEND_F, Kind.SEND_B):
         return action.kind.value[-1], action.stage, action.peer, action.mb
     return action.kind.value[-1], action.peer, action.stage, action.mb
@@ -200,6 +201,7 @@ def _replay(lowered: Table, graph: StageGraph, rank_of: dict[int, int], kinds) -
 def _deadlock_report(lowered: Table, pos: dict[int, int], rank_of: dict[int, int], kinds) -> str:
     def waiting(rank: int) -> tuple[Action, Action, Action | None, int]:
         recv = lowered[rank][pos[rank]]
+        assert recv is not None and recv.peer is not None  # the replay stopped at a receive
         kind = Kind.F if recv.kind is Kind.RECV_F else kinds.get((recv.peer, recv.mb), Kind.B)
         needed_by = next((a for a in lowered[rank][pos[rank] :] if a is not None and a.kind.is_compute), None)
         return recv, Action(recv.peer, kind, recv.mb), needed_by, rank_of[recv.peer]

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..cost import format_bytes
+from ..units import format_bytes
 from ._svg import COLORS, Canvas, format_seconds, text_width, wrap
 
 if TYPE_CHECKING:
+    from ..cost import StageRecord
     from ..explain import Explanation
 
 __all__ = ["crossing_tensors", "partition_svg", "partition_text", "shared_state", "stage_modules"]
@@ -196,24 +198,92 @@ def partition_svg(
 ) -> str:
     """An SVG picture of the partition (see the module docstring); written to ``path`` when given."""
     stages = explanation.stages
-    n = len(stages)
-    modules = stage_modules(explanation)
-    col_w, gap, margin = 220, 100, 28
-    width = max(760, 2 * margin + n * col_w + (n - 1) * gap)
-    left = (width - (n * col_w + (n - 1) * gap)) / 2
-    col_x = [left + i * (col_w + gap) for i in range(n)]
-    chars = int((col_w - 20) / (11.5 * 0.6))
-
-    crossing = crossing_tensors(explanation)
     skips = sorted(
         ((s.index, d, b) for s in stages for d, b in s.sends.items() if d > s.index + 1 and b),
         key=lambda e: (e[1] - e[0], e[0]),
     )
-    arc_h = (34 + 26 * max(e[1] - e[0] - 1 for e in skips)) if skips else 0
-    cards_y = 76 + arc_h + (18 if skips else 0)
+    frame = _Frame.of(explanation, skips)
+    svg = Canvas(frame.width, frame.height)
+    svg.text(frame.margin, 28, title or f"Partition into {_title(explanation)}", size=17, weight="bold")
+    svg.text(
+        frame.margin,
+        48,
+        f"per microbatch of {explanation.captured.microbatch_size} · compute is forward + "
+        "backward · arrows carry activations forward; their gradients return the same size",
+        size=12,
+        fill=COLORS["muted"],
+    )
+    crossing = crossing_tensors(explanation)
+    _draw_skips(svg, frame, skips, crossing)
+    slowest = max(range(len(stages)), key=lambda i: stages[i].time_s)
+    for i, s in enumerate(stages):
+        _draw_card(svg, frame, s, i, highlight=i == slowest and len(stages) > 1)
+        _draw_bars(svg, frame, s, i, highlight=i == slowest and len(stages) > 1)
+        if i + 1 < len(stages) and s.sends.get(s.index + 1, 0):
+            _draw_send(svg, frame, s, i, crossing)
+    _draw_legend(svg, frame)
+    return svg.save(path)
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """Where everything goes: one column (card) per stage, skip arcs above, bars on a common baseline."""
+
+    n: int
+    col_w: int
+    gap: int
+    margin: int
+    width: float
+    height: float
+    col_x: list[float]
+    cards_y: float
+    card_h: float
+    base: float  # the common baseline of all bars
+    bar_h: int
+    texts: list[list[tuple[str, str]]]  # per stage: (line, style), style "" (held), "bits" or "shared"
+    peak_t: float
+    peak_m: float
+    mean_t: float
+
+    @classmethod
+    def of(cls, explanation: Explanation, skips: list[tuple[int, int, int]]) -> _Frame:
+        stages = explanation.stages
+        n = len(stages)
+        col_w, gap, margin = 220, 100, 28
+        width = max(760, 2 * margin + n * col_w + (n - 1) * gap)
+        left = (width - (n * col_w + (n - 1) * gap)) / 2
+        arc_h = (34 + 26 * max(e[1] - e[0] - 1 for e in skips)) if skips else 0
+        cards_y = 76 + arc_h + (18 if skips else 0)
+        texts = _card_texts(explanation, int((col_w - 20) / (11.5 * 0.6)))
+        text_h = 20 + 16 * max(len(t) for t in texts)
+        bars_y = cards_y + 30 + text_h  # top of the bar area
+        bar_h = 160
+        base = bars_y + 30 + bar_h
+        card_h = base - cards_y + 62
+        return cls(
+            n=n,
+            col_w=col_w,
+            gap=gap,
+            margin=margin,
+            width=width,
+            height=cards_y + card_h + 70,
+            col_x=[left + i * (col_w + gap) for i in range(n)],
+            cards_y=cards_y,
+            card_h=card_h,
+            base=base,
+            bar_h=bar_h,
+            texts=texts,
+            peak_t=max(s.time_s for s in stages) or 1.0,
+            peak_m=max(_memory(s) for s in stages) or 1,
+            mean_t=sum(s.time_s for s in stages) / n,
+        )
+
+
+def _card_texts(explanation: Explanation, chars: int) -> list[list[tuple[str, str]]]:
+    """Per stage, the lines of its card: modules held, bits of others, tied state it shares."""
     shared = shared_state(explanation)
-    texts = []  # per stage: (line, style) with style "" (held), "bits" or "shared"
-    for index, (held, bits) in enumerate(modules):
+    texts = []
+    for index, (held, bits) in enumerate(stage_modules(explanation)):
         lines = [(line, "") for line in wrap(held, chars)]
         if bits:
             lines += [
@@ -227,25 +297,13 @@ def partition_svg(
                     (line, "shared") for line in wrap([f"⇄ {name}", f"(tied, also on stage {others})"], chars)
                 ]
         texts.append(lines[:14])
-    text_h = 20 + 16 * max(len(t) for t in texts)
-    bars_y = cards_y + 30 + text_h  # top of the bar area
-    bar_h = 160
-    base = bars_y + 30 + bar_h  # common baseline of all bars
-    card_h = base - cards_y + 62
-    height = cards_y + card_h + 70
-    svg = Canvas(width, height)
+    return texts
 
-    svg.text(margin, 28, title or f"Partition into {_title(explanation)}", size=17, weight="bold")
-    svg.text(
-        margin,
-        48,
-        f"per microbatch of {explanation.captured.microbatch_size} · compute is forward + "
-        "backward · arrows carry activations forward; their gradients return the same size",
-        size=12,
-        fill=COLORS["muted"],
-    )
 
-    # Skip connections: arcs over the cards, longer spans higher.
+def _draw_skips(
+    svg: Canvas, f: _Frame, skips: list[tuple[int, int, int]], crossing: dict[tuple[int, int], list[str]]
+) -> None:
+    """Skip connections: arcs over the cards, longer spans higher, labels drawn after every arc."""
     out_n = Counter(e[0] for e in skips)
     in_n = Counter(e[1] for e in skips)
     seen_out: Counter = Counter()
@@ -254,10 +312,10 @@ def partition_svg(
     for src, dst, nbytes in skips:
         seen_out[src] += 1
         seen_in[dst] += 1
-        x1 = col_x[src] + col_w * (0.55 + 0.4 * seen_out[src] / (out_n[src] + 1))
-        x2 = col_x[dst] + col_w * (0.05 + 0.4 * seen_in[dst] / (in_n[dst] + 1))
+        x1 = f.col_x[src] + f.col_w * (0.55 + 0.4 * seen_out[src] / (out_n[src] + 1))
+        x2 = f.col_x[dst] + f.col_w * (0.05 + 0.4 * seen_in[dst] / (in_n[dst] + 1))
         h = (34 + 26 * (dst - src - 1)) / 0.75
-        y = cards_y - 2
+        y = f.cards_y - 2
         svg.path(
             f"M{x1:.1f},{y:.1f} C{x1:.1f},{y - h:.1f} {x2:.1f},{y - h:.1f} {x2:.1f},{y:.1f}",
             fill="none",
@@ -277,147 +335,149 @@ def partition_svg(
         svg.rect(mid - text_width(label, 11) / 2 - 3, apex - 13, text_width(label, 11) + 6, 16, fill="white")
         svg.text(mid, apex - 1, label, size=11, anchor="middle", fill=COLORS["ink"], class_="bytes")
 
-    peak_t = max(s.time_s for s in stages) or 1.0
-    peak_m = max(_memory(s) for s in stages) or 1
-    mean_t = sum(s.time_s for s in stages) / n
-    slowest = max(range(n), key=lambda i: stages[i].time_s)
-    for i, (s, lines) in enumerate(zip(stages, texts, strict=True)):
-        x = col_x[i]
-        svg.rect(
-            x,
-            cards_y,
-            col_w,
-            card_h,
-            fill="#FAFAFA",
-            stroke="#CCCCCC",
-            rx=6,
-            class_="stage",
-            data_stage=s.index,
-        )
-        svg.text(x + 12, cards_y + 24, f"stage {s.index}", size=15, weight="bold")
+
+def _draw_card(svg: Canvas, f: _Frame, s: StageRecord, i: int, *, highlight: bool) -> None:
+    """The stage's card: its number, op count and module lines (the bars are drawn on it afterwards)."""
+    x = f.col_x[i]
+    svg.rect(
+        x,
+        f.cards_y,
+        f.col_w,
+        f.card_h,
+        fill="#FAFAFA",
+        stroke="#CCCCCC",
+        rx=6,
+        class_="stage",
+        data_stage=s.index,
+    )
+    svg.text(x + 12, f.cards_y + 24, f"stage {s.index}", size=15, weight="bold")
+    svg.text(
+        x + f.col_w - 12, f.cards_y + 24, f"{s.n_nodes} ops", size=11, anchor="end", fill=COLORS["muted"]
+    )
+    for k, (line, style) in enumerate(f.texts[i]):
+        fill = {"": COLORS["ink"], "bits": COLORS["muted"], "shared": COLORS["params"]}[style]
         svg.text(
-            x + col_w - 12, cards_y + 24, f"{s.n_nodes} ops", size=11, anchor="end", fill=COLORS["muted"]
-        )
-        for k, (line, style) in enumerate(lines):
-            fill = {"": COLORS["ink"], "bits": COLORS["muted"], "shared": COLORS["params"]}[style]
-            svg.text(
-                x + 12,
-                cards_y + 48 + 16 * k,
-                line,
-                size=11.5,
-                class_=f"module {style}".strip(),
-                fill=fill,
-                font_style="italic" if style else None,
-            )
-
-        # Bars on the common baseline.
-        for j, (caption, peak, parts, value) in enumerate(
-            (
-                (
-                    "compute",
-                    peak_t,
-                    [("F", s.forward_s), ("I", s.backward_input_s), ("W", s.backward_weight_s)],
-                    format_seconds(s.time_s),
-                ),
-                (
-                    "memory",
-                    peak_m,
-                    [
-                        ("params", s.param_bytes),
-                        ("grads", s.grad_bytes),
-                        ("optimizer", s.optimizer_bytes),
-                        ("activations", s.activation_bytes),
-                    ],
-                    format_bytes(_memory(s)),
-                ),
-            )
-        ):
-            bx, bw = x + 34 + j * 92, 58
-            top = base
-            for key, amount in parts:
-                h = bar_h * amount / peak
-                top -= h
-                svg.rect(
-                    bx,
-                    top,
-                    bw,
-                    h,
-                    fill=COLORS[key],
-                    class_=f"bar bar-{caption}",
-                    data_part=key,
-                    data_value=amount,
-                    tooltip=f"stage {s.index} {caption}: {key} {amount:.4g}",
-                )
-            slow = j == 0 and i == slowest and n > 1
-            svg.text(bx + bw / 2, base + 16, caption, size=11.5, anchor="middle", fill=COLORS["muted"])
-            svg.text(
-                bx + bw / 2,
-                base + 32,
-                value,
-                size=12,
-                anchor="middle",
-                weight="bold",
-                fill="#C0392B" if slow else COLORS["ink"],
-                class_="value",
-            )
-        if i == slowest and n > 1:
-            svg.text(
-                x + col_w / 2,
-                base + 52,
-                "slowest stage",
-                size=11.5,
-                anchor="middle",
-                fill="#C0392B",
-                weight="bold",
-            )
-        svg.line(x + 24, base, x + col_w - 24, base, stroke=COLORS["muted"])
-        y_mean = base - bar_h * mean_t / peak_t
-        svg.line(
-            x + 26,
-            y_mean,
-            x + 34 + 58 + 8,
-            y_mean,
-            stroke=COLORS["ink"],
-            stroke_width=1.2,
-            stroke_dasharray="5 3",
-            class_="mean",
+            x + 12,
+            f.cards_y + 48 + 16 * k,
+            line,
+            size=11.5,
+            class_=f"module {style}".strip(),
+            fill=fill,
+            font_style="italic" if style else None,
         )
 
-        # Arrow to the next stage, labelled with the bytes that cross.
-        nbytes = s.sends.get(s.index + 1, 0)
-        if i + 1 < n and nbytes:
-            y = cards_y + 20
-            svg.line(
-                x + col_w + 6,
-                y,
-                x + col_w + gap - 6,
-                y,
-                stroke=COLORS["muted"],
-                stroke_width=2,
-                marker_end="url(#arrow)",
-                class_="send",
-                data_src=s.index,
-                data_dst=s.index + 1,
-                data_bytes=nbytes,
-                tooltip=f"stage {s.index} sends {format_bytes(nbytes)} to stage {s.index + 1}: "
-                + ", ".join(crossing.get((s.index, s.index + 1), [])),
-            )
-            svg.text(
-                x + col_w + gap / 2, y - 7, format_bytes(nbytes), size=11.5, anchor="middle", class_="bytes"
-            )
-            svg.text(
-                x + col_w + gap / 2,
-                y + 16,
-                _fit(_names(crossing.get((s.index, s.index + 1), []), 1), gap - 4, 9.5),
-                size=9.5,
-                anchor="middle",
-                fill=COLORS["muted"],
-                class_="tensors",
-            )
 
-    # Legend.
-    y = height - 26
-    x = margin
+def _draw_bars(svg: Canvas, f: _Frame, s: StageRecord, i: int, *, highlight: bool) -> None:
+    """Compute and memory bars on the common baseline, the mean compute as a dashed line."""
+    x, base, bar_h = f.col_x[i], f.base, f.bar_h
+    bars: tuple[tuple[str, float, list[tuple[str, float]], str], ...] = (
+        (
+            "compute",
+            f.peak_t,
+            [("F", s.forward_s), ("I", s.backward_input_s), ("W", s.backward_weight_s)],
+            format_seconds(s.time_s),
+        ),
+        (
+            "memory",
+            f.peak_m,
+            [
+                ("params", s.param_bytes),
+                ("grads", s.grad_bytes),
+                ("optimizer", s.optimizer_bytes),
+                ("activations", s.activation_bytes),
+            ],
+            format_bytes(_memory(s)),
+        ),
+    )
+    for j, (caption, peak, parts, value) in enumerate(bars):
+        bx, bw = x + 34 + j * 92, 58
+        top: float = base
+        for key, amount in parts:
+            h = bar_h * amount / peak
+            top -= h
+            svg.rect(
+                bx,
+                top,
+                bw,
+                h,
+                fill=COLORS[key],
+                class_=f"bar bar-{caption}",
+                data_part=key,
+                data_value=amount,
+                tooltip=f"stage {s.index} {caption}: {key} {amount:.4g}",
+            )
+        slow = j == 0 and highlight
+        svg.text(bx + bw / 2, base + 16, caption, size=11.5, anchor="middle", fill=COLORS["muted"])
+        svg.text(
+            bx + bw / 2,
+            base + 32,
+            value,
+            size=12,
+            anchor="middle",
+            weight="bold",
+            fill="#C0392B" if slow else COLORS["ink"],
+            class_="value",
+        )
+    if highlight:
+        svg.text(
+            x + f.col_w / 2,
+            base + 52,
+            "slowest stage",
+            size=11.5,
+            anchor="middle",
+            fill="#C0392B",
+            weight="bold",
+        )
+    svg.line(x + 24, base, x + f.col_w - 24, base, stroke=COLORS["muted"])
+    y_mean = base - bar_h * f.mean_t / f.peak_t
+    svg.line(
+        x + 26,
+        y_mean,
+        x + 34 + 58 + 8,
+        y_mean,
+        stroke=COLORS["ink"],
+        stroke_width=1.2,
+        stroke_dasharray="5 3",
+        class_="mean",
+    )
+
+
+def _draw_send(
+    svg: Canvas, f: _Frame, s: StageRecord, i: int, crossing: dict[tuple[int, int], list[str]]
+) -> None:
+    """The arrow to the next stage, labelled with the bytes that cross and the tensors they are."""
+    x, y, gap = f.col_x[i], f.cards_y + 20, f.gap
+    nbytes = s.sends.get(s.index + 1, 0)
+    svg.line(
+        x + f.col_w + 6,
+        y,
+        x + f.col_w + gap - 6,
+        y,
+        stroke=COLORS["muted"],
+        stroke_width=2,
+        marker_end="url(#arrow)",
+        class_="send",
+        data_src=s.index,
+        data_dst=s.index + 1,
+        data_bytes=nbytes,
+        tooltip=f"stage {s.index} sends {format_bytes(nbytes)} to stage {s.index + 1}: "
+        + ", ".join(crossing.get((s.index, s.index + 1), [])),
+    )
+    svg.text(x + f.col_w + gap / 2, y - 7, format_bytes(nbytes), size=11.5, anchor="middle", class_="bytes")
+    svg.text(
+        x + f.col_w + gap / 2,
+        y + 16,
+        _fit(_names(crossing.get((s.index, s.index + 1), []), 1), gap - 4, 9.5),
+        size=9.5,
+        anchor="middle",
+        fill=COLORS["muted"],
+        class_="tensors",
+    )
+
+
+def _draw_legend(svg: Canvas, f: _Frame) -> None:
+    y = f.height - 26
+    x: float = f.margin
     items = [
         ("forward", "F"),
         ("backward, input grad", "I"),
@@ -433,4 +493,3 @@ def partition_svg(
         x += 18 + text_width(label, 11.5) * 0.95 + 16
     svg.line(x, y - 4, x + 24, y - 4, stroke=COLORS["ink"], stroke_width=1.2, stroke_dasharray="5 3")
     svg.text(x + 30, y, "mean compute", size=11.5)
-    return svg.save(path)

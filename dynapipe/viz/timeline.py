@@ -24,6 +24,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..schedules import Action, Kind, ScheduleError, Timeline, TimelineEvent
 from ._svg import COLORS, TEXT_WIDTH, Canvas, format_seconds, lighten, nice_ticks, text_width
 
@@ -78,7 +79,7 @@ def timeline_svg(
     The title states the makespan and the bubble fraction (idle share of all ranks' time).
     """
     if not timeline.events:
-        raise ValueError("the timeline has no events to draw; simulate() a schedule or record a step first")
+        raise ConfigError("the timeline has no events to draw; simulate() a schedule or record a step first")
     ranks = timeline.ranks
     parsed = [(e, _parse(e)) for e in timeline.events]
     compute = [(e, a) for e, a in parsed if a is not None and a.kind.is_compute]
@@ -105,7 +106,7 @@ def timeline_svg(
     if ideal > 0:
         sub += f" · busiest rank computes {format_seconds(ideal)} ({ideal / makespan:.0%} of the step)"
     svg.text(_LEFT, 46, sub, size=12, fill=COLORS["muted"])
-    x = _LEFT
+    x: float = _LEFT
     legend = [(KIND_NAMES[k] + f" ({k.value})", COLORS[k.value]) for k in kinds]
     legend.append(("idle (bubble)", COLORS["idle"]))
     if n_chunks > 1:

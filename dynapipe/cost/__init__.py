@@ -1,0 +1,49 @@
+"""Per-node and per-stage costs of a captured graph: FLOPs, time, state bytes, activation bytes.
+
+Every number is for ONE microbatch, computed without real compute: each compute node's target is run
+again on fake tensors (``FakeTensorMode``) shaped like its ``meta["example_value"]`` at the microbatch
+size, counting FLOPs with ``torch.utils.flop_counter``'s formulas and watching ``saved_tensors_hooks``.
+That gives
+
+* **FLOPs** -- forward, and backward split into the input-gradient and weight-gradient parts (the
+  backward of compute-bearing nodes is run on fake tensors too, so attention's 2.5x and a linear's 1x +
+  1x come from the counter, not from a rule of thumb);
+* **activation bytes** -- what autograd keeps for backward, per buffer: a tensor saved by several nodes,
+  or views of one tensor, count once (buffers are identified by storage, so ``x.t()`` saved by a matmul
+  is ``x``); parameters saved by their readers are state, not activations;
+* **output bytes** -- what the node would send if a stage boundary fell after it, as a sympy expression
+  in the batch symbol (``8192*s0``) evaluated at the microbatch size.
+
+Time: without profiling, ``seconds = FLOPs / flop_rate``. Ops without FLOPs (elementwise, norms, views)
+count as free: in transformer blocks they ride along with each block's matmuls, so they move no cut; with
+``profile=True`` each node is instead timed on the real device with real (random) tensors -- forward,
+input-gradient and weight-gradient separately, the fastest of a few repetitions (other processes only
+ever add time) -- and that time is used. Ranks that profile separately must agree on the times before
+partitioning: see :meth:`GraphCosts.with_times`.
+
+State: a parameter costs its bytes, its gradient (same size, when it requires grad and the graph trains)
+and ``OPTIMIZER_STATES[optimizer]`` more copies (Adam: two moments). A stage holds the state of every
+``get_attr`` it reads, so a tied weight counts on each stage that reads it.
+
+:class:`StageRecord` is the one per-stage record that the partitioner, the schedule simulator
+(:meth:`StageRecord.to_stage_cost`) and :func:`dynapipe.explain` read.
+
+Files: :mod:`.records` (the per-node records), :mod:`.sizes` (symbolic sizes), :mod:`.runner` (running one
+node on stand-in tensors), :mod:`.fake` (FLOPs and saved activations on fake tensors), :mod:`.profile`
+(timing on the device), :mod:`.graph` (:func:`graph_costs`, the entry point), :mod:`.stages` (per-stage
+records).
+"""
+
+from .graph import graph_costs
+from .records import NOMINAL_FLOP_RATE, OPTIMIZER_STATES, GraphCosts, NodeCost
+from .stages import StageRecord, stage_costs
+
+__all__ = [
+    "NOMINAL_FLOP_RATE",
+    "OPTIMIZER_STATES",
+    "GraphCosts",
+    "NodeCost",
+    "StageRecord",
+    "graph_costs",
+    "stage_costs",
+]

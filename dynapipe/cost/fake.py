@@ -1,0 +1,292 @@
+"""FLOPs and saved activations of every node, by running each once on fake tensors (FakeTensorMode)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
+
+from ..capture import CapturedGraph, grad_modes
+from ..config import Optimizer
+from .records import OPTIMIZER_STATES, GraphCosts, NodeCost
+from .runner import Runner, backward_to, call_node
+from .sizes import bytes_expr, concrete, evaluate, has_tensor, hint, shape_values
+
+__all__ = ["fake_costs"]
+
+
+def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_cpu_backward_flop(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+class _FlopCounter(TorchDispatchMode):
+    """Adds up FLOPs with ``torch.utils.flop_counter``'s formulas (plus the CPU flash-attention kernel,
+    which the counter does not know). Unlike ``FlopCounterMode`` it tracks no modules (faster), and lets
+    higher-order ops through uncounted (``torch.cond`` is costed branch by branch in :func:`_replay`)."""
+
+    supports_higher_order_operators = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        aten = torch.ops.aten
+        self.formulas = {
+            **flop_registry,
+            aten._scaled_dot_product_flash_attention_for_cpu: shape_wrapper(_sdpa_cpu_flop),
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: shape_wrapper(_sdpa_cpu_backward_flop),
+        }
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self.formulas.get(getattr(func, "_overloadpacket", None))
+        if formula is not None:
+            self.total += int(formula(*args, **kwargs, out_val=out))
+        return out
+
+
+def fake_costs(
+    captured: CapturedGraph, nodes: list[fx.Node], optimizer: Optimizer, flop_rate: float
+) -> GraphCosts:
+    graph = captured.gm.graph
+    training = any(
+        isinstance(v, torch.Tensor) and v.requires_grad
+        for n in graph.find_nodes(op="output")[0].all_input_nodes
+        for v in tree_flatten(n.meta.get("example_value"))[0]
+    )
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def make(value: torch.Tensor, grad: bool) -> torch.Tensor:
+        shape, stride = concrete(value)
+        with fake_mode:
+            t = torch.empty_strided(shape, stride, dtype=value.dtype, device=value.device)
+        return t.requires_grad_(grad and value.requires_grad and (t.is_floating_point() or t.is_complex()))
+
+    runner = Runner(captured, make, lambda attr: make(attr, True))
+    values = shape_values(graph)
+    modes = grad_modes(graph)
+
+    # Saved-activation buffers: each tensor value (node, leaf) maps to the buffer whose storage it views.
+    buffer_of: dict[tuple[fx.Node, int], int] = {}
+    buffer_bytes: list[int] = []
+    buffer_names: list[str] = []
+    state_bytes: dict[fx.Node, tuple[int, int, int]] = {}
+    n_states = OPTIMIZER_STATES[optimizer]
+
+    def new_buffer(key: tuple[fx.Node, int], nbytes: int) -> int:
+        buffer_of[key] = len(buffer_bytes)
+        buffer_bytes.append(int(nbytes))
+        buffer_names.append(
+            key[0].name
+            if key[1] == 0
+            else f"{key[0].name}[{key[1]}]"
+            if key[1] > 0
+            else f"{key[0].name}.saved{-key[1]}"
+        )
+        return buffer_of[key]
+
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            value = node.meta.get("example_value")
+            if isinstance(value, torch.Tensor):
+                new_buffer((node, 0), evaluate(bytes_expr(value), values))
+        elif node.op == "get_attr":
+            attr = getattr(captured.gm, str(node.target))
+            if isinstance(attr, torch.Tensor):
+                nbytes = attr.numel() * attr.element_size()
+                grad = (
+                    nbytes if training and isinstance(attr, torch.nn.Parameter) and attr.requires_grad else 0
+                )
+                state_bytes[node] = (nbytes, grad, n_states * grad)
+
+    costs: dict[fx.Node, NodeCost] = {}
+    uncosted: list[str] = []
+    replays: dict[str, _Replay] = {}  # nodes of the same signature (layer after layer) replay alike
+    with _FlopCounter() as counter:
+        for node in nodes:
+            value = node.meta.get("example_value")
+            expr = bytes_expr(value)
+            base = dict(
+                out_bytes=evaluate(expr, values),
+                out_bytes_expr=expr,
+                crossable=isinstance(value, torch.Tensor),
+            )
+            if not has_tensor(value):  # sizes, side effects (grad mode, logging): no tensor work
+                costs[node] = NodeCost(**base)
+                continue
+            key = _signature(node, captured.gm, modes[node])
+            try:
+                replay = replays.get(key) if key is not None else None
+                if replay is None:
+                    replay = _replay(node, runner, counter, modes[node])
+                    if key is not None:
+                        replays[key] = replay
+            except Exception:  # noqa: BLE001 - an op the fake run cannot replay is costed as free
+                uncosted.append(node.name)
+                replay = _Replay(
+                    0,
+                    0,
+                    0,
+                    tuple(
+                        (i, "new", evaluate(bytes_expr(leaf), values))
+                        for i, leaf in enumerate(tree_flatten(value)[0])
+                        if isinstance(leaf, torch.Tensor)
+                    ),
+                    (),
+                )
+            inputs = [
+                None if src.op == "get_attr" else buffer_of.get((src, i)) for src, i in _input_leaves(node)
+            ]
+            for i, kind, n in replay.outputs:
+                viewed = inputs[n] if kind == "input" else None
+                if viewed is not None:  # a view of an input shares its buffer
+                    buffer_of[(node, i)] = viewed
+                elif kind == "new":
+                    new_buffer((node, i), n)
+            saves: dict[int, None] = {}
+            for j, (kind, n) in enumerate(replay.saved, start=1):
+                buffer = (
+                    inputs[n]
+                    if kind == "input"
+                    else buffer_of.get((node, n))
+                    if kind == "output"
+                    else new_buffer((node, -j), n)
+                )
+                if buffer is not None:  # None: a parameter or buffer of the model (state, not activation)
+                    saves[buffer] = None
+            costs[node] = NodeCost(
+                flops=replay.flops,
+                backward_input_flops=replay.backward_input_flops,
+                backward_weight_flops=replay.backward_weight_flops,
+                forward_s=replay.flops / flop_rate,
+                backward_input_s=replay.backward_input_flops / flop_rate,
+                backward_weight_s=replay.backward_weight_flops / flop_rate,
+                saves=tuple(saves),
+                **base,
+            )
+    return GraphCosts(costs, buffer_bytes, buffer_names, state_bytes, optimizer, False, flop_rate, uncosted)
+
+
+@dataclass(frozen=True)
+class _Replay:
+    """What re-running a node showed, in terms of its input leaves (see :func:`_input_leaves`)."""
+
+    flops: int
+    backward_input_flops: int
+    backward_weight_flops: int
+    outputs: tuple[
+        tuple[int, str, int], ...
+    ]  # (output leaf, "input", input leaf it views) or (leaf, "new", bytes)
+    saved: tuple[tuple[str, int], ...]  # ("input", input leaf), ("output", output leaf) or ("temp", bytes)
+
+
+def _input_leaves(node: fx.Node) -> list[tuple[fx.Node, int]]:
+    """Every tensor an op reads, as (input node, leaf index), in a fixed order."""
+    leaves = []
+    for src in node.all_input_nodes:
+        value = src.meta.get("example_value") if src.op != "get_attr" else None
+        if src.op == "get_attr":
+            leaves.append((src, 0))
+        else:
+            leaves += [(src, i) for i, v in enumerate(tree_flatten(value)[0]) if isinstance(v, torch.Tensor)]
+    return leaves
+
+
+def _signature(node: fx.Node, gm: fx.GraphModule, grad_mode: bool) -> str | None:
+    """Everything a replay depends on: the op, its constant arguments, and each input's shape, strides,
+    dtype and grad flag. None for ops reading subgraphs (their code is not part of the signature)."""
+
+    def leaf(v: Any) -> tuple:
+        if isinstance(v, torch.Tensor):
+            return (concrete(v), v.dtype, v.device, v.requires_grad, isinstance(v, torch.nn.Parameter))
+        return (repr(hint(v)),)
+
+    described = []
+    for src in node.all_input_nodes:
+        if src.op == "get_attr":
+            attr = getattr(gm, str(src.target))
+            if not isinstance(attr, torch.Tensor):
+                return None
+            described.append(leaf(attr))
+        else:
+            described.append(tuple(leaf(v) for v in tree_flatten(src.meta.get("example_value"))[0]))
+    index = {src: i for i, src in enumerate(node.all_input_nodes)}
+    structure = fx.map_arg((node.args, node.kwargs), lambda n: f"<input {index[n]}>")
+    return repr((node.op, node.target, structure, described, grad_mode))
+
+
+def _replay(node: fx.Node, runner: Runner, counter: _FlopCounter, grad_mode: bool) -> _Replay:
+    """Run ``node`` once on fake inputs: FLOPs, which outputs view which inputs, what autograd saves."""
+    args, kwargs, inputs, params = runner.inputs(node)
+    leaf_of: dict[StorageWeakRef, int] = {}  # storage -> index among the input leaves
+    activations: list[torch.Tensor] = []
+    for src, value in inputs.items():
+        for leaf in tree_flatten(value)[0] if src.op != "get_attr" else [value]:
+            if isinstance(leaf, torch.Tensor):
+                leaf_of.setdefault(StorageWeakRef(leaf.untyped_storage()), len(leaf_of))
+                if src.op != "get_attr":
+                    activations.append(leaf)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    before = counter.total
+    with torch.set_grad_enabled(grad_mode), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if node.target is torch.ops.higher_order.cond:  # the more expensive branch, run as plain code
+            runs = []
+            for branch in args[1:3]:
+                start, first_saved = counter.total, len(saved)
+                result = branch(*args[3])
+                runs.append((counter.total - start, result, saved[first_saved:]))
+                del saved[first_saved:]
+            spent, out, saved[:] = max(runs, key=lambda r: r[0])
+            counter.total = before + spent
+        else:
+            out = call_node(node, runner.gm, args, kwargs)
+    flops = counter.total - before
+
+    outputs: list[tuple[int, str, int]] = []
+    out_leaf: dict[StorageWeakRef, int] = {}
+    for i, leaf in enumerate(tree_flatten(out)[0]):
+        if isinstance(leaf, torch.Tensor):
+            ref = StorageWeakRef(leaf.untyped_storage())
+            if ref in leaf_of:
+                outputs.append((i, "input", leaf_of[ref]))
+            else:
+                outputs.append((i, "new", leaf.untyped_storage().nbytes()))
+                out_leaf.setdefault(ref, i)
+    kept: dict[StorageWeakRef, tuple[str, int]] = {}
+    for t in saved:
+        ref = StorageWeakRef(t.untyped_storage())
+        if ref not in kept:  # a temporary of the op itself: softmax statistics, a dropout mask
+            kept[ref] = (
+                ("input", leaf_of[ref])
+                if ref in leaf_of
+                else ("output", out_leaf[ref])
+                if ref in out_leaf
+                else ("temp", t.untyped_storage().nbytes())
+            )
+
+    bwd_in = bwd_w = 0
+    if flops and grad_mode:
+        before = counter.total
+        backward_to(out, activations, retain=True)
+        bwd_in = counter.total - before
+        backward_to(out, params, retain=False)
+        bwd_w = counter.total - before - bwd_in
+    return _Replay(flops, bwd_in, bwd_w, tuple(outputs), tuple(kept.values()))

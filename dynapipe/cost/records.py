@@ -1,0 +1,79 @@
+"""The cost of each compute node of a graph, for one microbatch: the records the cost model produces."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import sympy
+import torch.fx as fx
+
+from ..config import Optimizer
+
+__all__ = ["NOMINAL_FLOP_RATE", "OPTIMIZER_STATES", "GraphCosts", "NodeCost"]
+
+# Extra per-parameter copies each optimizer keeps (SGD counted with a momentum buffer: the worst case).
+OPTIMIZER_STATES: dict[Optimizer, int] = {"adamw": 2, "adam": 2, "sgd": 1, "none": 0}
+# FLOP/s that turns FLOPs into seconds without profiling: a nominal accelerator at a realistic fraction
+# of peak. Only ratios matter to the partitioner; the simulator compares it with link bandwidth.
+NOMINAL_FLOP_RATE = 100e12
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """Cost of one compute node for one microbatch (times in seconds, sizes in bytes)."""
+
+    flops: int = 0
+    backward_input_flops: int = 0
+    backward_weight_flops: int = 0
+    forward_s: float = 0.0
+    backward_input_s: float = 0.0
+    backward_weight_s: float = 0.0
+    out_bytes: int = 0
+    out_bytes_expr: sympy.Expr = sympy.Integer(0)
+    crossable: bool = True  # its value is a tensor; only tensors may cross a stage boundary
+    saves: tuple[int, ...] = ()  # activation buffers (indices into GraphCosts.buffer_bytes) kept for backward
+    measured: bool = False
+
+    @property
+    def time_s(self) -> float:
+        """Forward plus backward time of the node in one training step."""
+        return self.forward_s + self.backward_input_s + self.backward_weight_s
+
+
+@dataclass
+class GraphCosts:
+    """Costs of every compute node of one captured graph, and the bytes each piece of state costs."""
+
+    nodes: dict[fx.Node, NodeCost]
+    buffer_bytes: list[int]  # per saved-activation buffer
+    buffer_names: list[str]
+    state_bytes: dict[fx.Node, tuple[int, int, int]]  # get_attr -> (parameter, gradient, optimizer state)
+    optimizer: Optimizer
+    profiled: bool
+    flop_rate: float
+    uncosted: list[str] = field(default_factory=list)  # nodes the fake run could not execute (0 FLOPs)
+
+    def with_times(self, times: Sequence[tuple[float, float, float]]) -> GraphCosts:
+        """The same costs with measured (forward, backward-input, backward-weight) seconds per node, in the
+        order of :attr:`nodes`: ranks that profile separately agree by broadcasting one rank's times."""
+        nodes = {
+            n: dataclasses.replace(
+                c, forward_s=t[0], backward_input_s=t[1], backward_weight_s=t[2], measured=True
+            )
+            for (n, c), t in zip(self.nodes.items(), times, strict=True)
+        }
+        return GraphCosts(
+            nodes,
+            self.buffer_bytes,
+            self.buffer_names,
+            self.state_bytes,
+            self.optimizer,
+            True,
+            self.flop_rate,
+            self.uncosted,
+        )
+
+    def times(self) -> list[tuple[float, float, float]]:
+        return [(c.forward_s, c.backward_input_s, c.backward_weight_s) for c in self.nodes.values()]

@@ -1,0 +1,179 @@
+"""Balanced automatic stages: per-node costs -> the stage of every compute node.
+
+A k-stage partition is a chain of k-1 *cuts*. Each cut is a set of compute nodes closed under "inputs
+of" (an ideal of the DAG): stage s is what cut s holds and cut s-1 does not. Closed cuts make every
+stage a contiguous, topologically closed piece of the graph, so no activation ever travels backwards.
+
+How the cuts are chosen, one file per step:
+
+1. :mod:`.chain` -- compute nodes in cut order, the bytes live across each position, where a cut is
+   not allowed (a non-tensor live, an ``unsplittable`` module, a ``no_grad`` region, a getitem);
+2. :mod:`.balance` -- the smallest slowest-stage time, then the fewest bytes crossing among
+   near-balanced splits;
+3. :mod:`.mincut` -- a networkx min-cut around each cut moves FLOP-free nodes to where their values
+   are read, for fewer bytes at the same stage times.
+
+Determinism: everything iterates lists in graph order; networkx's minimum_cut returns the unique cut
+whose sink side is what can still reach the sink in the residual graph, whatever flow it found; byte
+capacities are integers. So every rank computes the same partition from the same graph.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from ..capture import CapturedGraph, compute_nodes
+from ..config import Optimizer
+from ..cost import GraphCosts, graph_costs
+from ..errors import PartitionError
+from ..schedules import StageCost
+from .balance import fewest_bytes, greedy, memory_error, min_bottleneck
+from .chain import Chain
+from .mincut import refine
+
+__all__ = ["BALANCE_SLACK", "BalancedPartition", "StepObjective", "assign_balanced", "balanced_partition"]
+
+# Stages may be this much slower than the best balance if that lets the cuts send fewer bytes.
+BALANCE_SLACK = 0.25
+# Splits sending this much more than the fewest bytes count as equal (a mask sent to one more stage).
+_BYTES_TOLERANCE = 0.05
+# Relative precision of the bottleneck searches.
+_BALANCE_TOLERANCE = 1e-4
+_INF = math.inf
+# Balance limits (above the best) at which the fewest-bytes split is a candidate for the shortest step.
+_STEP_LIMITS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1)
+# A split's step time in seconds, from the per-stage costs of its stages.
+StepObjective = Callable[[list[StageCost]], float]
+
+
+@dataclass(frozen=True)
+class BalancedPartition:
+    """The stage of each compute node, with the numbers the choice was made on (seconds, bytes)."""
+
+    stage_of: dict[fx.Node, int]
+    cuts: tuple[int, ...]  # chain position after which each cut falls (before refinement)
+    bottleneck_s: float  # the smallest achievable slowest-stage time
+    layer_bottleneck_s: float | None  # the same, cutting only at layer boundaries (None: no layers found)
+    refined: bool  # whether min-cut refinement moved the cuts off the chain order
+
+
+def assign_balanced(
+    captured: CapturedGraph,
+    n_stages: int,
+    *,
+    unsplittable: Sequence[str] = (),
+    max_stage_memory: int | None = None,
+    profile: bool = False,
+    optimizer: Optimizer = "adamw",
+    in_flight: int | None = None,
+    costs: GraphCosts | None = None,
+) -> dict[fx.Node, int]:
+    """Stage of every compute node of ``captured``, balanced over ``n_stages`` (see the module docstring).
+
+    unsplittable: module names (as in ``named_modules()``) kept inside one stage.
+    max_stage_memory: hard limit in bytes on a stage's parameters + gradients + optimizer state +
+        ``in_flight`` microbatches of saved activations.
+    profile: time every node on the real device instead of estimating time from FLOPs.
+    optimizer: kind of optimizer whose state counts against memory ("adamw", "adam", "sgd", "none").
+    in_flight: microbatches whose activations a stage holds at its peak (default: all of them, as GPipe
+        does; 1F1B holds at most n_stages).
+    costs: precomputed node costs (e.g. profiled on one rank and broadcast to the others).
+    """
+    return balanced_partition(
+        captured,
+        n_stages,
+        unsplittable=unsplittable,
+        max_stage_memory=max_stage_memory,
+        profile=profile,
+        optimizer=optimizer,
+        in_flight=in_flight,
+        costs=costs,
+    ).stage_of
+
+
+def balanced_partition(
+    captured: CapturedGraph,
+    n_stages: int,
+    *,
+    unsplittable: Sequence[str] = (),
+    max_stage_memory: int | None = None,
+    profile: bool = False,
+    optimizer: Optimizer = "adamw",
+    in_flight: int | None = None,
+    costs: GraphCosts | None = None,
+    slack: float = BALANCE_SLACK,
+    step: StepObjective | None = None,
+) -> BalancedPartition:
+    """:func:`assign_balanced` with the bottlenecks it found (for :func:`dynapipe.explain` and benchmarks).
+
+    step: the step time of a split (per-stage costs -> seconds, e.g. a simulated step of the schedule
+        that will run); the split it finds shortest among the fewest-bytes splits at a few balance limits
+        wins over the fewest-bytes near-balanced one (see the module docstring).
+    """
+    costs = costs or graph_costs(captured, optimizer=optimizer, profile=profile)
+    chain = Chain(captured, costs, unsplittable, n_stages, in_flight or captured.n_microbatches)
+    if n_stages == 1:
+        return BalancedPartition(dict.fromkeys(chain.nodes, 0), (), chain.prefix[-1], None, False)
+    if len(chain.allowed) < n_stages - 1:
+        raise PartitionError(
+            f"cannot make {n_stages} stages: the graph has only {len(chain.allowed)} places where a cut is "
+            f"allowed ({chain.why_few()}); use at most {len(chain.allowed) + 1} stages"
+            + (" or fewer unsplittable modules" if unsplittable else "")
+        )
+    memory = float(max_stage_memory) if max_stage_memory is not None else _INF
+    fewest = greedy(chain, _INF, memory, chain.allowed)
+    if fewest is None or len(fewest) >= n_stages:
+        raise PartitionError(memory_error(chain, memory))
+    bound = min_bottleneck(chain, memory, chain.allowed)
+    layer_bound = (
+        min_bottleneck(chain, memory, chain.layer_cuts) if len(chain.layer_cuts) >= n_stages - 1 else None
+    )
+    limit = bound * (1 + slack)
+    if layer_bound is not None:
+        limit = min(limit, max(bound, layer_bound))
+    # with too few busy nodes for every stage to get one, allow idle stages
+    busy = fewest_bytes(chain, limit * (1 + 1e-12), memory) is not None
+    best = fewest_bytes(chain, limit * (1 + 1e-12), memory, busy=busy)
+    if best is None:  # cannot happen: the bottleneck search found a split within ``bound <= limit``
+        raise PartitionError(
+            f"no {n_stages}-stage split within {limit:.3g} s per stage; this is a dynapipe bug"
+        )
+    sent, cuts = best
+    lo, hi = bound, limit  # the best balance among the splits that send about that few bytes
+    while hi - lo > _BALANCE_TOLERANCE * hi:
+        mid = (lo + hi) / 2
+        found = fewest_bytes(chain, mid * (1 + 1e-12), memory, busy=busy)
+        if found is not None and found[0] <= sent * (1 + _BYTES_TOLERANCE):
+            hi, cuts = mid, found[1]
+        else:
+            lo = mid
+    if step is not None and chain.timed:
+        cuts = _shortest_step(chain, cuts, step, bound, limit, memory, busy)
+    ideals, refined = refine(chain, cuts, memory)
+    stage_of = {}
+    for i, node in enumerate(chain.nodes):
+        stage_of[node] = sum(1 for ideal in ideals if i not in ideal)
+    order = {n: i for i, n in enumerate(compute_nodes(captured.gm.graph))}
+    stage_of = dict(sorted(stage_of.items(), key=lambda item: order[item[0]]))
+    return BalancedPartition(stage_of, tuple(cuts), bound, layer_bound, refined)
+
+
+def _shortest_step(
+    chain: Chain, cuts: list[int], step: StepObjective, bound: float, limit: float, memory: float, busy: bool
+) -> list[int]:
+    """Among ``cuts`` and the fewest-bytes splits within a few limits between the best balance and
+    ``limit``, the split whose step is shortest; ``cuts`` unless another is shorter by more than rounding."""
+    best, best_s = cuts, step(chain.stage_costs(cuts))
+    for share in _STEP_LIMITS:
+        if bound * (1 + share) > limit:
+            break
+        found = fewest_bytes(chain, bound * (1 + share) * (1 + 1e-12), memory, busy=busy)
+        if found is not None and found[1] != best:
+            seconds = step(chain.stage_costs(found[1]))
+            if seconds < best_s * (1 - 1e-9):
+                best, best_s = found[1], seconds
+    return best

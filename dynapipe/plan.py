@@ -1,0 +1,147 @@
+"""The one planning path: captured graph + options + schedule -> the stage of every compute node.
+
+The backend and :func:`dynapipe.explain` both call :func:`plan_pipeline`, so the table ``explain()``
+prints is the partition that runs: ``pipe_split()`` markers, ``split_points``, ``unsplittable``,
+``max_stage_memory`` and ``profile`` all act the same way in both.
+
+How many microbatches' activations a stage holds at its peak comes from the schedule itself: its table
+is replayed by the simulator (unit costs), which counts, per stage, the forwards whose backward has not
+yet finished (1F1B: ``p - i`` on stage ``i``; GPipe: all ``m``; zero-bubble: more, for the deferred
+weight work). The partitioner takes the largest of these as every stage's memory budget.
+
+Among the near-balanced splits it considers, the partitioner keeps the one whose simulated step of the
+chosen schedule is shortest (:func:`step_time`: per-stage forward, input-gradient and weight-gradient
+time, the bytes each cut sends over the default link below). :func:`explain` reports that step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from .capture import CapturedGraph
+from .config import PipelineConfig
+from .cost import GraphCosts, StageRecord, graph_costs
+from .errors import ConfigError
+from .partition import StepObjective, assign_by_split_points, balanced_partition
+from .schedules import ScheduleSpec, StageCost, Table, Timeline, placement_map, simulate, validate
+
+__all__ = [
+    "LINK_BANDWIDTH",
+    "LINK_LATENCY_S",
+    "Plan",
+    "in_flight_per_stage",
+    "plan_pipeline",
+    "predict_step",
+    "step_time",
+]
+
+CostSource = Callable[[CapturedGraph, PipelineConfig], GraphCosts]
+
+# The link between two ranks when nothing was measured, for the predicted step: a transfer takes
+# LINK_LATENCY_S + bytes / LINK_BANDWIDTH (25 GB/s: PCIe 4/5 or a 200 Gb/s network; NVLink is faster).
+LINK_LATENCY_S = 20e-6
+LINK_BANDWIDTH = 25e9
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The stage of each compute node, with what it was chosen on."""
+
+    stage_of: dict[fx.Node, int]
+    in_flight: tuple[int, ...]  # per stage: microbatches whose activations the schedule holds at once
+    spec: ScheduleSpec  # the schedule the plan is for, on n_ranks ranks
+    n_ranks: int
+    costs: GraphCosts | None  # the node costs the automatic partition used (None for split points)
+    layer_bottleneck_s: float | None = None  # the best split at layer boundaries (automatic only)
+
+
+def local_costs(captured: CapturedGraph, config: PipelineConfig) -> GraphCosts:
+    """Node costs measured (``profile``) or estimated in this process."""
+    return graph_costs(captured, optimizer=config.optimizer, profile=config.profile)
+
+
+def in_flight_per_stage(
+    spec: ScheduleSpec, *, n_ranks: int, n_stages: int, n_microbatches: int
+) -> tuple[int, ...]:
+    """Peak microbatches whose activations each stage holds under ``spec``, read off a simulated step."""
+    table = spec.build(n_ranks=n_ranks, n_stages=n_stages, n_microbatches=n_microbatches)
+    validate(table, n_ranks, n_stages, n_microbatches, spec.placement)  # a bad table is named here
+    timeline = simulate(
+        table, StageCost(1.0, 1.0, 1.0), n_ranks=n_ranks, n_stages=n_stages, placement=spec.placement
+    )
+    rank_of = placement_map(spec.placement, n_ranks=n_ranks, n_stages=n_stages)
+    return tuple(int(timeline.inflight_activations({s: 1})[rank_of[s]]) for s in range(n_stages))
+
+
+def plan_pipeline(
+    captured: CapturedGraph,
+    config: PipelineConfig,
+    *,
+    spec: ScheduleSpec,
+    n_ranks: int,
+    n_stages: int,
+    costs: CostSource = local_costs,
+) -> Plan:
+    """Stage of every compute node: ``pipe_split()`` markers, else ``split_points``, else the balanced
+    partition on the node costs ``costs`` returns (the backend passes rank 0's profile, shared)."""
+    markers = captured.split_markers
+    if markers and config.split_points:
+        raise ConfigError("the model calls pipe_split() and split_points is set too; use one of the two")
+    points: list[str] | list[int] = markers or list(config.split_points)
+    in_flight = in_flight_per_stage(
+        spec, n_ranks=n_ranks, n_stages=n_stages, n_microbatches=captured.n_microbatches
+    )
+    if points or n_stages == 1:
+        if len(points) + 1 != n_stages:
+            raise ConfigError(
+                f"{len(points)} split points make {len(points) + 1} stages, but the pipeline needs {n_stages}; "
+                f"give {n_stages - 1} split points"
+            )
+        return Plan(assign_by_split_points(captured, points), in_flight, spec, n_ranks, None)
+    node_costs = costs(captured, config)
+    part = balanced_partition(
+        captured,
+        n_stages,
+        unsplittable=config.unsplittable,
+        max_stage_memory=config.max_stage_memory,
+        optimizer=config.optimizer,
+        in_flight=max(in_flight),
+        costs=node_costs,
+        step=step_time(spec, n_ranks=n_ranks, n_stages=n_stages, n_microbatches=captured.n_microbatches),
+    )
+    return Plan(part.stage_of, in_flight, spec, n_ranks, node_costs, part.layer_bottleneck_s)
+
+
+def step_time(spec: ScheduleSpec, *, n_ranks: int, n_stages: int, n_microbatches: int) -> StepObjective:
+    """The partitioner's objective: one simulated step of ``spec`` over a split's per-stage costs."""
+    table = spec.build(n_ranks=n_ranks, n_stages=n_stages, n_microbatches=n_microbatches)
+    return lambda costs: _simulate(table, spec, n_ranks, costs).makespan
+
+
+def predict_step(plan: Plan, stages: Sequence[StageRecord], n_microbatches: int) -> Timeline:
+    """One simulated training step of ``plan``'s schedule over its per-stage costs and the default link."""
+    table = plan.spec.build(n_ranks=plan.n_ranks, n_stages=len(stages), n_microbatches=n_microbatches)
+    edges = sorted({(s.index, d) for s in stages for d in s.sends})
+    return _simulate(table, plan.spec, plan.n_ranks, [s.to_stage_cost() for s in stages], edges)
+
+
+def _simulate(
+    table: Table,
+    spec: ScheduleSpec,
+    n_ranks: int,
+    costs: Sequence[StageCost],
+    edges: Sequence[tuple[int, int]] | None = None,
+) -> Timeline:
+    return simulate(
+        table,
+        costs,
+        n_ranks=n_ranks,
+        n_stages=len(costs),
+        placement=spec.placement,
+        link_latency=LINK_LATENCY_S,
+        link_bandwidth=LINK_BANDWIDTH,
+        edges=edges,
+    )
