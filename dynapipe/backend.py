@@ -38,7 +38,7 @@ from .runtime.checkpoint import check_models, fill_state
 from .runtime.comm import Comm, ensure_process_group
 from .runtime.layout import build_layout, tied_groups
 from .runtime.pipeline import OutputSpec, Pipeline
-from .runtime.state import place_state
+from .runtime.state import owner_stages, place_state, record_owners
 from .schedules import (
     ScheduleError,
     ScheduleSpec,
@@ -176,13 +176,17 @@ class _LazyPipeline:
             batch_size=batch_size,
         )
         shared = _shared_costs(comm)
-        planned = plan_pipeline(captured, config, spec=spec, n_ranks=n_pp, n_stages=n_stages, costs=shared)
+        pp_of_stage = placement_map(spec.placement, n_ranks=n_pp, n_stages=n_stages)
+        stage_layout = tuple(pp_of_stage[s] for s in range(n_stages))
+        owners = owner_stages([*captured.gm.parameters(), *captured.gm.buffers()], stage_layout)
+        planned = plan_pipeline(
+            captured, config, spec=spec, n_ranks=n_pp, n_stages=n_stages, costs=shared, owners=owners
+        )
         stage_of = planned.stage_of
         plans = build_stages(captured, stage_of, n_stages)
         plan = None
         if config.on_step is not None:  # the table of the plan that runs, for whoever watches the steps
             plan = Explanation.of(captured, planned, config, shared)
-        pp_of_stage = placement_map(spec.placement, n_ranks=n_pp, n_stages=n_stages)
         table = spec.build(n_ranks=n_pp, n_stages=n_stages, n_microbatches=n_microbatches)
         if layout.dp_degree > 1:
             # the last backward of each stage runs DDP's all-reduce; as I then W, the input gradient is
@@ -202,6 +206,7 @@ class _LazyPipeline:
         local = sorted(s for s, pp in pp_of_stage.items() if pp == layout.pp_index)
         # before Pipeline: its DDP wrappers broadcast the local stages' parameters, which must hold values
         place_state(plans, local, comm, fill=partial(fill_state, models, config.checkpoint))
+        record_owners(plans, stage_layout)
         pipeline = Pipeline(
             plans=plans,
             rank_of_stage={s: layout.global_rank(pp) for s, pp in pp_of_stage.items()},

@@ -16,7 +16,7 @@ time, the bytes each cut sends over the default link below). :func:`explain` rep
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -25,7 +25,7 @@ from .capture import CapturedGraph
 from .config import PipelineConfig
 from .cost import GraphCosts, StageRecord, graph_costs
 from .errors import ConfigError
-from .partition import StepObjective, assign_by_split_points, balanced_partition
+from .partition import StepObjective, assign_by_owners, assign_by_split_points, balanced_partition
 from .schedules import ScheduleSpec, StageCost, Table, Timeline, placement_map, simulate, validate
 
 __all__ = [
@@ -84,9 +84,12 @@ def plan_pipeline(
     n_ranks: int,
     n_stages: int,
     costs: CostSource = local_costs,
+    owners: Mapping[int, frozenset[int]] | None = None,
 ) -> Plan:
-    """Stage of every compute node: ``pipe_split()`` markers, else ``split_points``, else the balanced
-    partition on the node costs ``costs`` returns (the backend passes rank 0's profile, shared)."""
+    """Stage of every compute node: ``pipe_split()`` markers, else ``split_points``, else the stages that
+    already own the model's tensors (``owners``, from an earlier pipeline over the same model: a later one
+    must not pull other ranks' weights in), else the balanced partition on the node costs ``costs``
+    returns (the backend passes rank 0's profile, shared)."""
     markers = captured.split_markers
     if markers and config.split_points:
         raise ConfigError("the model calls pipe_split() and split_points is set too; use one of the two")
@@ -101,6 +104,9 @@ def plan_pipeline(
                 f"give {n_stages - 1} split points"
             )
         return Plan(assign_by_split_points(captured, points), in_flight, spec, n_ranks, None)
+    owned = assign_by_owners(captured, owners) if owners else None
+    if owned is not None and set(owned.values()) == set(range(n_stages)):  # else: cut anew, fetch weights
+        return Plan(owned, in_flight, spec, n_ranks, None)
     node_costs = costs(captured, config)
     part = balanced_partition(
         captured,

@@ -305,3 +305,40 @@ def two_pipelines_worker(rank: int, world: int) -> None:
 
 def test_two_pipelines_over_one_model() -> None:
     run_distributed(two_pipelines_worker, 2, timeout=180)
+
+
+def ownership_worker(rank: int, world: int) -> list[list[str]]:
+    """Training cuts the model at ``split_points``; an evaluation call and a call at another batch size,
+    both without split points, keep every module on the rank that owns it (no rank fetches another's
+    weights) and equal one process."""
+    torch.manual_seed(0)
+    net = nn.Sequential(*(m for _ in range(6) for m in (nn.Linear(6, 6), nn.Tanh())), nn.Linear(6, 3))
+    ref = copy.deepcopy(net)
+    train = torch.compile(
+        lambda x, y: F.cross_entropy(net(x), y), backend="dynapipe", options={"split_points": ["2"]}
+    )
+    evaluate = torch.compile(lambda x: net(x), backend="dynapipe")
+    held = []
+
+    def holding() -> list[str]:
+        return sorted(n for n, p in net.named_parameters() if p.untyped_storage().nbytes() > 0)
+
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    train(x, y).backward()
+    held.append(holding())
+    with torch.no_grad():
+        for batch in (8, 12):
+            x = torch.randn(batch, 6)
+            torch.testing.assert_close(evaluate(x), ref(x))
+            held.append(holding())
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    torch.testing.assert_close(train(x, y), F.cross_entropy(ref(x), y))
+    held.append(holding())
+    return held
+
+
+def test_later_pipelines_keep_each_module_on_its_owner() -> None:
+    results = run_distributed(ownership_worker, 2, timeout=180)
+    for rank, held in results.items():
+        assert all(h == held[0] for h in held), f"rank {rank} fetched weights: {held}"
+    assert set(results[0][0]).isdisjoint(results[1][0]) and "0.weight" in results[0][0]

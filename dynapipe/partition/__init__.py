@@ -1,12 +1,13 @@
 """Graph -> stage assignment: by split points a person chose, or balanced automatically."""
 
 from .balanced import BalancedPartition, StepObjective, assign_balanced, balanced_partition
-from .manual import assign_by_split_points, layer_boundaries, pipe_split
+from .manual import assign_by_owners, assign_by_split_points, layer_boundaries, pipe_split
 
 __all__ = [
     "BalancedPartition",
     "StepObjective",
     "assign_balanced",
+    "assign_by_owners",
     "assign_by_split_points",
     "balanced_partition",
     "layer_boundaries",

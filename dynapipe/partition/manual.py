@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Mapping
 
 import torch.fx as fx
 
@@ -11,7 +12,7 @@ from ..capture import CapturedGraph, compute_nodes
 from ..errors import ConfigError, PartitionError
 from ..markers import pipe_split
 
-__all__ = ["pipe_split", "assign_by_split_points", "layer_boundaries"]
+__all__ = ["pipe_split", "assign_by_owners", "assign_by_split_points", "layer_boundaries"]
 
 
 def _inside(path: str, name: str) -> bool:
@@ -57,6 +58,32 @@ def assign_by_split_points(
         while stage < len(starts) and i >= starts[stage]:
             stage += 1
         stage_of[node] = stage
+    return stage_of
+
+
+def assign_by_owners(
+    captured: CapturedGraph, owners: Mapping[int, frozenset[int]]
+) -> dict[fx.Node, int] | None:
+    """Stage of each compute node such that every node reading a parameter or buffer runs on a stage that
+    already holds it (``owners``: ``id(tensor)`` -> stages), so a later pipeline over a model (evaluation,
+    a new input shape) keeps each module on the rank that owns it. Other nodes run as early as their inputs
+    allow. None when the graph cannot be cut that way (it reads owned tensors out of stage order)."""
+    gm = captured.gm
+    stage_of: dict[fx.Node, int] = {}
+    for node in compute_nodes(gm.graph):
+        earliest = max((stage_of[i] for i in node.all_input_nodes if i in stage_of), default=0)
+        allowed = None
+        for arg in node.all_input_nodes:
+            stages = owners.get(id(getattr(gm, str(arg.target)))) if arg.op == "get_attr" else None
+            if stages is not None:
+                allowed = stages if allowed is None else allowed & stages
+        if allowed is None:
+            stage_of[node] = earliest
+            continue
+        fits = sorted(s for s in allowed if s >= earliest)
+        if not fits:
+            return None
+        stage_of[node] = fits[0]
     return stage_of
 
 

@@ -24,11 +24,14 @@ from ..codegen import StagePlan
 from ..errors import DynapipeError, PipelineError
 from .comm import Comm
 
-__all__ = ["holds_current", "place_state", "refresh_state", "state_readers"]
+__all__ = ["holds_current", "owner_stages", "place_state", "record_owners", "refresh_state", "state_readers"]
 
 # id(tensor) -> (weak reference, the pipeline that read it last, the ranks whose stages read it there)
 _LAST_READERS: dict[int, tuple[weakref.ref, int, frozenset[int]]] = {}
 _LAST_PIPELINE: int | None = None  # the pipeline that ran last, over any tensors
+# id(tensor) -> (weak reference, the stages that own it, the stage -> pipeline rank layout they are for):
+# set by the first pipeline over a tensor, so later ones keep each module on the rank that owns it
+_OWNERS: dict[int, tuple[weakref.ref, frozenset[int], tuple[int, ...]]] = {}
 
 
 def _state(plans: list[StagePlan], stages: list[int]) -> list[torch.Tensor]:
@@ -59,6 +62,32 @@ def release(t: torch.Tensor) -> None:
     empty.untyped_storage().resize_(0)
     with torch.no_grad():
         t.data = empty
+
+
+def record_owners(plans: list[StagePlan], layout: tuple[int, ...]) -> None:
+    """Remember which stages own each tensor, for tensors no earlier pipeline owns (first one wins)."""
+    stages: dict[int, tuple[torch.Tensor, set[int]]] = {}
+    for s, plan in enumerate(plans):
+        for t in [*plan.module.parameters(), *plan.module.buffers()]:
+            stages.setdefault(id(t), (t, set()))[1].add(s)
+    for key, (t, owned) in stages.items():
+        entry = _OWNERS.get(key)
+        if entry is None or entry[0]() is not t:
+            _OWNERS[key] = (weakref.ref(t, partial(_drop_owner, key)), frozenset(owned), layout)
+
+
+def owner_stages(tensors: list[torch.Tensor], layout: tuple[int, ...]) -> dict[int, frozenset[int]]:
+    """The owning stages of those ``tensors`` an earlier pipeline with the same stage layout owns."""
+    out = {}
+    for t in tensors:
+        entry = _OWNERS.get(id(t))
+        if entry is not None and entry[0]() is t and entry[2] == layout:
+            out[id(t)] = entry[1]
+    return out
+
+
+def _drop_owner(key: int, _: weakref.ref) -> None:
+    _OWNERS.pop(key, None)
 
 
 def _forget(key: int, _: weakref.ref) -> None:
