@@ -30,7 +30,7 @@ from .capture import (
 from .codegen import build_stages, partition_digest, written_in_place
 from .config import PipelineConfig
 from .cost import GraphCosts, graph_costs
-from .errors import ConfigError, DynapipeError
+from .errors import ConfigError, DynapipeError, PartitionError
 from .explain import Explanation
 from .microbatch import check_divisible
 from .plan import CostSource, local_costs, plan_pipeline
@@ -182,8 +182,17 @@ class _LazyPipeline:
         planned = plan_pipeline(
             captured, config, spec=spec, n_ranks=n_pp, n_stages=n_stages, costs=shared, owners=owners
         )
+        try:
+            plans = build_stages(captured, planned.stage_of, n_stages)
+        except PartitionError:
+            if not planned.kept_owners:
+                raise
+            # the owners' stages would send a value that cannot cross stages: cut anew, fetch weights
+            planned = plan_pipeline(
+                captured, config, spec=spec, n_ranks=n_pp, n_stages=n_stages, costs=shared
+            )
+            plans = build_stages(captured, planned.stage_of, n_stages)
         stage_of = planned.stage_of
-        plans = build_stages(captured, stage_of, n_stages)
         plan = None
         if config.on_step is not None:  # the table of the plan that runs, for whoever watches the steps
             plan = Explanation.of(captured, planned, config, shared)

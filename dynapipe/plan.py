@@ -56,6 +56,7 @@ class Plan:
     n_ranks: int
     costs: GraphCosts | None  # the node costs the automatic partition used (None for split points)
     layer_bottleneck_s: float | None = None  # the best split at layer boundaries (automatic only)
+    kept_owners: bool = False  # the stages are those that own the tensors (an earlier pipeline's)
 
 
 def local_costs(captured: CapturedGraph, config: PipelineConfig) -> GraphCosts:
@@ -106,7 +107,7 @@ def plan_pipeline(
         return Plan(assign_by_split_points(captured, points), in_flight, spec, n_ranks, None)
     owned = assign_by_owners(captured, owners) if owners else None
     if owned is not None and set(owned.values()) == set(range(n_stages)):  # else: cut anew, fetch weights
-        return Plan(owned, in_flight, spec, n_ranks, None)
+        return Plan(owned, in_flight, spec, n_ranks, None, kept_owners=True)
     node_costs = costs(captured, config)
     part = balanced_partition(
         captured,
