@@ -285,9 +285,9 @@ def memory_worker(rank: int, world: int, hf: str, config) -> dict:
 
 def test_peak_memory_per_rank_is_its_stage_not_the_model(tmp_path) -> None:
     """4 ranks, one Llama block each, a 724 MiB model dominated by its blocks: a rank holds a quarter of the
-    parameters, and its growth to the end of its first step (its stage's parameters, gradients twice while
-    the pipeline hands its held gradients to ``.grad``, ~3 x 181 MiB, plus ~70 MiB of compile overhead;
-    measured 616 MiB) stays below the model's size, where every rank building the whole model starts above it."""
+    parameters, and its growth to the end of its first step is its stage's parameters and gradients (the
+    pipeline hands its gradients to ``.grad`` without a copy) plus a fixed overhead for compiling and
+    activations: measured 487 MiB = 2 x 182 MiB + 123 MiB, against 724 MiB for every rank's whole model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -301,8 +301,9 @@ def test_peak_memory_per_rank_is_its_stage_not_the_model(tmp_path) -> None:
     results = run_distributed(memory_worker, 4, str(tmp_path / "hf"), config, timeout=300)
     for rank, r in results.items():
         assert r["held"] < 0.3 * size, (rank, r, size)
-        assert r["growth"] < 0.92 * size, (
-            f"rank {rank} grew {r['growth'] / 2**20:.0f} MiB, model {size / 2**20:.0f} MiB"
+        assert r["growth"] < 2 * r["held"] + 192 * 2**20 and r["growth"] < 0.75 * size, (
+            f"rank {rank} grew {r['growth'] / 2**20:.0f} MiB holding {r['held'] / 2**20:.0f} MiB of a "
+            f"{size / 2**20:.0f} MiB model"
         )
 
 

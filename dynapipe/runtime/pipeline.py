@@ -35,7 +35,10 @@ _SERIALS = itertools.count()  # pipelines are built in the same order on every r
 
 
 class _HeldGradients(torch.autograd.Function):
-    """Identity on the loss value whose backward returns the held parameter gradients times grad_output."""
+    """Identity on the loss value whose backward hands over the held parameter gradients times grad_output.
+
+    They are scaled in place and no reference is kept, so autograd moves each into an empty ``.grad``
+    instead of copying it: a rank never holds its stage's gradients twice."""
 
     @staticmethod
     def forward(ctx, loss, grads, anchor, *params):  # noqa: ARG004 - params only connect the graph
@@ -44,7 +47,14 @@ class _HeldGradients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        scaled = [None if g is None else g * grad_output for g in ctx.grads]
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise PipelineError(
+                "dynapipe: this loss was back-propagated already; its gradients went to .grad the first "
+                "time. Call the compiled step again for another backward."
+            )
+        scaled = [None if g is None else g.mul_(grad_output) for g in grads]
+        grads.clear()
         return (None, None, None, *scaled)
 
 
