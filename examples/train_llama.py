@@ -89,7 +89,10 @@ def train(steps: int, out: Path) -> None:
                 measured = merge_timelines(timelines)
                 timeline_svg(measured, out / "timeline.svg", title="Measured step 1: 1f1b, 4 ranks")
                 write_chrome_trace(measured, out / "timeline.json")
-                print(f"the plan beside the run: {reports[-1].plan.beside(measured)}")
+                print(
+                    f"the plan beside the run: {reports[-1].plan.beside(measured)} (the plan's times are "
+                    "FLOPs at a GPU's nominal rate; on this CPU only their proportions mean something)"
+                )
                 print(
                     f"step 1 took {measured.makespan * 1e3:.0f} ms, {measured.bubble_fraction:.0%} of it idle; "
                     f"wrote {out / 'partition.svg'}, {out / 'timeline.svg'} and {out / 'timeline.json'} "
