@@ -32,6 +32,7 @@ from .config import PipelineConfig
 from .cost import GraphCosts, graph_costs
 from .errors import ConfigError, DynapipeError, PartitionError
 from .explain import Explanation
+from .init import is_empty
 from .microbatch import check_divisible
 from .plan import CostSource, local_costs, plan_pipeline
 from .runtime.checkpoint import check_models, fill_state
@@ -282,10 +283,7 @@ def _shared_costs(comm: Comm) -> CostSource:
         estimate = graph_costs(captured, optimizer=config.optimizer)
         if not config.profile:
             return estimate
-        can_profile = all(
-            t.untyped_storage().nbytes() > 0 or t.numel() == 0
-            for t in [*captured.gm.parameters(), *captured.gm.buffers()]
-        )
+        can_profile = not any(is_empty(t) for t in [*captured.gm.parameters(), *captured.gm.buffers()])
         mine = local_costs(captured, config).times() if can_profile else None
         times = comm.gather_objects(mine, "profiled node times")[0]  # rank 0's measurements for everyone
         return estimate if times is None else estimate.with_times(times)

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import ConfigError
 
-__all__ = ["empty_init", "is_empty", "allocate", "initialise"]
+__all__ = ["empty_init", "is_empty", "allocate", "initialise", "storage_bytes"]
 
 
 def is_empty(t: torch.Tensor) -> bool:
@@ -34,10 +34,15 @@ def is_empty(t: torch.Tensor) -> bool:
     return t.numel() > 0 and t.untyped_storage().nbytes() == 0
 
 
+def storage_bytes(t: torch.Tensor) -> int:
+    """Bytes of storage ``t`` spans (what an empty tensor needs back to hold its values)."""
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return int((t.storage_offset() + extent) * t.element_size())
+
+
 def allocate(t: torch.Tensor) -> None:
     """Give an empty tensor its memory back, in place (zeros, so that a value never set is visible)."""
-    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
-    t.untyped_storage().resize_(int((t.storage_offset() + extent) * t.element_size()))
+    t.untyped_storage().resize_(storage_bytes(t))
     t.data.zero_()
 
 

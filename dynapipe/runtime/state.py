@@ -22,6 +22,7 @@ import torch
 
 from ..codegen import StagePlan
 from ..errors import DynapipeError, PipelineError
+from ..init import is_empty, storage_bytes
 from .comm import Comm
 
 __all__ = ["holds_current", "owner_stages", "place_state", "record_owners", "refresh_state", "state_readers"]
@@ -40,15 +41,6 @@ def _state(plans: list[StagePlan], stages: list[int]) -> list[torch.Tensor]:
         for t in [*plans[s].module.parameters(), *plans[s].module.buffers()]:
             seen.setdefault(id(t), t)
     return list(seen.values())
-
-
-def _held(t: torch.Tensor) -> bool:
-    return t.untyped_storage().nbytes() > 0 or t.numel() == 0
-
-
-def _storage_bytes(t: torch.Tensor) -> int:
-    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
-    return int((t.storage_offset() + extent) * t.element_size())
 
 
 def release(t: torch.Tensor) -> None:
@@ -103,7 +95,7 @@ def holds_current(t: torch.Tensor, rank: int) -> bool:
     """Whether ``rank``'s copy of ``t`` has its current value: it holds memory and, if pipelines have run
     over ``t``, ``rank`` read it in the one that ran last."""
     last = _last_readers(t)
-    return _held(t) and (last is None or rank in last[1])
+    return not is_empty(t) and (last is None or rank in last[1])
 
 
 def state_readers(
@@ -133,8 +125,8 @@ def refresh_state(readers: list[tuple[torch.Tensor, frozenset]], pipeline: int, 
                 if comm.rank == source:
                     comm.isend(t, r, i, f"the current value of parameter/buffer #{i} for rank {r}")
                 elif comm.rank == r:
-                    if not _held(t):
-                        t.untyped_storage().resize_(_storage_bytes(t))
+                    if is_empty(t):
+                        t.untyped_storage().resize_(storage_bytes(t))
                     work = comm.irecv(t.data, source, i)
                     comm.wait(work, f"receiving the current value of parameter/buffer #{i}", source)
         key = id(t)
@@ -154,7 +146,7 @@ def place_state(
     everything = _state(plans, list(range(len(plans))))
     index = {id(t): i for i, t in enumerate(everything)}
     needed = {index[id(t)] for t in _state(plans, local_stages)}
-    held = {i for i, t in enumerate(everything) if _held(t)}
+    held = {i for i, t in enumerate(everything) if not is_empty(t)}
     per_rank = comm.gather_objects((sorted(needed), sorted(held)), "which parameters each rank holds")
     anywhere = set().union(*(has for _, has in per_rank))
     unheld = [everything[i] for i in sorted(needed - anywhere)]
@@ -181,7 +173,7 @@ def place_state(
                 if comm.rank == holders[0]:
                     comm.isend(t, r, i, f"parameter/buffer #{i} for rank {r}")
                 elif comm.rank == r:
-                    t.untyped_storage().resize_(_storage_bytes(t))
+                    t.untyped_storage().resize_(storage_bytes(t))
                     comm.wait(
                         comm.irecv(t.data, holders[0], i), f"receiving parameter/buffer #{i}", holders[0]
                     )
