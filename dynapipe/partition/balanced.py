@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch.fx as fx
 
@@ -61,38 +62,10 @@ class BalancedPartition:
     refined: bool  # whether min-cut refinement moved the cuts off the chain order
 
 
-def assign_balanced(
-    captured: CapturedGraph,
-    n_stages: int,
-    *,
-    unsplittable: Sequence[str] = (),
-    max_stage_memory: int | None = None,
-    profile: bool = False,
-    optimizer: Optimizer = "adamw",
-    in_flight: int | None = None,
-    costs: GraphCosts | None = None,
-) -> dict[fx.Node, int]:
-    """Stage of every compute node of ``captured``, balanced over ``n_stages`` (see the module docstring).
-
-    unsplittable: module names (as in ``named_modules()``) kept inside one stage.
-    max_stage_memory: hard limit in bytes on a stage's parameters + gradients + optimizer state +
-        ``in_flight`` microbatches of saved activations.
-    profile: time every node on the real device instead of estimating time from FLOPs.
-    optimizer: kind of optimizer whose state counts against memory ("adamw", "adam", "sgd", "none").
-    in_flight: microbatches whose activations a stage holds at its peak (default: all of them, as GPipe
-        does; 1F1B holds at most n_stages).
-    costs: precomputed node costs (e.g. profiled on one rank and broadcast to the others).
-    """
-    return balanced_partition(
-        captured,
-        n_stages,
-        unsplittable=unsplittable,
-        max_stage_memory=max_stage_memory,
-        profile=profile,
-        optimizer=optimizer,
-        in_flight=in_flight,
-        costs=costs,
-    ).stage_of
+def assign_balanced(captured: CapturedGraph, n_stages: int, **options: Any) -> dict[fx.Node, int]:
+    """Stage of every compute node of ``captured``, balanced over ``n_stages``: the assignment of
+    :func:`balanced_partition` (same keyword options), without the numbers it was chosen on."""
+    return balanced_partition(captured, n_stages, **options).stage_of
 
 
 def balanced_partition(
@@ -108,8 +81,15 @@ def balanced_partition(
     slack: float = BALANCE_SLACK,
     step: StepObjective | None = None,
 ) -> BalancedPartition:
-    """:func:`assign_balanced` with the bottlenecks it found (for :func:`dynapipe.explain` and benchmarks).
+    """The balanced stage of every compute node (see the module docstring), with the bottlenecks found.
 
+    unsplittable: module names (as in ``named_modules()``) kept inside one stage.
+    max_stage_memory: hard limit in bytes on a stage's parameters + gradients + optimizer state +
+        ``in_flight`` microbatches of saved activations.
+    profile: time every node on the real device instead of estimating time from FLOPs.
+    optimizer: kind of optimizer whose state counts against memory ("adamw", "adam", "sgd", "none").
+    in_flight: microbatches whose activations a stage holds at its peak (default: all of them).
+    costs: precomputed node costs (e.g. profiled on one rank and broadcast to the others).
     step: the step time of a split (per-stage costs -> seconds, e.g. a simulated step of the schedule
         that will run); the split it finds shortest among the fewest-bytes splits at a few balance limits
         wins over the fewest-bytes near-balanced one (see the module docstring).
