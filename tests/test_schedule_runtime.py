@@ -60,6 +60,12 @@ def inflight_worker(rank: int, world: int, schedules: list[str]) -> dict[str, in
         )
         step(*case.args).backward()
         assert len(reports) == 1 and reports[0].train and reports[0].timeline.events
+        # the timeline records every action of the table that ran, sends and receives included
+        ran = sorted(str(a) for a in reports[0].actions if a is not None)
+        recorded = sorted(e.action for e in reports[0].timeline.events if e.action[0].isdigit())
+        assert ran == recorded and any("RECV" in a for a in ran) and any("SEND" in a for a in ran)
+        named = {e.action for e in reports[0].timeline.events} - set(ran)
+        assert named >= {"refresh shared state", "wait for sends", "receive outputs"}, named
         peaks[schedule] = reports[0].peak_inflight.get(0, -1)
     return peaks
 
