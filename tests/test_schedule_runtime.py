@@ -89,6 +89,24 @@ rank 1: 1F1 1F0 1B0 1B1
 """
 
 
+def _torch_lowered() -> str:
+    """CUSTOM_1F1B lowered by torch.distributed.pipelining (its sends and receives, its order), as its CSV."""
+    import tempfile
+
+    from torch.distributed.pipelining import schedules as tdp
+
+    from dynapipe.schedules import parse_schedule
+
+    compute = {
+        r: [tdp._Action.from_str(str(a)) for a in acts] for r, acts in parse_schedule(CUSTOM_1F1B).items()
+    }
+    lowered = tdp._add_send_recv(compute, lambda stage: stage, 2)
+    path = tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False)
+    with path:
+        path.write("\n".join(",".join(str(a) for a in acts) for _, acts in sorted(lowered.items())))
+    return path.name
+
+
 def custom_schedule_worker(rank: int, world: int) -> dict:
     from dynapipe.schedules import Action, Kind
 
@@ -100,7 +118,7 @@ def custom_schedule_worker(rank: int, world: int) -> dict:
         }
 
     out = {}
-    for label, schedule in (("text", CUSTOM_1F1B), ("callable", my_gpipe)):
+    for label, schedule in (("text", CUSTOM_1F1B), ("callable", my_gpipe), ("torch csv", _torch_lowered())):
         out[label] = train_many(
             rank, world, [(["skip", "tied"], {"schedule": schedule, "n_microbatches": 4})]
         )
@@ -122,7 +140,11 @@ def custom_schedule_worker(rank: int, world: int) -> dict:
 
 def test_custom_schedules_run_and_a_deadlocking_one_is_rejected() -> None:
     results = run_distributed(custom_schedule_worker, 2, timeout=300)
-    for label in ("text", "callable"):  # numerics were asserted in the workers; every parameter was owned
+    for label in (
+        "text",
+        "callable",
+        "torch csv",
+    ):  # numerics were asserted in the workers; every parameter was owned
         _check_runs({r: out[label] for r, out in results.items()}, [(["skip", "tied"], {})])
     for out in results.values():
         message = out["deadlocked"]

@@ -27,7 +27,7 @@ from .actions import Action, Kind, ScheduleError, Table
 from .placement import Placement, StageGraph, placement_map
 from .placement import stage_graph as _chain_plus
 
-__all__ = ["comm_after", "comm_before", "last_weight_work", "lower"]
+__all__ = ["comm_after", "comm_before", "last_weight_work", "lower", "mark_reductions"]
 
 
 def comm_before(action: Action, graph: StageGraph, rank_of: dict[int, int]) -> list[Action]:
@@ -86,7 +86,6 @@ def lower(
     """
     graph = stage_graph if stage_graph is not None else _chain_plus(n_stages, edges)
     rank_of = placement_map(placement, n_ranks=n_ranks, n_stages=n_stages)
-    reduce_before = {a for s, a in last_weight_work(table).items() if s in set(reduce_stages)}
     lowered: Table = {}
     for rank, actions in sorted(table.items()):
         for action in actions:
@@ -101,8 +100,23 @@ def lower(
             if action is None:
                 out.append(None)
                 continue
-            if action in reduce_before:
-                out.append(Action(action.stage, Kind.REDUCE, action.mb))
             out += [*ahead.get(action, []), action, *comm_after(action, graph, rank_of)]
         lowered[rank] = out
-    return lowered
+    return mark_reductions(lowered, reduce_stages)
+
+
+def mark_reductions(table: Table, stages: Iterable[int]) -> Table:
+    """``table`` with ``sREDUCEk`` right before the last weight-gradient work ``sBk``/``sWk`` of every stage
+    in ``stages`` that has no REDUCE yet (a hand-lowered table may place its own)."""
+    marked = {a.stage for acts in table.values() for a in acts if a is not None and a.kind is Kind.REDUCE}
+    before = {a for s, a in last_weight_work(table).items() if s in set(stages) - marked}
+    if not before:
+        return table
+    return {
+        rank: [
+            item
+            for a in actions
+            for item in ([Action(a.stage, Kind.REDUCE, a.mb), a] if a in before else [a])
+        ]
+        for rank, actions in table.items()
+    }

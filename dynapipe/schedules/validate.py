@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from .actions import Action, Kind, ScheduleError, Table, normalize_table
-from .lowering import comm_before, last_weight_work, lower
+from .lowering import comm_before, last_weight_work, lower, mark_reductions
 from .placement import Placement, StageGraph, backward_kinds, inputs_of, placement_map
 from .placement import stage_graph as _chain_plus
 
@@ -65,11 +65,10 @@ def validate(
     _check_complete(compute, n_stages, n_microbatches, rank_of, forward_only)
 
     lowered_given = any(a is not None and not a.kind.is_compute for acts in table.values() for a in acts)
-    lowered = (
-        table
-        if lowered_given
-        else lower(table, n_ranks, n_stages, rank_of, graph, reduce_stages=reduce_stages)
-    )
+    if lowered_given:
+        lowered = mark_reductions(table, reduce_stages)
+    else:
+        lowered = lower(table, n_ranks, n_stages, rank_of, graph, reduce_stages=reduce_stages)
     _check_reduce(lowered)
     _replay(lowered, graph, rank_of, backward_kinds(table))
     return lowered
