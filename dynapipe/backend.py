@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 from torch._dynamo.source import DictGetItemSource, GetItemSource, LocalSource
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unflatten
@@ -273,11 +274,28 @@ def _tables(
         ]
         for r in range(n_pp)
     }
+    # gloo: every receive posted when the step starts (a message that finds its receive posted skips a
+    # round trip); NCCL runs a pair's point-to-point calls in the order issued: post each right before use
+    ahead = 0 if dist.get_backend() == "nccl" else None
     lowered = validate(
-        train, n_pp, n_stages, n_microbatches, pp_of_stage, stage_graph=graph, reduce_stages=reduce_stages
+        train,
+        n_pp,
+        n_stages,
+        n_microbatches,
+        pp_of_stage,
+        stage_graph=graph,
+        reduce_stages=reduce_stages,
+        receive_ahead=ahead,
     )
     lowered_inference = validate(
-        inference, n_pp, n_stages, n_microbatches, pp_of_stage, stage_graph=graph, forward_only=True
+        inference,
+        n_pp,
+        n_stages,
+        n_microbatches,
+        pp_of_stage,
+        stage_graph=graph,
+        forward_only=True,
+        receive_ahead=ahead,
     )
     return lowered, lowered_inference
 

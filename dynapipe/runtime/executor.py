@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.autograd.graph import _engine_run_backward
 
 from ..codegen import Boundary, StagePlan
 from ..errors import PipelineError
@@ -45,6 +46,19 @@ class _InFlight:
     outputs: list[torch.Tensor]  # outputs that carry a gradient back
     output_boundaries: list[Boundary | None]  # None: the loss
     weight_work: WeightWork | None = None  # kept between I and W
+
+
+def _run_backward(outputs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """``torch.autograd.backward(outputs, grads)`` into every leaf (the stage's parameters and received
+    inputs), without its Python-side re-checking of ``grads``, which costs as much as a small stage's
+    backward: these gradients have the outputs' shapes by construction, and the engine checks them
+    again anyway. Tensor subclasses take the public path, which dispatches on them."""
+    if all(type(t) is torch.Tensor for t in outputs):
+        _engine_run_backward(
+            tuple(outputs), tuple(grads), False, False, (), allow_unreachable=True, accumulate_grad=True
+        )
+    else:
+        torch.autograd.backward(outputs, grads)
 
 
 @dataclass(frozen=True)
@@ -356,7 +370,7 @@ class Executor:
         grads = self._output_grads(action, state)
         if action.kind is Kind.B:
             if state.outputs:
-                torch.autograd.backward(state.outputs, grads, inputs=self.params[stage] + state.leaves)
+                _run_backward(state.outputs, grads)
             del self.inflight[(stage, mb)]
             leaf_grads = [leaf.grad for leaf in state.leaves]
         else:

@@ -5,14 +5,15 @@ it action by action, and the timeline records it. For every stage-graph edge ``p
 whose ends sit on different ranks:
 
 * after ``F`` of the producer, its rank sends the activation: ``pSEND_Fk->c``; the consumer's rank
-  posts the receive ``cRECV_Fk<-p`` one compute action ahead of the ``F`` that needs it, and that ``F``
-  waits for it;
+  posts the receive ``cRECV_Fk<-p`` ahead of the ``F`` that needs it, and that ``F`` waits for it;
 * after ``B``/``I`` of the consumer, its rank sends the input-gradient back: ``cSEND_Bk->p``; the
-  producer's rank posts ``pRECV_Bk<-c`` one compute action ahead of its own ``B``/``I``.
+  producer's rank posts ``pRECV_Bk<-c`` ahead of its own ``B``/``I``.
 
-Posting a receive is non-blocking (the message lands in its buffer while the rank computes the action
-before); waiting is the compute action's. Sends are non-blocking and leave right after the action that
-produced them. Several of either are ordered by peer stage, so every rank derives the same table. Edges
+Posting a receive is non-blocking (the message lands in its buffer while the rank computes); waiting is
+the compute action's. How far ahead is the caller's choice (``receive_ahead``): the runtime posts every
+receive at the start of the step over gloo, where a message that finds its receive posted skips a round
+trip, and right before the action over NCCL, whose point-to-point calls between two ranks run in the
+order they are issued. Sends are non-blocking and leave right after the action that produced them. Several of either are ordered by peer stage, so every rank derives the same table. Edges
 within one rank need nothing: the tensors stay in memory.
 
 With data parallelism, ``sREDUCEk`` before the last weight-gradient work of stage ``s`` (``sBk`` or
@@ -77,9 +78,12 @@ def lower(
     *,
     edges: Iterable[tuple[int, int]] | None = None,
     reduce_stages: Iterable[int] = (),
+    receive_ahead: int | None = 1,
 ) -> Table:
     """A copy of compute-only ``table`` with SEND/RECV actions inserted (idle slots are kept), and a REDUCE
-    before the last weight-gradient work of every stage in ``reduce_stages`` (data parallelism).
+    before the last weight-gradient work of every stage in ``reduce_stages`` (data parallelism). A receive
+    is posted ``receive_ahead`` compute actions before the one that waits for it (0: right before it;
+    None: every receive of the step at its start).
 
     The stage graph is ``stage_graph`` if given (the runtime passes the real stage DAG), else the chain
     ``s -> s+1`` plus ``edges``.
@@ -94,13 +98,18 @@ def lower(
                     f"{action} on rank {rank}: the table is already lowered; pass the compute-only table"
                 )
         compute = [a for a in actions if a is not None]
-        ahead = {a: comm_before(b, graph, rank_of) for a, b in zip(compute, compute[1:], strict=False)}
-        out: list[Action | None] = [*comm_before(compute[0], graph, rank_of)] if compute else []
+        posts: dict[int, list[Action]] = {}  # compute index -> receives posted right before it
+        for k, action in enumerate(compute):
+            at = 0 if receive_ahead is None else max(k - receive_ahead, 0)
+            posts.setdefault(at, []).extend(comm_before(action, graph, rank_of))
+        out: list[Action | None] = []
+        k = 0
         for action in actions:
             if action is None:
                 out.append(None)
                 continue
-            out += [*ahead.get(action, []), action, *comm_after(action, graph, rank_of)]
+            out += [*posts.get(k, []), action, *comm_after(action, graph, rank_of)]
+            k += 1
         lowered[rank] = out
     return mark_reductions(lowered, reduce_stages)
 

@@ -38,11 +38,13 @@ def validate(
     stage_graph: StageGraph | None = None,
     forward_only: bool = False,
     reduce_stages: Iterable[int] = (),
+    receive_ahead: int | None = 1,
 ) -> Table:
     """Raise :class:`ScheduleError` unless ``table`` runs to completion; return its lowered form, the
     table the runtime executes.
 
-    ``table`` may be compute-only (it is lowered here, with a REDUCE for each of ``reduce_stages``) or
+    ``table`` may be compute-only (it is lowered here, with a REDUCE for each of ``reduce_stages`` and
+    receives posted ``receive_ahead`` compute actions early: see :func:`~dynapipe.schedules.lower`) or
     already lowered (its own sends, receives and REDUCEs are replayed as written). ``forward_only``
     accepts inference tables, which have no backward.
     """
@@ -68,7 +70,9 @@ def validate(
     if lowered_given:
         lowered = mark_reductions(table, reduce_stages)
     else:
-        lowered = lower(table, n_ranks, n_stages, rank_of, graph, reduce_stages=reduce_stages)
+        lowered = lower(
+            table, n_ranks, n_stages, rank_of, graph, reduce_stages=reduce_stages, receive_ahead=receive_ahead
+        )
     _check_reduce(lowered)
     _replay(lowered, graph, rank_of, backward_kinds(table))
     return lowered
