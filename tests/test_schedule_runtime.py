@@ -91,6 +91,7 @@ rank 1: 1F1 1F0 1B0 1B1
 
 def _torch_lowered() -> str:
     """CUSTOM_1F1B lowered by torch.distributed.pipelining (its sends and receives, its order), as its CSV."""
+    import os
     import tempfile
 
     from torch.distributed.pipelining import schedules as tdp
@@ -101,10 +102,13 @@ def _torch_lowered() -> str:
         r: [tdp._Action.from_str(str(a)) for a in acts] for r, acts in parse_schedule(CUSTOM_1F1B).items()
     }
     lowered = tdp._add_send_recv(compute, lambda stage: stage, 2)
-    path = tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False)
-    with path:
-        path.write("\n".join(",".join(str(a) for a in acts) for _, acts in sorted(lowered.items())))
-    return path.name
+    # the same path on every rank (ranks compare their options), each rank writing it whole
+    path = os.path.join(tempfile.gettempdir(), f"dynapipe-test-torch-1f1b-{os.getppid()}.csv")
+    mine = f"{path}.{os.getpid()}"
+    with open(mine, "w") as handle:
+        handle.write("\n".join(",".join(str(a) for a in acts) for _, acts in sorted(lowered.items())))
+    os.replace(mine, path)
+    return path
 
 
 def custom_schedule_worker(rank: int, world: int) -> dict:

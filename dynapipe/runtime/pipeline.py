@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..codegen import StagePlan
 from ..errors import ConfigError, PipelineError
-from ..microbatch import merge_outputs, split_value
+from ..microbatch import merge_outputs, split_inputs
 from ..schedules import Action, Timeline
 from .comm import Comm
 from .executor import Executor, device_of
@@ -165,10 +165,7 @@ class Pipeline:
                     "an input of the pipelined call requires grad; dynapipe returns gradients for parameters "
                     "only. Detach the input, or make it an nn.Parameter of the model."
                 )
-        inputs = [
-            [split_value(v, self.n_microbatches, self.batch_size, mb) for v in values]
-            for mb in range(self.n_microbatches)
-        ]
+        inputs = split_inputs(values, self.n_microbatches, self.batch_size)
         train = torch.is_grad_enabled()
         if train and self.loss_index is None:
             raise ConfigError(
