@@ -44,6 +44,10 @@ CostSource = Callable[[CapturedGraph, PipelineConfig], GraphCosts]
 # LINK_LATENCY_S + bytes / LINK_BANDWIDTH (25 GB/s: PCIe 4/5 or a 200 Gb/s network; NVLink is faster).
 LINK_LATENCY_S = 20e-6
 LINK_BANDWIDTH = 25e9
+# With more than one microbatch the step depends on balance, so the step search may take splits up to
+# this much slower than the best balance when they send less; one microbatch's step is all the work
+# plus the transfers whatever the balance, so the search then keeps the partitioner's balance limit.
+STEP_SLACK = 1.0
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ def plan_pipeline(
         in_flight=max(in_flight),
         costs=node_costs,
         step=step_time(spec, n_ranks=n_ranks, n_stages=n_stages, n_microbatches=captured.n_microbatches),
+        step_slack=STEP_SLACK if captured.n_microbatches > 1 else None,
     )
     return Plan(part.stage_of, in_flight, spec, n_ranks, node_costs, part.layer_bottleneck_s)
 
