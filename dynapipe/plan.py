@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from .capture import CapturedGraph
 from .config import PipelineConfig
-from .cost import GraphCosts, StageRecord, graph_costs
+from .cost import GraphCosts, graph_costs
 from .errors import ConfigError
 from .partition import StepObjective, assign_by_owners, assign_by_split_points, balanced_partition
 from .schedules import ScheduleSpec, StageCost, Table, Timeline, placement_map, simulate, validate
@@ -133,11 +133,11 @@ def step_time(spec: ScheduleSpec, *, n_ranks: int, n_stages: int, n_microbatches
     return lambda costs: _simulate(table, spec, n_ranks, costs).makespan
 
 
-def predict_step(plan: Plan, stages: Sequence[StageRecord], n_microbatches: int) -> Timeline:
+def predict_step(plan: Plan, stages: Sequence[StageCost], n_microbatches: int) -> Timeline:
     """One simulated training step of ``plan``'s schedule over its per-stage costs and the default link."""
     table = plan.spec.build(n_ranks=plan.n_ranks, n_stages=len(stages), n_microbatches=n_microbatches)
     edges = sorted({(s.index, d) for s in stages for d in s.sends})
-    return _simulate(table, plan.spec, plan.n_ranks, [s.to_stage_cost() for s in stages], edges)
+    return _simulate(table, plan.spec, plan.n_ranks, stages, edges)
 
 
 def _simulate(
