@@ -10,7 +10,9 @@ How the cuts are chosen, one file per step:
    not allowed (a non-tensor live, an ``unsplittable`` module, a ``no_grad`` region, a getitem);
 2. :mod:`.balance` -- the smallest slowest-stage time, then the fewest bytes crossing among
    near-balanced splits;
-3. :mod:`.mincut` -- a networkx min-cut around each cut moves FLOP-free nodes to where their values
+3. :mod:`.step_search` -- given a step objective (the simulated step of the schedule that will run),
+   the shortest step among those splits and their neighbours, balance breaking near-ties;
+4. :mod:`.mincut` -- a networkx min-cut around each cut moves FLOP-free nodes to where their values
    are read, for fewer bytes at the same stage times.
 
 Determinism: everything iterates lists in graph order; networkx's minimum_cut returns the unique cut
