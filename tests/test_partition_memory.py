@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from dynapipe.cost import stage_costs
+from dynapipe.cost import graph_costs, stage_costs
 from dynapipe.errors import PartitionError
 from dynapipe.explain import capture
 from dynapipe.partition import assign_balanced
@@ -55,3 +55,26 @@ def test_embedding_and_head_count_in_stage_memory():
     assert min(first.memory_bytes(N_MICRO), head.memory_bytes(N_MICRO)) >= adamw
     others = [r for r in records if r.index not in (0, head.index)]
     assert all(r.memory_bytes(N_MICRO) < adamw for r in others)  # layers are light beside them
+
+
+def test_autocast_regions_are_costed_in_their_dtype():
+    """A matmul inside ``torch.autocast(bfloat16)`` saves a bf16 copy of its input: half the bytes of
+    the float32 input it would save if the cost model replayed it outside the region."""
+
+    class Mixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(64, 32), torch.nn.Linear(32, 16)
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = self.a(x)
+            return self.b(h.float()).sum()
+
+    captured = capture(Mixed(), (torch.randn(8, 64),), n_microbatches=2)
+    costs = graph_costs(captured)
+    first, second = (c for n, c in costs.nodes.items() if n.target is torch._C._nn.linear)
+    rows = 8 // 2
+    assert [costs.buffer_bytes[b] for b in first.saves] == [rows * 64 * 2]  # bf16 input
+    assert [costs.buffer_bytes[b] for b in second.saves] == [rows * 32 * 4]  # float32 again after .float()
+    assert first.out_bytes == rows * 32 * 2 and first.flops == 2 * rows * 64 * 32  # FLOPs: any dtype
