@@ -2,12 +2,13 @@
 
 The balance search (:mod:`.balance`) proposes splits: the fewest bytes at a few balance limits, from
 the best balance up to ``limit`` (the caller's: with one microbatch a step does not depend on balance
-at all, so :func:`dynapipe.plan.plan_pipeline` then keeps the partitioner's balance limit). From the one with the shortest step, a local search moves one cut at a
-time to an allowed position (1, 2, 4, ... positions away, and a grid between its neighbours) while the
-step does not lengthen, to splits not tried before and within ``limit`` (the fewest bytes is
-not the shortest step: what a stage sends delays its neighbour only by what does not overlap). The
-split kept is the shortest step of all those tried, except that steps within :data:`STEP_TOLERANCE`
-of it count as equal and the better balanced wins.
+at all, so :func:`dynapipe.plan.plan_pipeline` then keeps the partitioner's balance limit). From the
+one with the shortest step, a local search moves one cut at a time to an allowed position (1, 2, 4,
+... positions away, and a grid between its neighbours) while the step does not lengthen, to splits
+not tried before and within ``limit``: the fewest bytes is not the shortest step, as what a stage
+sends delays its neighbour only by what does not overlap. The split kept is the shortest step of all
+those tried, except that steps within :data:`STEP_TOLERANCE` of it count as equal and the better
+balanced wins.
 """
 
 from __future__ import annotations
