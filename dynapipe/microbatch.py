@@ -60,7 +60,9 @@ def split_inputs(values: tuple[Any, ...], n_microbatches: int, batch_size: int) 
     graph's inputs), with one ``split`` per tensor instead of a pytree walk per value and microbatch."""
     size = batch_size // n_microbatches
     columns = [v.split(size) if is_batched(v, batch_size) else [v] * n_microbatches for v in values]
-    return [list(row) for row in zip(*columns, strict=True)] if columns else [[] for _ in range(n_microbatches)]
+    return (
+        [list(row) for row in zip(*columns, strict=True)] if columns else [[] for _ in range(n_microbatches)]
+    )
 
 
 def merge_outputs(per_microbatch: list[torch.Tensor], reduction: str, merge: str) -> torch.Tensor:
