@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import pstats
-import socket
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from dynapipe import launch
 
 WORLD, BATCH, SEQ, MICRO, VOCAB = 2, 8, 128, 4, 8000
 # dynapipe's functions that mark the phases of its first step (cumulative time on rank 0)
@@ -133,16 +136,9 @@ def _warm_up_torch(ids: torch.Tensor) -> None:
     torch._dynamo.reset()
 
 
-def _worker(rank: int, port: int, steps: int, queue) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+def _worker(steps: int, out: str) -> None:
     dist.init_process_group("gloo")
+    rank = dist.get_rank()
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     _warm_up_torch(ids)
     first, runs = {}, {}
@@ -172,7 +168,7 @@ def _worker(rank: int, port: int, steps: int, queue) -> None:
             key = (os.path.basename(path), func)
             if key in PHASES and f"dynapipe{os.sep}" in path:
                 phases[key] = max(phases.get(key, 0.0), cumulative)
-        queue.put((first, times, phases))
+        Path(out).write_text(json.dumps([first, times, [[*k, v] for k, v in phases.items()]]))
     dist.destroy_process_group()
 
 
@@ -180,18 +176,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
-    os.environ["OMP_NUM_THREADS"] = "1"
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, port, args.steps, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    first, times, phases = queue.get(timeout=1200)
-    for p in procs:
-        p.join(timeout=60)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "results.json")
+        launch(_worker, args.steps, out, nproc=WORLD)
+        first, times, found = json.loads(Path(out).read_text())
+    phases = {(path, func): seconds for path, func, seconds in found}
     print(f"Llama hidden 256, 8 layers, batch {BATCH} x {SEQ}, {WORLD} ranks, 1F1B, {MICRO} microbatches")
     print(f"{'':10s} {'first step s':>13s} {'step ms median (min-max)':>26s}")
     for name in ("dynapipe", "torch-pp"):
