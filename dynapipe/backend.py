@@ -39,7 +39,7 @@ from .runtime.checkpoint import check_models, fill_state
 from .runtime.comm import Comm, ensure_process_group
 from .runtime.layout import build_layout, tied_groups
 from .runtime.pipeline import OutputSpec, Pipeline
-from .runtime.state import owner_stages, place_state, record_owners
+from .runtime.state import allocate_read_inputs, owner_stages, place_state, record_owners
 from .schedules import (
     ScheduleError,
     ScheduleSpec,
@@ -121,7 +121,9 @@ class _LazyPipeline:
             readers = [compile(source, "<dynamo source>", "eval") for source in pipeline.input_sources]
             self.pipelines[key] = (pipeline, readers)
         pipeline, readers = self.pipelines[key]
-        return pipeline(*[eval(reader, {"L": arguments}) for reader in readers])  # noqa: S307 - Dynamo source names
+        values = [eval(reader, {"L": arguments}) for reader in readers]  # noqa: S307 - Dynamo source names
+        allocate_read_inputs(pipeline.plans, pipeline.local_stages, values)  # a PipelineCache's own layers
+        return pipeline(*values)
 
     def _arguments_now(self, args: tuple) -> dict[str, Any]:
         """The frame's arguments with each tensor and number Dynamo passed swapped in for its compile-time twin."""

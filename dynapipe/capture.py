@@ -36,7 +36,7 @@ from torch._dynamo.symbolic_convert import InstructionTranslator
 from .batch_check import batch_symbols, check_guards, check_no_batch_slicing, check_no_batch_squeeze
 from .errors import CaptureError, GraphBreakError
 from .markers import is_split_marker
-from .microbatch import is_batched
+from .microbatch import is_batched, rows_of
 from .names import ModelNames, reachable_modules
 
 __all__ = [
@@ -283,7 +283,7 @@ def _trace_rows(frame: FrameCall, batch_size: int, rows: int) -> _Trace:
     def cut(x: Any) -> Any:
         if not is_batched(x, batch_size):
             return x
-        rows_of_x = x.narrow(0, 0, rows)
+        rows_of_x = rows_of(x, 0, rows)
         if rows > 1:
             torch._dynamo.maybe_mark_dynamic(rows_of_x, 0)
         return rows_of_x

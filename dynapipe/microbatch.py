@@ -14,6 +14,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import ConfigError
+from .init import is_empty
 
 __all__ = ["infer_batch_size", "split_value", "merge_outputs"]
 
@@ -49,10 +50,20 @@ def split_value(value: Any, n_microbatches: int, batch_size: int, index: int) ->
 
     def pick(x: Any) -> Any:
         if is_batched(x, batch_size):
-            return x.narrow(0, index * size, size)
+            return rows_of(x, index * size, size)
         return x
 
     return tree_map(pick, value)
+
+
+def rows_of(x: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """Rows ``start : start + rows`` of ``x`` as a view. A tensor without memory (another stage's part of a
+    ``PipelineCache``, which this rank never reads) cannot be viewed: its rows are another such tensor."""
+    if is_empty(x):
+        out = torch.empty((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        out.untyped_storage().resize_(0)
+        return out
+    return x.narrow(0, start, rows)
 
 
 def merge_outputs(per_microbatch: list[torch.Tensor], reduction: str, merge: str) -> torch.Tensor:
