@@ -125,7 +125,10 @@ def frame_being_compiled() -> FrameCall:
         tx.f_code.co_flags & inspect.CO_VARKEYWORDS
     )
     names = tx.f_code.co_varnames[:n_args]
-    return FrameCall(tx.f_code, tx.f_globals, tx.closure, {n: tx.f_locals[n] for n in names})
+    # copies of the argument containers: the call goes on to run and may change its own ``**kwargs``
+    # (HuggingFace's wrappers pop ``return_dict``), which are the values every later call is matched against
+    arguments = {n: torch.utils._pytree.tree_map(lambda v: v, tx.f_locals[n]) for n in names}
+    return FrameCall(tx.f_code, tx.f_globals, tx.closure, arguments)
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
