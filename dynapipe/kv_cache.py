@@ -40,6 +40,12 @@ from .errors import ConfigError
 
 __all__ = ["PipelineCache"]
 
+_OTHER_BATCH = (
+    "the model was called on another number of sequences than the PipelineCache's batch_size: beam search "
+    "and num_return_sequences > 1 are not supported (use num_beams=1), and batch_size must be the number "
+    "of prompts"
+)
+
 
 class _StageLayer(StaticLayer):
     """One layer's keys and values, ``(batch, kv_heads, max_cache_len, head_dim)``, with a per-row counter."""
@@ -58,12 +64,8 @@ class _StageLayer(StaticLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = cast(torch.Tensor, self.keys), cast(torch.Tensor, self.values)
-        if key_states.shape[0] != keys.shape[0]:  # static shapes: decided while Dynamo traces
-            raise ConfigError(
-                f"the PipelineCache holds {keys.shape[0]} sequences but the model was called on "
-                f"{key_states.shape[0]}; beam search and num_return_sequences > 1 are not supported (use "
-                "num_beams=1), and the cache's batch_size must be the number of prompts"
-            )
+        # raised while Dynamo traces (static shapes), before any stage runs
+        torch._check_with(ConfigError, key_states.shape[0] == keys.shape[0], lambda: _OTHER_BATCH)
         new = key_states.shape[-2]
         # every row of a step writes at the same place (prompts are left-padded to one length)
         position = torch.arange(new, device=key_states.device) + self.cumulative_length.amax()

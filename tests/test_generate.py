@@ -129,3 +129,50 @@ def test_generate_matches_one_process_on_two_ranks():
 def test_generate_llama_on_four_ranks():
     results = run_distributed(_generate_pipelined, 4, ["llama"], 4, timeout=240)
     _check(results, ["llama"], 4, 4)
+
+
+def _errors(rank: int, world: int) -> dict[str, str]:
+    """Each misuse raises a ConfigError on every rank (a hang would fail the spawn's timeout instead)."""
+    from dynapipe import DynapipeError, PipelineCache
+
+    model = _model("llama", 2)
+    model.compile(backend="dynapipe", options={"n_microbatches": 2, "timeout_s": 60})
+    ids, mask = _prompts()
+    messages = {}
+    calls = {
+        "too many tokens": ({"max_new_tokens": NEW}, PROMPT + 2),
+        "beam search": ({"max_new_tokens": 2, "num_beams": 2}, CACHE),
+    }
+    for name, (kwargs, length) in calls.items():
+        cache = PipelineCache(model, batch_size=BATCH, max_cache_len=length)
+        # Dynamo raises the cache's own check while it traces, wrapped in its TorchRuntimeError
+        expected = DynapipeError if name == "too many tokens" else RuntimeError
+        with torch.no_grad(), pytest.raises(expected) as err:
+            model.generate(ids, attention_mask=mask, do_sample=False, cache=cache, **kwargs)
+        messages[name] = str(err.value)
+    return messages
+
+
+def test_misuse_is_an_error_on_every_rank():
+    results = run_distributed(_errors, 2, timeout=180)
+    for messages in results.values():
+        assert "holds 7 tokens, but this step would write token 8" in messages["too many tokens"]
+        assert "beam search and num_return_sequences > 1 are not supported" in messages["beam search"]
+
+
+def test_a_cache_that_does_not_fit_the_family_is_refused():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from dynapipe import ConfigError, PipelineCache
+
+    config = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+    )
+    with pytest.raises(ConfigError, match="sliding_attention"):
+        PipelineCache(MistralForCausalLM(config), batch_size=2, max_cache_len=8)
