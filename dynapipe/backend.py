@@ -10,6 +10,7 @@ the pipeline. Later calls with the same input shapes reuse it.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from datetime import timedelta
 from functools import partial
@@ -179,6 +180,9 @@ class _LazyPipeline:
             batch_size=batch_size,
         )
         shared = _shared_costs(comm)
+        kept = _modules_writing_inputs(captured)  # a PipelineCache's attention layers
+        if kept:
+            config = dataclasses.replace(config, unsplittable=(*config.unsplittable, *kept))
         pp_of_stage = placement_map(spec.placement, n_ranks=n_pp, n_stages=n_stages)
         stage_layout = tuple(pp_of_stage[s] for s in range(n_stages))
         owners = owner_stages([*captured.gm.parameters(), *captured.gm.buffers()], stage_layout)
@@ -188,7 +192,7 @@ class _LazyPipeline:
         try:
             plans = build_stages(captured, planned.stage_of, n_stages)
         except PartitionError:
-            if not planned.kept_owners:
+            if not planned.kept_owners or kept:  # cut anew, an input written in place would move ranks
                 raise
             # the owners' stages would send a value that cannot cross stages: cut anew, fetch weights
             planned = plan_pipeline(
@@ -237,6 +241,19 @@ class _LazyPipeline:
             ddp_comm_hook=config.ddp_comm_hook,
         )
         return pipeline
+
+
+def _modules_writing_inputs(captured: CapturedGraph) -> list[str]:
+    """Modules that write a call's input in place (a ``PipelineCache`` layer's keys, values and counter,
+    in attention): kept inside one stage, so that every pipeline over the same model (prefill, decode, a
+    new prompt length), whose later ones follow the parameters' owners, writes and reads that input on
+    the rank that owns the module's parameters."""
+    modules = {
+        str(node.meta.get("module_path"))
+        for node in captured.gm.graph.nodes
+        if node.meta.get("module_path") and any(w.op == "placeholder" for w in written_in_place(node))
+    }
+    return sorted(modules)
 
 
 def _stage_count(config: PipelineConfig, spec: ScheduleSpec, world: int) -> int:

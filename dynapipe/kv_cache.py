@@ -67,12 +67,18 @@ class _StageLayer(StaticLayer):
         # raised while Dynamo traces (static shapes), before any stage runs
         torch._check_with(ConfigError, key_states.shape[0] == keys.shape[0], lambda: _OTHER_BATCH)
         new = key_states.shape[-2]
+        # A value of this layer's own computation, in every op on the counter: a pipeline that places nodes
+        # as early as their inputs allow (every one after the first, following the parameters' owners)
+        # then reads and advances each layer's counter on that layer's stage, not on the first one.
+        this_layer = key_states.new_zeros((), dtype=torch.long)
         # every row of a step writes at the same place (prompts are left-padded to one length)
-        position = torch.arange(new, device=key_states.device) + self.cumulative_length.amax()
-        self.cumulative_length.add_(new)
-        keys.index_copy_(2, position, key_states)
-        values.index_copy_(2, position, value_states)
-        return keys, values
+        start = (self.cumulative_length + this_layer).amax()
+        self.cumulative_length.add_(this_layer + new)
+        position = torch.arange(new, device=key_states.device) + start
+        # what index_copy_ returns (the same tensors) is what attention reads: in the graph, every read then
+        # follows the write, and a later pipeline that places nodes as early as their inputs allow keeps
+        # them on the writer's stage
+        return keys.index_copy_(2, position, key_states), values.index_copy_(2, position, value_states)
 
     def get_seq_length(self) -> Any:
         return self.cumulative_length.amax()
