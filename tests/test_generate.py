@@ -61,7 +61,7 @@ def _prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _generate_pipelined(rank: int, world: int, families: list[str], n_layers: int) -> dict:
+def _generate_pipelined(rank: int, world: int, families: list[str], n_layers: int, again: bool) -> dict:
     """Per family: the tokens, the bytes of each layer's keys this rank holds, and the bytes this rank
     sent in each pipelined call (prefill, then the decode steps)."""
     import torch.distributed as dist
@@ -93,6 +93,19 @@ def _generate_pipelined(rank: int, world: int, families: list[str], n_layers: in
         held = [layer.keys.untyped_storage().nbytes() for layer in cache.layers]
         steps = [b - a for a, b in zip([0, *per_step], per_step, strict=False)]
         out[family] = (tokens, held, steps)
+        if family == families[0]:  # sampling: every rank draws from the same logits with the same seed
+            torch.manual_seed(7)
+            cache = PipelineCache(model, batch_size=BATCH, max_cache_len=CACHE)
+            with torch.no_grad():
+                out[f"{family}, sampled"] = model.generate(
+                    ids, attention_mask=mask, max_new_tokens=NEW, do_sample=True, top_k=8, cache=cache
+                )
+        if again:  # a new cache and a shorter prompt: a new prefill pipeline, the decode one reused
+            cache = PipelineCache(model, batch_size=BATCH, max_cache_len=CACHE)
+            with torch.no_grad():
+                out[f"{family}, shorter prompt"] = model.generate(
+                    ids[:, 2:], attention_mask=mask[:, 2:], max_new_tokens=NEW, do_sample=False, cache=cache
+                )
         sent[0] = 0
     return out
 
@@ -107,6 +120,12 @@ def _check(results: dict, families: list[str], n_layers: int, world: int) -> Non
             tokens, held, steps = results[rank][family]
             torch.testing.assert_close(tokens, expected, msg=f"{family}, rank {rank}")
             assert len(steps) == NEW, (family, steps)  # one prefill, NEW - 1 decode steps
+        if family == families[0]:
+            model = _model(family, n_layers)
+            torch.manual_seed(7)
+            sampled = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=True, top_k=8)
+            for rank in range(world):
+                torch.testing.assert_close(results[rank][f"{family}, sampled"], sampled)
         kv_width = HIDDEN // 2 if family == "llama" else HIDDEN  # Llama: 2 of 4 heads are key/value heads
         key_bytes = BATCH * kv_width * CACHE * 4
         for layer in range(n_layers):
@@ -122,13 +141,19 @@ def _check(results: dict, families: list[str], n_layers: int, world: int) -> Non
 
 def test_generate_matches_one_process_on_two_ranks():
     families = ["llama", "gpt2", "opt", "bloom"]
-    results = run_distributed(_generate_pipelined, 2, families, 2, timeout=240)
+    results = run_distributed(_generate_pipelined, 2, families, 2, False, timeout=240)
     _check(results, families, 2, 2)
 
 
 def test_generate_llama_on_four_ranks():
-    results = run_distributed(_generate_pipelined, 4, ["llama"], 4, timeout=240)
+    results = run_distributed(_generate_pipelined, 4, ["llama"], 4, True, timeout=240)
     _check(results, ["llama"], 4, 4)
+    ids, mask = _prompts()
+    expected = _model("llama", 4).generate(
+        ids[:, 2:], attention_mask=mask[:, 2:], max_new_tokens=NEW, do_sample=False
+    )
+    for rank in range(4):
+        torch.testing.assert_close(results[rank]["llama, shorter prompt"], expected)
 
 
 def _errors(rank: int, world: int) -> dict[str, str]:
