@@ -25,6 +25,7 @@ __all__ = [
     "Explanation",
     "GraphBreakError",
     "PartitionError",
+    "PipelineCache",
     "PipelineConfig",
     "PipelineError",
     "ScheduleError",
@@ -38,3 +39,12 @@ __all__ = [
     "pipe_split",
     "save_checkpoint",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``dynapipe.PipelineCache`` needs transformers, which dynapipe does not: imported on first use."""
+    if name == "PipelineCache":
+        from .kv_cache import PipelineCache
+
+        return PipelineCache
+    raise AttributeError(f"module 'dynapipe' has no attribute {name!r}")

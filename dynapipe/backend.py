@@ -10,6 +10,7 @@ the pipeline. Later calls with the same input shapes reuse it.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from datetime import timedelta
 from functools import partial
@@ -40,7 +41,7 @@ from .runtime.checkpoint import check_models, fill_state
 from .runtime.comm import Comm, ensure_process_group
 from .runtime.layout import build_layout, tied_groups
 from .runtime.pipeline import OutputSpec, Pipeline
-from .runtime.state import owner_stages, place_state, record_owners
+from .runtime.state import allocate_read_inputs, owner_stages, place_state, record_owners
 from .schedules import (
     Action,
     Kind,
@@ -126,7 +127,9 @@ class _LazyPipeline:
             readers = [compile(source, "<dynamo source>", "eval") for source in pipeline.input_sources]
             self.pipelines[key] = (pipeline, readers)
         pipeline, readers = self.pipelines[key]
-        return pipeline(*[eval(reader, {"L": arguments}) for reader in readers])  # noqa: S307 - Dynamo source names
+        values = [eval(reader, {"L": arguments}) for reader in readers]  # noqa: S307 - Dynamo source names
+        allocate_read_inputs(pipeline.plans, pipeline.local_stages, values)  # a PipelineCache's own layers
+        return pipeline(*values)
 
     def _arguments_now(self, args: tuple) -> dict[str, Any]:
         """The frame's arguments with each tensor and number Dynamo passed swapped in for its compile-time twin."""
@@ -182,6 +185,9 @@ class _LazyPipeline:
             batch_size=batch_size,
         )
         shared = _shared_costs(comm)
+        kept = _modules_writing_inputs(captured)  # a PipelineCache's attention layers
+        if kept:
+            config = dataclasses.replace(config, unsplittable=(*config.unsplittable, *kept))
         pp_of_stage = placement_map(spec.placement, n_ranks=n_pp, n_stages=n_stages)
         stage_layout = tuple(pp_of_stage[s] for s in range(n_stages))
         owners = owner_stages([*captured.gm.parameters(), *captured.gm.buffers()], stage_layout)
@@ -191,7 +197,7 @@ class _LazyPipeline:
         try:
             plans = build_stages(captured, planned.stage_of, n_stages)
         except PartitionError:
-            if not planned.kept_owners:
+            if not planned.kept_owners or kept:  # cut anew, an input written in place would move ranks
                 raise
             # the owners' stages would send a value that cannot cross stages: cut anew, fetch weights
             planned = plan_pipeline(
@@ -298,6 +304,19 @@ def _tables(
         receive_ahead=ahead,
     )
     return lowered, lowered_inference
+
+
+def _modules_writing_inputs(captured: CapturedGraph) -> list[str]:
+    """Modules that write a call's input in place (a ``PipelineCache`` layer's keys, values and counter,
+    in attention): kept inside one stage, so that every pipeline over the same model (prefill, decode, a
+    new prompt length), whose later ones follow the parameters' owners, writes and reads that input on
+    the rank that owns the module's parameters."""
+    modules = {
+        str(node.meta.get("module_path"))
+        for node in captured.gm.graph.nodes
+        if node.meta.get("module_path") and any(w.op == "placeholder" for w in written_in_place(node))
+    }
+    return sorted(modules)
 
 
 def _stage_count(config: PipelineConfig, spec: ScheduleSpec, world: int) -> int:

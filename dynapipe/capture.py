@@ -36,7 +36,7 @@ from torch._dynamo.symbolic_convert import InstructionTranslator
 from .batch_check import batch_symbols, check_guards, check_no_batch_slicing, check_no_batch_squeeze
 from .errors import CaptureError, GraphBreakError
 from .markers import is_split_marker
-from .microbatch import is_batched
+from .microbatch import is_batched, rows_of
 from .names import ModelNames, reachable_modules
 
 __all__ = [
@@ -125,7 +125,10 @@ def frame_being_compiled() -> FrameCall:
         tx.f_code.co_flags & inspect.CO_VARKEYWORDS
     )
     names = tx.f_code.co_varnames[:n_args]
-    return FrameCall(tx.f_code, tx.f_globals, tx.closure, {n: tx.f_locals[n] for n in names})
+    # copies of the argument containers: the call goes on to run and may change its own ``**kwargs``
+    # (HuggingFace's wrappers pop ``return_dict``), which are the values every later call is matched against
+    arguments = {n: torch.utils._pytree.tree_map(lambda v: v, tx.f_locals[n]) for n in names}
+    return FrameCall(tx.f_code, tx.f_globals, tx.closure, arguments)
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -283,7 +286,7 @@ def _trace_rows(frame: FrameCall, batch_size: int, rows: int) -> _Trace:
     def cut(x: Any) -> Any:
         if not is_batched(x, batch_size):
             return x
-        rows_of_x = x.narrow(0, 0, rows)
+        rows_of_x = rows_of(x, 0, rows)
         if rows > 1:
             torch._dynamo.maybe_mark_dynamic(rows_of_x, 0)
         return rows_of_x

@@ -14,6 +14,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import ConfigError
+from .init import is_empty
 
 __all__ = ["infer_batch_size", "merge_outputs", "split_inputs", "split_value"]
 
@@ -49,7 +50,7 @@ def split_value(value: Any, n_microbatches: int, batch_size: int, index: int) ->
 
     def pick(x: Any) -> Any:
         if is_batched(x, batch_size):
-            return x.narrow(0, index * size, size)
+            return rows_of(x, index * size, size)
         return x
 
     return tree_map(pick, value)
@@ -59,10 +60,28 @@ def split_inputs(values: tuple[Any, ...], n_microbatches: int, batch_size: int) 
     """The graph inputs of each microbatch: the same as ``split_value`` on each value, for flat values (a
     graph's inputs), with one ``split`` per tensor instead of a pytree walk per value and microbatch."""
     size = batch_size // n_microbatches
-    columns = [v.split(size) if is_batched(v, batch_size) else [v] * n_microbatches for v in values]
+
+    def rows(v: Any) -> Any:
+        if not is_batched(v, batch_size):
+            return [v] * n_microbatches
+        if is_empty(v):
+            return [rows_of(v, mb * size, size) for mb in range(n_microbatches)]
+        return v.split(size)
+
+    columns = [rows(v) for v in values]
     return (
         [list(row) for row in zip(*columns, strict=True)] if columns else [[] for _ in range(n_microbatches)]
     )
+
+
+def rows_of(x: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """Rows ``start : start + rows`` of ``x`` as a view. A tensor without memory (another stage's part of a
+    ``PipelineCache``, which this rank never reads) cannot be viewed: its rows are another such tensor."""
+    if is_empty(x):
+        out = torch.empty((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        out.untyped_storage().resize_(0)
+        return out
+    return x.narrow(0, start, rows)
 
 
 def merge_outputs(per_microbatch: list[torch.Tensor], reduction: str, merge: str) -> torch.Tensor:

@@ -1,28 +1,21 @@
-"""Pipelined greedy generation with a small Llama on local CPU processes, checked against HF ``generate``.
+"""HuggingFace ``generate()`` through a pipeline, each stage keeping its own layers' KV cache.
 
-    python examples/generate.py                      # 2 stages on 2 processes, 8 new tokens
-    python examples/generate.py --stages 4 --new-tokens 12
-    python examples/generate.py --grow               # no padding: a new pipeline per sequence length
+    python examples/generate.py                      # a 4-layer Llama on 2 processes, 16 new tokens
+    python examples/generate.py --stages 4 --new-tokens 32
     torchrun --nproc-per-node 2 examples/generate.py
 
-Under ``torch.no_grad()`` a dynapipe-compiled call is pipelined inference: the batch of prompts is split
-into microbatches that flow through the stages, and the logits come back on every rank, so every rank
-picks the same next token and grows the same sequences.
+Every rank runs the same lines a single-process user writes, plus the cache:
 
-No KV cache: each step runs the model on the whole sequence so far (full recompute, ``use_cache=False``),
-which costs O(n^2) over n tokens; a cache would have to live inside the stages across calls, which
-dynapipe does not do. It keeps the example honest about what is pipelined: one full forward per token.
+    model.compile(backend="dynapipe", options={"n_microbatches": 2})
+    cache = dynapipe.PipelineCache(model, batch_size=4, max_cache_len=prompt + new_tokens)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, cache=cache)
 
-Shapes: dynapipe builds one pipeline (capture, partition, stage code) per input shape, and a sequence
-that grows by one token each step is a new shape each step -- Dynamo itself turns the length dynamic
-after the second one, but dynapipe still re-captures per concrete length, which costs seconds a token
-here. So by default the sequences are left-padded to one fixed window (the longest length it will see), with an
-attention mask and the position ids they would have unpadded: one shape, one pipeline, and every token
-after the first is a single pipelined forward. ``--grow`` calls the model on the growing sequence instead
-to show the difference.
-
-The tokens are compared with ``model.generate(do_sample=False)`` in one process (which does use a KV
-cache: the same greedy tokens by a different route).
+``generate()`` is HuggingFace's own. The prefill is one pipelined call and every decode step another
+(one pipeline for the prompt's shape, one for a one-token step): the batch of prompts flows through the
+stages as 2 microbatches, each stage writes and reads the keys and values of its own layers on its own
+rank, only the new token's hidden state crosses a stage boundary, and only the last position's logits
+come back to every rank, which picks the same next token. The tokens are checked against single-process
+``model.generate(do_sample=False)``.
 """
 
 from __future__ import annotations
@@ -35,6 +28,7 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import dynapipe
 from dynapipe.launch import launch
 
 VOCAB, PROMPT, BATCH, PAD = 128, 8, 4, 0
@@ -49,64 +43,50 @@ def make_model(n_layers: int) -> LlamaForCausalLM:
         num_hidden_layers=n_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=128,
         bos_token_id=None,
         eos_token_id=None,
-        pad_token_id=0,
+        pad_token_id=PAD,
     )
     return LlamaForCausalLM(config).eval()
 
 
-def prompts() -> torch.Tensor:
-    return torch.randint(1, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+def prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of prompts of different lengths, left-padded to one, with their attention mask."""
+    ids = torch.randint(1, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    for row in range(BATCH):
+        ids[row, : 2 * row], mask[row, : 2 * row] = PAD, 0
+    return ids, mask
 
 
-def step_inputs(ids: torch.Tensor, window: int | None) -> dict[str, torch.Tensor]:
-    """The model's inputs for the sequences so far: as they are, or left-padded to ``window`` tokens with
-    an attention mask and the position ids the real tokens would have without padding."""
-    if window is None:
-        return {"input_ids": ids}
-    pad = window - ids.shape[1]
-    mask = torch.cat([torch.zeros(ids.shape[0], pad, dtype=torch.long), torch.ones_like(ids)], dim=1)
-    return {
-        "input_ids": torch.cat([torch.full((ids.shape[0], pad), PAD), ids], dim=1),
-        "attention_mask": mask,
-        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-    }
-
-
-def run(stages: int, new_tokens: int, grow: bool) -> None:
+def run(stages: int, new_tokens: int) -> None:
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
     model = make_model(n_layers=2 * stages)
-    logits_of = torch.compile(
-        lambda inputs: model(**inputs, use_cache=False).logits,
-        backend="dynapipe",
-        options={"n_microbatches": 2, "schedule": "gpipe"},
-    )
-    window = None if grow else PROMPT + new_tokens - 1  # the longest sequence the model is called on
-    ids = prompts()
+    model.compile(backend="dynapipe", options={"n_microbatches": 2})
+    ids, mask = prompts()
+    cache = dynapipe.PipelineCache(model, batch_size=BATCH, max_cache_len=PROMPT + new_tokens)
     start = time.perf_counter()
     with torch.no_grad():
-        for i in range(new_tokens):
-            t0 = time.perf_counter()
-            logits = logits_of(step_inputs(ids, window))  # (batch, length, vocab) on every rank
-            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-            if rank == 0:
-                print(
-                    f"token {i + 1:2d}: length {ids.shape[1]:2d}  {time.perf_counter() - t0:5.1f} s",
-                    flush=True,
-                )
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, cache=cache
+        )
+    elapsed = time.perf_counter() - start
+    held = sum(layer.keys.untyped_storage().nbytes() * 2 for layer in cache.layers)
+    mine = [i for i, layer in enumerate(cache.layers) if layer.keys.untyped_storage().nbytes()]
+    print(f"rank {rank}: holds the cache of layers {mine} ({held / 1024:.0f} KiB)", flush=True)
+    dist.barrier()
     if rank == 0:
         print(
-            f"{new_tokens} tokens in {time.perf_counter() - start:.1f} s (the first call includes building the pipeline)"
+            f"{new_tokens} tokens for {BATCH} prompts in {elapsed:.1f} s (the first calls build the pipelines)"
         )
-        reference = make_model(n_layers=2 * stages)
-        with torch.no_grad():
-            expected = reference.generate(prompts(), max_new_tokens=new_tokens, do_sample=False)
-        for row, want in zip(ids.tolist(), expected.tolist(), strict=True):
+        expected = make_model(n_layers=2 * stages).generate(
+            ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False
+        )
+        for row, want in zip(out.tolist(), expected.tolist(), strict=True):
             print(f"  {row[PROMPT:]}  (single process {want[PROMPT:]})")
-        ok = torch.equal(ids, expected)
+        ok = torch.equal(out, expected)
         print(f"pipelined greedy tokens vs single-process generate -> {'match' if ok else 'MISMATCH'}")
         if not ok:
             raise SystemExit(1)
@@ -116,13 +96,10 @@ def run(stages: int, new_tokens: int, grow: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", type=int, default=2)
-    parser.add_argument("--new-tokens", type=int, default=8)
-    parser.add_argument(
-        "--grow", action="store_true", help="call on the growing sequence: one pipeline per length"
-    )
+    parser.add_argument("--new-tokens", type=int, default=16)
     args = parser.parse_args()
     stages = int(os.environ.get("WORLD_SIZE", args.stages))  # torchrun decides when it launched us
-    launch(run, stages, args.new_tokens, args.grow, nproc=args.stages)
+    launch(run, stages, args.new_tokens, nproc=args.stages)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,18 @@ import torch
 
 from ..codegen import StagePlan
 from ..errors import DynapipeError, PipelineError
-from ..init import is_empty, storage_bytes
+from ..init import allocate, is_empty, storage_bytes
 from .comm import Comm
 
-__all__ = ["holds_current", "owner_stages", "place_state", "record_owners", "refresh_state", "state_readers"]
+__all__ = [
+    "allocate_read_inputs",
+    "holds_current",
+    "owner_stages",
+    "place_state",
+    "record_owners",
+    "refresh_state",
+    "state_readers",
+]
 
 # id(tensor) -> (weak reference, the pipeline that read it last, the ranks whose stages read it there)
 _LAST_READERS: dict[int, tuple[weakref.ref, int, frozenset[int]]] = {}
@@ -190,3 +198,12 @@ def place_state(
             if isinstance(t, torch.nn.Parameter):
                 t.grad = None
     return freed
+
+
+def allocate_read_inputs(plans: list[StagePlan], local_stages: list[int], values: list) -> None:
+    """Give memory (zeros) to the call's input tensors that were built without any and that this rank's
+    stages read: a ``PipelineCache``'s keys and values, so each rank holds only its own layers' cache."""
+    for s in local_stages:
+        for i in plans[s].inputs:
+            if isinstance(values[i], torch.Tensor) and is_empty(values[i]):
+                allocate(values[i])
