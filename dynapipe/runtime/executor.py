@@ -21,6 +21,7 @@ import torch.distributed as dist
 from ..codegen import Boundary, StagePlan
 from ..errors import PipelineError
 from ..schedules import Action, Kind, Timeline, TimelineEvent
+from ..shapes import Sizes
 from .comm import Comm
 from .split_backward import WeightWork, backward_input, backward_weight
 
@@ -56,6 +57,7 @@ class Executor:
     reducers: dict[int, Any] = field(default_factory=dict)  # stage -> its DDP wrapper (data parallel)
     peak_inflight: dict[int, int] = field(default_factory=dict)
     timeline: Timeline = field(default_factory=Timeline)  # the last run's
+    sizes: Sizes = field(default_factory=lambda: Sizes({}))  # this call's size symbols (set per call)
     _tags: dict[tuple[str, int], int] = field(default_factory=dict)
     _local: dict[tuple[str, int, int, int], torch.Tensor] = field(default_factory=dict)
 
@@ -95,7 +97,7 @@ class Executor:
         if self._local_stage(peer_stage):  # handed over in memory; taken when the action runs
             return (b.name, consumer, mb, direction), None, what, None
         peer = self.rank_of_stage[peer_stage]
-        buffer = torch.empty(b.shape, dtype=b.dtype, device=self.device)
+        buffer = torch.empty(b.shape.at(self.sizes), dtype=b.dtype, device=self.device)
         return buffer, self.comm.irecv(buffer, peer, self._tag(b, consumer, mb, direction)), what, peer
 
     def _send(

@@ -23,6 +23,7 @@ from ..codegen import StagePlan
 from ..errors import ConfigError, PipelineError
 from ..microbatch import merge_outputs, split_value
 from ..schedules import Action, Kind, Timeline
+from ..shapes import SymbolicShape
 from .comm import Comm
 from .executor import Executor, device_of
 from .grad_norm import register_pipeline_params
@@ -91,7 +92,7 @@ class StepReport:
 
 @dataclass
 class OutputSpec:
-    shape: tuple[int, ...]  # merged over microbatches
+    shape: SymbolicShape  # merged over microbatches
     dtype: torch.dtype
     merge: str  # over microbatches: "cat" (batched), "last" (state updated in place) or "reduce"
     requires_grad: bool  # in the user's graph (only the loss carries a gradient back)
@@ -255,7 +256,7 @@ class _OutputDelivery:
         self.posted = []
         if pipeline.rank != pipeline.last_rank:
             for k, spec in enumerate(pipeline.outputs):
-                buffer = torch.empty(spec.shape, dtype=spec.dtype, device=device)
+                buffer = torch.empty(spec.shape.at(pipeline.executor.sizes), dtype=spec.dtype, device=device)
                 self.posted.append((buffer, pipeline.comm.irecv(buffer, pipeline.last_rank, self.tag + k)))
 
     def send(self, results: dict[int, tuple]) -> None:
