@@ -129,10 +129,9 @@ def _frame_key(gm: fx.GraphModule, graph_args: list[Any], frame: FrameCall, conf
     objects it reaches (closure, argument objects, the model tensors the graph reads), the options, the
     global modes Dynamo guards, and the graph's structure with sizes left out (``model.eval()`` or a
     changed flag changes the ops or their constants; a new length changes only sizes)."""
+    data = _data_ids(frame.arguments)
     state = tuple(
-        id(g.example)
-        for g in graph_args
-        if isinstance(g.example, torch.Tensor) and id(g.example) not in _data_ids(frame.arguments)
+        id(g.example) for g in graph_args if isinstance(g.example, torch.Tensor) and id(g.example) not in data
     )
     closure = tuple(id(c.cell_contents) for c in frame.closure or ())
     objects = tuple(

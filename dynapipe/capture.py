@@ -280,8 +280,16 @@ def capture_microbatch(frame: FrameCall, *, n_microbatches: int, batch_size: int
     refusing code that would compute something else on a microbatch than on the full batch."""
     ignore_logging_in_graphs()
     size = batch_size // n_microbatches
-    trace = _trace_rows(frame, batch_size, size)
-    general = _trace_rows(frame, batch_size, 2) if size == 1 and batch_size >= 2 else trace
+    every_dim = True
+    try:
+        trace = _trace_rows(frame, batch_size, size, every_dim=every_dim)
+    except (CaptureError, GraphBreakError):
+        # code Dynamo cannot trace with symbolic lengths: fixed lengths (each new one is captured again)
+        every_dim = False
+        trace = _trace_rows(frame, batch_size, size, every_dim=every_dim)
+    general = (
+        _trace_rows(frame, batch_size, 2, every_dim=every_dim) if size == 1 and batch_size >= 2 else trace
+    )
     symbols = batch_symbols(general.gm)
     if general is not trace:
         check_no_batch_squeeze(general.gm, symbols)
@@ -290,15 +298,16 @@ def capture_microbatch(frame: FrameCall, *, n_microbatches: int, batch_size: int
     return _to_captured(trace, frame, batch_size, n_microbatches)
 
 
-def _trace_rows(frame: FrameCall, batch_size: int, rows: int) -> _Trace:
-    """Trace ``frame`` on the first ``rows`` rows of its batched arguments, every dimension of them
-    dynamic (Dynamo fixes a size it must, such as features a weight multiplies; and 0 and 1 always)."""
+def _trace_rows(frame: FrameCall, batch_size: int, rows: int, *, every_dim: bool) -> _Trace:
+    """Trace ``frame`` on the first ``rows`` rows of its batched arguments, the batch dimension dynamic and,
+    with ``every_dim``, every other dimension of them too (Dynamo fixes a size it must, such as features
+    a weight multiplies; and 0 and 1 always)."""
 
     def cut(x: Any) -> Any:
         if not is_batched(x, batch_size):
             return x
         rows_of_x = x.narrow(0, 0, rows)
-        for dim in range(0 if rows > 1 else 1, x.dim()):
+        for dim in range(0 if rows > 1 else 1, x.dim() if every_dim else 1):
             torch._dynamo.maybe_mark_dynamic(rows_of_x, dim)
         return rows_of_x
 
@@ -345,7 +354,7 @@ def _to_captured(trace: _Trace, frame: FrameCall, batch_size: int, n_mb: int) ->
         else:
             sizes.append((node, source, value))
     symbols = _sizes_from_inputs(graph, sizes, inputs)
-    _specialise_sizes(graph)
+    _specialise_sizes(graph, set(symbols))
     _sizes_of_intermediates(graph, symbols)
     _mark_size_nodes(graph)
     for node in graph.nodes:
@@ -408,9 +417,22 @@ def _mark_size_nodes(graph: fx.Graph) -> None:
             node.op in ("call_function", "call_method")
             and node.all_input_nodes
             and _is_size_value(node.meta.get("example_value"))
-            and all(a.op == "placeholder" or is_size_node(a) for a in node.all_input_nodes)
+            and all(
+                is_size_node(a) or (a.op == "placeholder" and node.target in _READS_SIZE)
+                for a in node.all_input_nodes
+            )
         ):
             node.meta["dynapipe.size"] = True
+
+
+_READS_SIZE = (
+    "size",
+    "dim",
+    "numel",
+    torch.ops.aten.sym_size.int,
+    torch.ops.aten.sym_numel.default,
+    torch.numel,
+)
 
 
 def is_size_node(node: fx.Node) -> bool:
@@ -555,18 +577,21 @@ def autocast_regions(graph: fx.Graph) -> dict[fx.Node, tuple[fx.Node, ...]]:
     return regions
 
 
-def _depends_on_sizes(value: Any) -> bool:
-    """Whether a size value varies with the size symbols (``s27 * 8``) rather than being fixed (``8``)."""
+def _depends_on_sizes(value: Any, size_symbols: set) -> bool:
+    """Whether a value varies with the inputs' size symbols (``s27 * 8``) rather than being fixed (``8``,
+    or a Python number's symbol, which the capture bakes in)."""
     values = value if isinstance(value, (tuple, list)) else (value,)
     return any(
-        isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) and bool(v.node.expr.free_symbols)
+        isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool))
+        and bool(v.node.expr.free_symbols & size_symbols)
         for v in values
     )
 
 
-def _specialise_sizes(graph: fx.Graph) -> None:
-    """Replace nodes whose size value is fixed (``w.size(0)``, ``16 * 4``) with that value; sizes that
-    vary with the size symbols stay nodes, computed at every call."""
+def _specialise_sizes(graph: fx.Graph, size_symbols: set) -> None:
+    """Replace nodes whose value is fixed in this capture (``w.size(0)``, ``16 * 4``, a Python number
+    Dynamo passed as a tensor) with that value; sizes that vary with the inputs' size symbols stay nodes,
+    computed at every call."""
     for node in list(graph.nodes):
         if node.op not in ("call_function", "call_method"):
             continue
@@ -578,7 +603,7 @@ def _specialise_sizes(graph: fx.Graph) -> None:
                 and value
                 and all(isinstance(v, (torch.SymInt, int)) for v in value)
             )
-        ) and not _depends_on_sizes(value):
+        ) and not _depends_on_sizes(value, size_symbols):
             concrete = tuple(_hint(v) for v in value) if isinstance(value, (tuple, list)) else _hint(value)
             if concrete is None or (isinstance(concrete, tuple) and None in concrete):
                 continue  # data-dependent: stays a node of the graph

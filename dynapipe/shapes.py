@@ -94,7 +94,11 @@ class CaptureShapes:
         for value, dims, batched in zip(values, self.inputs, self.batched, strict=True):
             if dims is None:
                 continue
-            if not isinstance(value, torch.Tensor) or value.dim() != len(dims):
+            if not isinstance(value, torch.Tensor):
+                if dims == () and isinstance(value, (int, float)):
+                    continue  # a Python number Dynamo passes as a 0-dim tensor
+                return None
+            if value.dim() != len(dims):
                 return None
             shape = list(value.shape)
             if (bool(shape) and shape[0] == batch_size) != batched:

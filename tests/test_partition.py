@@ -156,7 +156,9 @@ def test_each_boundary_carries_one_hidden_state(hf, n_stages):
     ids = _ids()[:MICRO]
     plans, out = _run_stages(captured, stage_of, n_stages, [ids] * len(captured.input_sources))
     hidden = MICRO * SEQ * HIDDEN
-    at_capture = Sizes(captured.shapes.hints)  # boundary shapes are symbolic: take them at the capture's sizes
+    at_capture = Sizes(
+        captured.shapes.hints
+    )  # boundary shapes are symbolic: take them at the capture's sizes
     for plan in plans[:-1]:
         sizes = {b.name: math.prod(b.shape.at(at_capture)) for b in plan.sends}
         big = [n for n, size in sizes.items() if size >= hidden // 2]

@@ -119,7 +119,9 @@ def _every_length(rank: int, world: int) -> dict:
         for length in (*LENGTHS, 1):  # 1: Dynamo specialises it, so one more capture
             ids = torch.randint(0, 64, (4, length))
             torch.testing.assert_close(
-                infer(ids), ref(input_ids=ids, use_cache=False).logits, msg=lambda m: f"logits at {length}: {m}"
+                infer(ids),
+                ref(input_ids=ids, use_cache=False).logits,
+                msg=lambda m: f"logits at {length}: {m}",
             )
     return captures
 
