@@ -231,7 +231,10 @@ class _LazyPipeline:
         if key not in self.calls:
             numbers = _numbers_in(arguments)
             found = self.shared.find(arguments, numbers, self.frame.self_name)
-            if found is None:
+            if found is not None:  # new sizes for a built pipeline: once per shape, never per step
+                inputs = {n: v for n, v in arguments.items() if n != self.frame.self_name}
+                found[0].pipeline.comm.agree({"input shapes": _shapes(inputs)}, "the call's input shapes")
+            else:
                 if len({e.numbers for e in self.shared.entries} | {numbers}) == 5:
                     warnings.warn(
                         "dynapipe captured and partitioned the model again for new values of Python numbers "
