@@ -2,6 +2,7 @@
 
     python benchmarks/bench_shapes.py            # 2 ranks, small Llama split at model.layers.2; ~1 minute
     python benchmarks/bench_shapes.py --steps 40
+    python benchmarks/bench_shapes.py --dynamic  # torch.compile(..., dynamic=True): Dynamo never recompiles
 
 One group of 2 processes (gloo) trains a small randomly initialised Llama, 1F1B, batch 8 in 4 microbatches:
 
@@ -9,7 +10,8 @@ One group of 2 processes (gloo) trains a small randomly initialised Llama, 1F1B,
 2. **new length** -- the first step at each of 96, 80, 72, 112 (each never seen before). At the first of
    them Dynamo compiles the frame again with dynamic sizes (its automatic dynamic shapes), and dynapipe
    reuses its pipeline; at the later ones only dynapipe's size check runs. Each is given as a multiple of
-   the steady step (the issue's target: at most 3x; before issue 12, 130-290x);
+   the steady step (the issue's target: at most 3x; before issue 12, 130-290x). With ``--dynamic``
+   Dynamo compiles the frame with dynamic sizes from the start, so no new length recompiles it;
 3. **variable vs padded** -- the same ``--steps`` batches, each of a random length in 32..128 (a multiple
    of 8), run as they are and padded to 128 (labels of the padding are -100): steps/s of each.
 
@@ -48,7 +50,7 @@ def _model():
     return LlamaForCausalLM(config)
 
 
-def _worker(rank: int, port: int, steps: int, queue) -> None:
+def _worker(rank: int, port: int, steps: int, dynamic: bool, queue) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -61,6 +63,7 @@ def _worker(rank: int, port: int, steps: int, queue) -> None:
     step = torch.compile(
         lambda ids, labels: model(input_ids=ids, labels=labels, use_cache=False).loss,
         backend="dynapipe",
+        dynamic=dynamic or None,
         options={"schedule": "1f1b", "n_microbatches": MICRO, "split_points": ["model.layers.2"]},
     )
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -113,13 +116,16 @@ def _worker(rank: int, port: int, steps: int, queue) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dynamic", action="store_true", help="torch.compile(..., dynamic=True)")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, port, args.steps, queue)) for r in range(WORLD)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, port, args.steps, args.dynamic, queue)) for r in range(WORLD)
+    ]
     for p in procs:
         p.start()
     steady, new, variable, padded, lengths = queue.get(timeout=900)
@@ -128,7 +134,7 @@ def main() -> None:
     median = statistics.median(steady)
     print(
         f"{WORLD} ranks, 1F1B, batch {BATCH} in {MICRO} microbatches, small Llama split at model.layers.2; "
-        f"{args.steps} steps"
+        f"{args.steps} steps{'; torch.compile(dynamic=True)' if args.dynamic else ''}"
     )
     print(
         f"steady step at length {STEADY}: {median * 1e3:.1f} ms ({min(steady) * 1e3:.1f}-{max(steady) * 1e3:.1f})"
