@@ -60,7 +60,7 @@ from .schedules import (
     split_last_backward,
     validate,
 )
-from .shapes import CaptureShapes, Sizes, SymbolicShape, dims_of
+from .shapes import CaptureShapes, Sizes
 
 __all__ = ["dynapipe_backend"]
 
@@ -497,14 +497,14 @@ def _output_nodes(captured: CapturedGraph) -> list[Any]:
 
 def _output_specs(captured: CapturedGraph) -> list[OutputSpec]:
     specs = []
-    rows = batch_symbols(captured.gm)
+    rows = {captured.shapes.names.get(s, s) for s in batch_symbols(captured.gm)}
     for node in _output_nodes(captured):
         value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
         if not isinstance(value, torch.Tensor):
             raise ConfigError(
                 f"output {node} of the compiled call is not a tensor; return tensors (or pytrees of them)"
             )
-        shape = SymbolicShape(dims_of(value))
+        shape = captured.shapes.shape_of(value)
         # the capture marks the batch dimension dynamic, so a batched output's dim 0 is in the batch symbol
         # (a microbatch of one row cannot be marked: then a leading dimension of 1 counts as the batch)
         first = shape.dims[0] if shape.dims else None

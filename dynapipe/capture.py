@@ -371,7 +371,7 @@ def _to_captured(trace: _Trace, frame: FrameCall, batch_size: int, n_mb: int) ->
         isinstance(o, fx.Node) and isinstance(o.meta.get("example_value"), torch.Tensor) for o in flat
     ]
     cut = [is_batched(eval(s, {"L": frame.arguments}), batch_size) for s in input_sources]  # noqa: S307 - Dynamo source names
-    shapes = _capture_shapes(trace, [inputs[s] for s in input_sources], cut)
+    shapes = _capture_shapes(trace, input_sources, [inputs[s] for s in input_sources], cut)
     return CapturedGraph(gm, input_sources, state_names, batch_size, n_mb, shapes, is_tensor, markers)
 
 
@@ -492,13 +492,16 @@ def _emit(graph: fx.Graph, expr: Any, symbols: dict[Any, fx.Node]) -> fx.Node | 
     return result
 
 
-def _capture_shapes(trace: _Trace, input_nodes: list[fx.Node], cut: list[bool]) -> CaptureShapes:
+def _capture_shapes(
+    trace: _Trace, sources: list[str], input_nodes: list[fx.Node], cut: list[bool]
+) -> CaptureShapes:
     dims = [
         dims_of(n.meta["example_value"]) if isinstance(n.meta.get("example_value"), torch.Tensor) else None
         for n in input_nodes
     ]
-    return CaptureShapes(
-        inputs=dims,
+    return CaptureShapes.named(
+        sources,
+        dims,
         batched=cut,
         guards=[g for g, _ in trace.guards],
         ranges=dict(trace.ranges),

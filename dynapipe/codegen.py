@@ -48,7 +48,7 @@ from .capture import (
     settle_getitems,
 )
 from .errors import PartitionError
-from .shapes import SymbolicShape, dims_of
+from .shapes import SymbolicShape
 
 __all__ = ["Boundary", "StagePlan", "build_stages", "partition_digest", "written_in_place"]
 
@@ -279,7 +279,7 @@ def build_stages(captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages
             node.name,
             stage_of[node],
             tuple(sorted(cons)),
-            SymbolicShape(dims_of(value)),
+            captured.shapes.shape_of(value),
             value.dtype,
             bool(value.requires_grad),
         )

@@ -83,6 +83,34 @@ class CaptureShapes:
     guards: list[sympy.Expr]
     ranges: dict[sympy.Symbol, tuple[Any, Any]]
     hints: dict[sympy.Symbol, int]
+    names: dict[sympy.Symbol, sympy.Symbol] = field(default_factory=dict)  # Dynamo's symbol -> ours
+
+    @classmethod
+    def named(
+        cls, sources: Sequence[str], inputs: list[tuple[Dim, ...] | None], **assumed: Any
+    ) -> CaptureShapes:
+        """The shapes with each symbol named after the first input dimension that has it
+        (``L['ids'].size(1)``): Dynamo's names (``s27``) can differ between ranks that traced the same code
+        on other data, and every rank must compute the same stages, boundary shapes included."""
+        names: dict[sympy.Symbol, sympy.Symbol] = {}
+        for source, dims in zip(sources, inputs, strict=True):
+            for d, dim in enumerate(dims or ()):
+                if isinstance(dim, sympy.Symbol) and dim not in names:
+                    names[dim] = sympy.Symbol(f"{source}.size({d})", integer=True, positive=True)
+        shapes = cls(inputs, **assumed)
+        shapes.names = names
+        shapes.inputs = [None if dims is None else shapes.rename(dims) for dims in inputs]
+        shapes.guards = [g.xreplace(names) for g in shapes.guards]
+        shapes.ranges = {names.get(s, s): r for s, r in shapes.ranges.items()}
+        shapes.hints = {names.get(s, s): v for s, v in shapes.hints.items()}
+        return shapes
+
+    def rename(self, dims: tuple[Dim, ...]) -> tuple[Dim, ...]:
+        return tuple(d if isinstance(d, int) else d.xreplace(self.names) for d in dims)
+
+    def shape_of(self, value: torch.Tensor) -> SymbolicShape:
+        """A traced tensor's shape in this capture's symbols."""
+        return SymbolicShape(self.rename(dims_of(value)))
 
     def sizes_at(self, values: Sequence[Any], batch_size: int, n_microbatches: int) -> Sizes | None:
         """The symbols' values at a call whose graph inputs are ``values`` (full batch), or None when the
