@@ -1,13 +1,15 @@
-"""Real-model benchmark: dynapipe's automatic partition against the equal-layer manual split.
+"""Real-model benchmark: dynapipe's automatic partition against the best manual split at layer boundaries.
 
-    python benchmarks/bench_models.py            # Llama and GPT-2, 4 stages, 1F1B, 8 microbatches
-    python benchmarks/bench_models.py --quick    # Llama only, fewer steps
+    python benchmarks/bench_models.py                 # Llama and GPT-2, 2 and 4 stages, 1F1B, 8 microbatches
+    python benchmarks/bench_models.py --quick         # Llama only, 2 stages, fewer steps
 
-Each row trains a randomly initialised HuggingFace causal LM on 4 local CPU processes (gloo) with the
-same schedule twice: split automatically (no ``split_points``) and split at equal layer counts (what a
-person writes). The vocabulary is large enough that the embedding and the LM head weigh like several
-layers, which is where an equal-layer split loses. Reported: median step time with min/max over the timed
-steps, and the ratio automatic / manual (below 1: the automatic partition is faster).
+Each row trains a randomly initialised HuggingFace causal LM on local CPU processes (gloo), one per
+stage. The manual split is the best one at layer boundaries: every choice of ``n_stages - 1`` block
+starts is costed and simulated as explain() would (``plan.predict_step``), and the shortest taken,
+with the equal-layer split (what a person writes) run too when it differs. Every variant is compiled
+in the same processes on its own copy of the model, and their steps alternate (auto, manual, equal,
+auto, ...) so that load on the machine falls on all alike. Reported: median step time with min/max over
+the timed steps, and the ratio automatic / best manual (below 1: the automatic partition is faster).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-WORLD, BATCH, SEQ, MICRO = 4, 16, 64, 8
+BATCH, SEQ, MICRO, LAYERS = 16, 64, 8, 8
 
 
 def _model(name: str):
@@ -33,7 +35,7 @@ def _model(name: str):
             vocab_size=16000,
             hidden_size=128,
             intermediate_size=344,
-            num_hidden_layers=8,
+            num_hidden_layers=LAYERS,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=SEQ,
@@ -46,7 +48,7 @@ def _model(name: str):
         vocab_size=16000,
         n_positions=SEQ,
         n_embd=128,
-        n_layer=8,
+        n_layer=LAYERS,
         n_head=4,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
@@ -55,33 +57,64 @@ def _model(name: str):
     return GPT2LMHeadModel(config), "transformer.h"
 
 
-def _worker(rank: int, port: int, name: str, split: str, steps: int, queue) -> None:
+def _layer_splits(name: str, n_stages: int) -> tuple[list[str], list[str]]:
+    """The layer split with the shortest predicted step (every choice tried), and the equal one."""
+    import itertools
+
+    from dynapipe.cost import graph_costs, stage_costs
+    from dynapipe.explain import capture
+    from dynapipe.partition import assign_by_split_points
+    from dynapipe.plan import Plan, in_flight_per_stage, predict_step
+    from dynapipe.schedules import get_schedule
+
+    model, layers = _model(name)
+    ids = torch.randint(0, 16000, (BATCH, SEQ))
+    captured = capture(lambda ids: model(input_ids=ids, labels=ids).loss, (ids,), n_microbatches=MICRO)
+    spec = get_schedule("1f1b")
+    costs = graph_costs(captured, optimizer="sgd")
+    in_flight = in_flight_per_stage(spec, n_ranks=n_stages, n_stages=n_stages, n_microbatches=MICRO)
+
+    def predicted(points: list[str]) -> float:
+        stage_of = assign_by_split_points(captured, points)
+        plan = Plan(stage_of, in_flight, spec, n_stages, costs)
+        return predict_step(plan, stage_costs(captured, stage_of, costs=costs), MICRO).makespan
+
+    choices = [[f"{layers}.{i}" for i in c] for c in itertools.combinations(range(1, LAYERS), n_stages - 1)]
+    equal = [f"{layers}.{i * LAYERS // n_stages}" for i in range(1, n_stages)]
+    return min(choices, key=predicted), equal
+
+
+def _worker(rank: int, world: int, port: int, name: str, variants: dict, steps: int, queue) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
+        WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    model, layers = _model(name)
-    options = {"schedule": "1f1b", "n_microbatches": MICRO}
-    if split == "manual":
-        n_layers = 8
-        options["split_points"] = [f"{layers}.{i * n_layers // WORLD}" for i in range(1, WORLD)]
-    step = torch.compile(
-        lambda ids: model(input_ids=ids, labels=ids).loss, backend="dynapipe", options=options
-    )
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     ids = torch.randint(0, 16000, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-    times = []
-    for i in range(steps + 3):
-        start = time.perf_counter()
-        step(ids).backward()
-        opt.step()
-        opt.zero_grad()
-        if i >= 3:
-            times.append(time.perf_counter() - start)
+    runs = {}
+    for variant, points in variants.items():  # each variant pipelines its own copy of the model
+        model, _ = _model(name)
+        options: dict = {"schedule": "1f1b", "n_microbatches": MICRO, "optimizer": "sgd"}
+        if points:
+            options["split_points"] = points
+        step = torch.compile(
+            lambda ids, model=model: model(input_ids=ids, labels=ids).loss,
+            backend="dynapipe",
+            options=options,
+        )
+        runs[variant] = (step, torch.optim.SGD(model.parameters(), lr=1e-3))
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for i in range(steps + 2):
+        for variant, (step, opt) in runs.items():  # alternate: load falls on every variant alike
+            start = time.perf_counter()
+            step(ids).backward()
+            opt.step()
+            opt.zero_grad()
+            if i >= 2:
+                times[variant].append(time.perf_counter() - start)
     if rank == 0:
         queue.put(times)
     import torch.distributed as dist
@@ -89,16 +122,18 @@ def _worker(rank: int, port: int, name: str, split: str, steps: int, queue) -> N
     dist.destroy_process_group()
 
 
-def _run(name: str, split: str, steps: int) -> list[float]:
+def _run(name: str, world: int, variants: dict, steps: int) -> dict[str, list[float]]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, port, name, split, steps, queue)) for r in range(WORLD)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, name, variants, steps, queue)) for r in range(world)
+    ]
     for p in procs:
         p.start()
-    times = queue.get(timeout=600)
+    times = queue.get(timeout=900)
     for p in procs:
         p.join(timeout=60)
     return times
@@ -107,21 +142,38 @@ def _run(name: str, split: str, steps: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", nargs="+", default=["llama", "gpt2"])
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
-    models = ["llama"] if args.quick else ["llama", "gpt2"]
-    steps = 5 if args.quick else 10
+    models, stages, steps = (["llama"], [2], 4) if args.quick else (args.models, args.stages, args.steps)
     print(
-        f"{WORLD} stages, 1F1B, batch {BATCH} x {SEQ} tokens, {MICRO} microbatches, {steps} timed steps; ms"
+        f"1F1B, batch {BATCH} x {SEQ} tokens, {MICRO} microbatches, {steps} timed steps each, alternating; ms"
     )
-    print(f"{'model':8s} {'manual (min-max)':>22s} {'automatic (min-max)':>22s} {'auto/manual':>12s}")
+    print(
+        f"{'model':6s} {'stages':>6s} {'best layer split (min-max)':>27s} {'equal (min-max)':>20s} "
+        f"{'automatic (min-max)':>22s} {'auto/best':>10s}  best layer split"
+    )
+
+    def cell(ts: list[float] | None) -> str:
+        if not ts:
+            return "(same)"
+        return f"{statistics.median(ts) * 1e3:7.1f} ({min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f})"
+
     for name in models:
-        manual, auto = _run(name, "manual", steps), _run(name, "auto", steps)
-        m, a = statistics.median(manual), statistics.median(auto)
-
-        def cell(ts: list[float]) -> str:
-            return f"{statistics.median(ts) * 1e3:7.1f} ({min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f})"
-
-        print(f"{name:8s} {cell(manual):>22s} {cell(auto):>22s} {a / m:12.3f}", flush=True)
+        for n_stages in stages:
+            best, equal = _layer_splits(name, n_stages)
+            variants = {"auto": [], "best": best, **({"equal": equal} if equal != best else {})}
+            times = _run(name, n_stages, variants, steps)
+            manual = min(
+                statistics.median(times["best"]), statistics.median(times.get("equal") or times["best"])
+            )
+            ratio = statistics.median(times["auto"]) / manual
+            print(
+                f"{name:6s} {n_stages:6d} {cell(times['best']):>27s} {cell(times.get('equal')):>20s} "
+                f"{cell(times['auto']):>22s} {ratio:10.3f}  {best}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

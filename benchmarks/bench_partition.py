@@ -3,11 +3,18 @@
     python benchmarks/bench_partition.py                 # both parts
     python benchmarks/bench_partition.py --part balance --layers 16
     python benchmarks/bench_partition.py --part speed --sizes 8 16 32 64
+    python benchmarks/bench_partition.py --part llama3             # Llama-3-8B proportions (slow: ~2 min)
 
 balance: for Llama, GPT-2, OPT and Bloom (hidden 64, vocab 1000: the embedding and LM head weigh like
 1.3-1.7 layers), the imbalance (slowest stage / mean, in FLOPs of forward + backward) of dynapipe's
 partition and of the best split at layer boundaries (exact: every choice of n_stages - 1 block starts is
 scored from prefix sums), and the bytes each boundary sends.
+
+llama3: a Llama with Llama-3-8B proportions (32 layers, hidden 256, intermediate 896, vocab 8000,
+sequence 256, batch 4; the head is about 2 layers of work), explain() with its defaults (one microbatch,
+FLOP estimate): imbalance, the best layer split's, predicted step; then, at 8 stages, the fewest-bytes
+split at each balance limit with its largest send and predicted step at 1 and 8 microbatches (what
+balance costs in bytes on this graph).
 
 speed: a Llama of each size is captured (Dynamo, one microbatch), costed and partitioned into 8 stages;
 seconds for each step, and partition microseconds per graph node (flat means linear growth).
@@ -154,9 +161,60 @@ def speed(sizes: list[int], n_stages: int) -> None:
         )
 
 
+def llama3(stages: list[int]) -> None:
+    import transformers as t
+
+    from dynapipe import explain
+    from dynapipe.partition.balance import fewest_bytes, min_bottleneck
+    from dynapipe.partition.chain import Chain
+    from dynapipe.plan import step_time
+    from dynapipe.schedules import get_schedule
+
+    torch.manual_seed(0)
+    config = t.LlamaConfig(
+        num_hidden_layers=32,
+        hidden_size=256,
+        intermediate_size=896,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=8000,
+        max_position_embeddings=256,
+    )
+    model = t.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 8000, (4, 256))
+    print("llama3: Llama-3-8B proportions, explain() defaults (1 microbatch, FLOP estimate, 1f1b)")
+    print(f"{'use_cache':>9s} {'stages':>6s} {'dynapipe':>9s} {'layer split':>12s} {'predicted step':>15s}")
+    for use_cache in (True, False):
+        inputs = dict(input_ids=ids, labels=ids, use_cache=use_cache)
+        for n_stages in stages:
+            e = explain(model, inputs, n_stages=n_stages)
+            layer = f"{e.layer_imbalance:.3f}" if e.layer_imbalance else "-"
+            step = e.predicted_step_s or 0.0
+            print(f"{use_cache!s:>9s} {n_stages:6d} {e.imbalance:9.3f} {layer:>12s} {step * 1e3:12.3f} ms")
+    k = max(stages)
+    captured = capture(model, dict(input_ids=ids, labels=ids, use_cache=False))
+    costs = graph_costs(captured)
+    chain = Chain(captured, costs, (), k, 1)
+    bound = min_bottleneck(chain, float("inf"), chain.allowed)
+    spec = get_schedule("1f1b")
+    steps = {m: step_time(spec, n_ranks=k, n_stages=k, n_microbatches=m) for m in (1, 8)}
+    print(f"{k} stages, use_cache=False: the fewest-bytes split within each balance limit")
+    print(f"{'limit':>6s} {'balance':>8s} {'max send':>9s} {'step m=1':>9s} {'step m=8':>9s}")
+    for share in (0.0, 0.01, 0.03, 0.05, 0.075, 0.1):
+        found = fewest_bytes(chain, bound * (1 + share) * (1 + 1e-12), float("inf"))
+        if found is None:
+            continue
+        split = chain.stage_costs(found[1])
+        balance = max(c.time_s for c in split) / (chain.prefix[-1] / k)
+        print(
+            f"{1 + share:6.3f} {balance:8.3f} {max(c.send_bytes for c in split) / 2**20:5.2f} MiB "
+            f"{steps[1](split) * 1e3:6.3f} ms {steps[8](split) * 1e3:6.3f} ms"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["balance", "speed", "all"], default="all")
+    parser.add_argument("--part", choices=["balance", "speed", "llama3", "all"], default="all")
     parser.add_argument("--models", nargs="+", default=["llama", "gpt2", "opt", "bloom"])
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4, 8])
@@ -166,6 +224,8 @@ def main() -> None:
         balance(args.models, args.layers, args.stages)
     if args.part in ("speed", "all"):
         speed(args.sizes, max(args.stages))
+    if args.part == "llama3":
+        llama3(args.stages)
 
 
 if __name__ == "__main__":

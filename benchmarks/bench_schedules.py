@@ -44,7 +44,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dynapipe.schedules import Action, StageCost, Timeline, get_schedule, simulate
+from dynapipe.schedules import (
+    Action,
+    Kind,
+    StageCost,
+    Timeline,
+    get_schedule,
+    placement_map,
+    simulate,
+    stage_graph,
+    validate,
+)
+from dynapipe.schedules.lowering import comm_before
 
 MB_ROWS = 4  # rows of each microbatch; the activation is (MB_ROWS, act_bytes / 4 / MB_ROWS) float32
 
@@ -494,7 +505,66 @@ def _agree(error: str | None) -> tuple[str | None, bool]:
     return next((e for e in errors if e), None), len(set(errors)) == 1
 
 
+def setup_floor(row: Row, settings: Settings, x: torch.Tensor, y: torch.Tensor) -> Runner:
+    """dynapipe's messages for the row over raw gloo and nothing else: every receive of the step posted up
+    front into a buffer allocated once, then each rank walks a flat list of waits and sends in the order
+    of its lowered table. No compute, no per-action Python beyond the call: the least that any runtime
+    sending these messages can spend (no-compute rows only)."""
+    if row.dp > 1 or settings.fwd_ms or settings.bwd_ms:
+        raise ValueError("the floor times messages only: rows without compute (--no-compute) and dp=1")
+    spec = get_schedule(row.schedule)
+    n = row.p * row.stages_per_rank
+    table = spec.build(n_ranks=row.p, n_stages=n, n_microbatches=row.m)
+    rank_of = placement_map(spec.placement, n_ranks=row.p, n_stages=n)
+    graph = stage_graph(n)
+    lowered = validate(table, row.p, n, row.m, rank_of)
+
+    def tag(kind: Kind, src: int, dst: int, mb: int) -> int:
+        return ((int(kind in (Kind.SEND_B, Kind.RECV_B)) * n + src) * n + dst) * row.m + mb
+
+    payload = x[: x.shape[0] // row.m].contiguous()
+    receives: list[tuple[torch.Tensor, int, int]] = []  # buffer, peer rank, tag
+    index: dict[Action, int] = {}
+    ops: list[tuple[int | None, int]] = []  # (None, receive index): wait; (peer rank, tag): send
+    for action in lowered[dist.get_rank()]:
+        if action is None:
+            continue
+        if action.kind in (Kind.RECV_F, Kind.RECV_B):
+            index[action] = len(receives)
+            receives.append(
+                (
+                    torch.empty_like(payload),
+                    rank_of[action.peer],
+                    tag(action.kind, action.peer, action.stage, action.mb),
+                )
+            )
+        elif action.kind in (Kind.SEND_F, Kind.SEND_B):
+            ops.append((rank_of[action.peer], tag(action.kind, action.stage, action.peer, action.mb)))
+        elif action.kind.is_compute:
+            ops += [(None, index[recv]) for recv in comm_before(action, graph, rank_of)]
+
+    def step() -> None:
+        works = [dist.irecv(buffer, peer, tag=t) for buffer, peer, t in receives]
+        sends = []
+        for peer, value in ops:
+            if peer is None:
+                works[value].wait()
+            else:
+                sends.append(dist.isend(payload, peer, tag=value))
+        for work in sends:
+            work.wait()
+
+    return Runner(step, lambda: None)
+
+
 LIBRARIES = {"dynapipe": setup_dynapipe, "torch_pp": setup_torch_pp}
+
+
+def runners_for(row: Row, settings: Settings) -> dict[str, Callable]:
+    """The two libraries, and on rows without compute (dp=1) the floor of their messages."""
+    if row.dp == 1 and not settings.fwd_ms and not settings.bwd_ms:
+        return {**LIBRARIES, "floor": setup_floor}
+    return LIBRARIES
 
 
 def run_row(row: Row, settings: Settings, link: tuple[float, float], usable: bool) -> tuple[dict, bool]:
@@ -508,7 +578,7 @@ def run_row(row: Row, settings: Settings, link: tuple[float, float], usable: boo
     if row.dp > 1 and row.all_reduce:
         result["all_reduce"] = measure_all_reduce(row)
     runners = {}
-    for name, setup in LIBRARIES.items():
+    for name, setup in runners_for(row, settings).items():
         if not usable:
             result[name] = {"error": "skipped: an earlier failure left the process group unusable"}
             continue
@@ -612,11 +682,19 @@ def _spread(values: list[float], scale: float = 1e3, digits: int = 1) -> str:
     return f"{_median(values) * scale:.{digits}f} ({min(values) * scale:.{digits}f}-{max(values) * scale:.{digits}f})"
 
 
+def _compute_events(events: list) -> list[tuple[int, Action, float, float]]:
+    """The compute actions of a recorded step (its sends, receives and named steps left out)."""
+    out = []
+    for rank, label, start, end in events:
+        if label[0].isdigit() and (a := Action.parse(label)).kind.is_compute:
+            out.append((rank, a, start, end))
+    return out
+
+
 def _run_costs(events: list, like: list[StageCost]) -> list[StageCost]:
     """Per-stage costs as the actions of a recorded step really took (mean per stage and kind)."""
     took: dict[tuple[int, str], list[float]] = {}
-    for _, action, start, end in events:
-        a = Action.parse(action)
+    for _, a, start, end in _compute_events(events):
         took.setdefault((a.stage, a.kind.value), []).append(end - start)
 
     def mean(stage: int, kind: str) -> float:
@@ -642,8 +720,7 @@ def breakdown(result: dict) -> list[str] | None:
     sim = ideal_timeline(row, costs, link)
     at_run = ideal_timeline(row, _run_costs(events, costs), link).makespan
     span, busy, excess = {}, {}, []
-    for rank, action, start, end in events:
-        a = Action.parse(action)
+    for rank, a, start, end in _compute_events(events):
         excess.append((end - start) - costs[a.stage].duration(a.kind))
         busy[rank] = busy.get(rank, 0.0) + end - start
         span[rank] = max(span.get(rank, 0.0), end)
@@ -673,6 +750,9 @@ DETAIL_HEAD = (
 
 def _main_table(results: list[dict], notes: list[str]) -> list[str]:
     head = "schedule|p|m|ideal|dynapipe (min-max)|eff|ideal|torch-pp (min-max)|eff|dyn/tpp (min-max)|cpu dyn|cpu tpp"
+    floors = any(r.get("floor", {}).get("times") for r in results)
+    if floors:  # the target: at most 0.75 of torch's step or 1.15 of the floor, whichever is larger
+        head += "|floor (min-max)|dyn/floor|target|met"
     lines = []
     for r in results:
         row, costs, link = Row(**r["row"]), [StageCost(**c) for c in r["costs"]], tuple(r["link"])
@@ -691,6 +771,19 @@ def _main_table(results: list[dict], notes: list[str]) -> list[str]:
                 notes.append(f"{row.label}, {name.replace('_', '-')}: {r[name]['error']}")
         cells.append(_spread(pairs, scale=1, digits=3) if (pairs := _pairs(r)) else "-")
         cells += [f"{_median(r[n]['cpu']) * 1e3:.0f}" if r[n].get("cpu") else "-" for n in LIBRARIES]
+        if floors:
+            floor = r.get("floor", {}).get("times")
+            if floor and all(r[n].get("times") for n in LIBRARIES):
+                dyn, tpp = _median(r["dynapipe"]["times"]), _median(r["torch_pp"]["times"])
+                target = max(0.75 * tpp, 1.15 * _median(floor))
+                cells += [
+                    _spread(floor),
+                    f"{dyn / _median(floor):.2f}",
+                    f"{target * 1e3:.1f}",
+                    "yes" if dyn <= target else "no",
+                ]
+            else:
+                cells += ["-"] * 4
         lines.append(cells)
     return _aligned(head.split("|"), lines)
 
@@ -821,8 +914,16 @@ def main() -> None:
         help="run the workers under SCHED_RR (needs root): the workers sleep most of the time, "
         "and a wake-up then never waits for other processes on the machine",
     )
+    parser.add_argument(
+        "--no-compute",
+        action="store_true",
+        help="stages that only pass a 4 KiB activation (F = B = 0 ms): the runtimes' own cost per action, "
+        "with a floor row of the same messages over raw gloo",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     opts = parser.parse_args()
+    if opts.no_compute:
+        opts.fwd_ms, opts.bwd_ms, opts.act_bytes = 0.0, 0.0, 4096
     settings = Settings(
         opts.fwd_ms,
         opts.bwd_ms,

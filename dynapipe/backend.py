@@ -26,6 +26,7 @@ from typing import Any
 
 import sympy
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 from torch._dynamo.source import DictGetItemSource, GetItemSource, LocalSource
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unflatten
@@ -38,7 +39,7 @@ from .capture import (
     frame_being_compiled,
     ignore_logging_in_graphs,
 )
-from .codegen import build_stages, partition_digest, written_in_place
+from .codegen import StagePlan, build_stages, partition_digest, written_in_place
 from .config import PipelineConfig
 from .cost import GraphCosts, graph_costs
 from .errors import CaptureError, ConfigError, DynapipeError, PartitionError
@@ -52,8 +53,12 @@ from .runtime.layout import build_layout, tied_groups
 from .runtime.pipeline import OutputSpec, Pipeline
 from .runtime.state import owner_stages, place_state, record_owners
 from .schedules import (
+    Action,
+    Kind,
     ScheduleError,
     ScheduleSpec,
+    StageGraph,
+    Table,
     format_schedule,
     get_schedule,
     placement_map,
@@ -336,18 +341,14 @@ class _LazyPipeline:
         plan = None
         if config.on_step is not None:  # the table of the plan that runs, for whoever watches the steps
             plan = Explanation.of(captured, planned, config, shared)
-        table = spec.build(n_ranks=n_pp, n_stages=n_stages, n_microbatches=n_microbatches)
-        if layout.dp_degree > 1:
-            # the last backward of each stage runs DDP's all-reduce; as I then W, the input gradient is
-            # sent before the all-reduce waits, so the all-reduces do not add up along the critical path
-            table = split_last_backward(table)
-        edges = sorted({(b.producer, c) for p in plans for b in p.sends for c in b.consumers})
-        validate(table, n_pp, n_stages, n_microbatches, pp_of_stage, edges=edges)
+        train_table, inference_table = _tables(
+            spec, plans, pp_of_stage, n_pp, n_microbatches, layout.dp_degree
+        )
         comm.agree(
             {
                 "stages start at": _stage_starts(stage_of, n_stages),
                 "stage code (hash)": partition_digest(plans)[:16],
-                "schedule": format_schedule(table),
+                "schedule": format_schedule(train_table),
             },
             "the partition and schedule",
         )
@@ -359,7 +360,8 @@ class _LazyPipeline:
         pipeline = Pipeline(
             plans=plans,
             rank_of_stage={s: layout.global_rank(pp) for s, pp in pp_of_stage.items()},
-            actions=table[layout.pp_index],
+            actions=train_table[layout.pp_index],
+            inference_actions=inference_table[layout.pp_index],
             comm=comm,
             layout=layout,
             input_sources=captured.input_sources,
@@ -374,6 +376,67 @@ class _LazyPipeline:
             ddp_comm_hook=config.ddp_comm_hook,
         )
         return pipeline, captured.shapes
+
+
+def _tables(
+    spec: ScheduleSpec,
+    plans: list[StagePlan],
+    pp_of_stage: dict[int, int],
+    n_pp: int,
+    n_microbatches: int,
+    dp_degree: int,
+) -> tuple[Table, Table]:
+    """The lowered training and forward-only tables every rank runs, each proved by ``validate`` on the
+    stage graph the plans really have (a send or receive for every tensor that crosses ranks, nothing
+    more)."""
+    n_stages = len(plans)
+    graph = StageGraph(
+        n_stages,
+        tuple(tuple(sorted({b.producer for b in p.receives})) for p in plans),
+        tuple(tuple(sorted({c for b in p.sends for c in b.consumers})) for p in plans),
+    )
+    train = spec.build(n_ranks=n_pp, n_stages=n_stages, n_microbatches=n_microbatches)
+    reduce_stages: list[int] = []
+    if dp_degree > 1:
+        # the last backward of each stage runs DDP's all-reduce; as I then W, the input gradient is
+        # sent before the all-reduce waits, so the all-reduces do not add up along the critical path
+        train = split_last_backward(train)
+        reduce_stages = [
+            s for s, p in enumerate(plans) if any(t.requires_grad for t in p.module.parameters())
+        ]
+    inference = {
+        r: [
+            Action(s, Kind.F, mb)
+            for s in range(n_stages)
+            if pp_of_stage[s] == r
+            for mb in range(n_microbatches)
+        ]
+        for r in range(n_pp)
+    }
+    # gloo: every receive posted when the step starts (a message that finds its receive posted skips a
+    # round trip); NCCL runs a pair's point-to-point calls in the order issued: post each right before use
+    ahead = 0 if dist.get_backend() == "nccl" else None
+    lowered = validate(
+        train,
+        n_pp,
+        n_stages,
+        n_microbatches,
+        pp_of_stage,
+        stage_graph=graph,
+        reduce_stages=reduce_stages,
+        receive_ahead=ahead,
+    )
+    lowered_inference = validate(
+        inference,
+        n_pp,
+        n_stages,
+        n_microbatches,
+        pp_of_stage,
+        stage_graph=graph,
+        forward_only=True,
+        receive_ahead=ahead,
+    )
+    return lowered, lowered_inference
 
 
 def _stage_count(config: PipelineConfig, spec: ScheduleSpec, world: int) -> int:

@@ -23,11 +23,11 @@ import torch.fx as fx
 
 from .capture import CapturedGraph, FrameCall, capture_microbatch
 from .config import Optimizer, PipelineConfig
-from .cost import StageRecord, stage_costs
+from .cost import stage_costs
 from .errors import ConfigError
 from .microbatch import check_divisible, infer_batch_size
 from .plan import LINK_BANDWIDTH, LINK_LATENCY_S, CostSource, Plan, local_costs, plan_pipeline, predict_step
-from .schedules import Timeline, get_schedule
+from .schedules import StageCost, Timeline, get_schedule
 from .units import format_bytes
 
 __all__ = ["Explanation", "capture", "explain"]
@@ -68,7 +68,7 @@ class Explanation:
     """A partition and its per-stage costs; ``str()`` is the table."""
 
     stage_of: dict[fx.Node, int]
-    stages: list[StageRecord]
+    stages: list[StageCost]
     captured: CapturedGraph
     layer_imbalance: float | None = None  # the best split at layer boundaries, for comparison
     predicted: Timeline | None = None  # one simulated step of the plan's schedule
@@ -113,7 +113,7 @@ class Explanation:
                     _seconds(s.time_s),
                     format_bytes(s.param_bytes),
                     format_bytes(s.activation_bytes),
-                    format_bytes(s.send_bytes),
+                    format_bytes(s.next_bytes),
                     ", ".join(s.modules),
                 )
             )

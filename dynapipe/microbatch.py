@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import ConfigError
 
-__all__ = ["infer_batch_size", "split_value", "merge_outputs"]
+__all__ = ["infer_batch_size", "merge_outputs", "split_inputs", "split_value"]
 
 
 def _is_data_tensor(x: Any) -> bool:
@@ -59,6 +59,16 @@ def split_value(value: Any, n_microbatches: int, batch_size: int, index: int) ->
         return x
 
     return tree_map(pick, value)
+
+
+def split_inputs(values: tuple[Any, ...], n_microbatches: int, batch_size: int) -> list[list[Any]]:
+    """The graph inputs of each microbatch: the same as ``split_value`` on each value, for flat values (a
+    graph's inputs), with one ``split`` per tensor instead of a pytree walk per value and microbatch."""
+    size = batch_size // n_microbatches
+    columns = [v.split(size) if is_batched(v, batch_size) else [v] * n_microbatches for v in values]
+    return (
+        [list(row) for row in zip(*columns, strict=True)] if columns else [[] for _ in range(n_microbatches)]
+    )
 
 
 def merge_outputs(per_microbatch: list[torch.Tensor], reduction: str, merge: str) -> torch.Tensor:

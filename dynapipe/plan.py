@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from .capture import CapturedGraph
 from .config import PipelineConfig
-from .cost import GraphCosts, StageRecord, graph_costs
+from .cost import GraphCosts, graph_costs
 from .errors import ConfigError
 from .partition import StepObjective, assign_by_owners, assign_by_split_points, balanced_partition
 from .schedules import ScheduleSpec, StageCost, Table, Timeline, placement_map, simulate, validate
@@ -44,6 +44,10 @@ CostSource = Callable[[CapturedGraph, PipelineConfig], GraphCosts]
 # LINK_LATENCY_S + bytes / LINK_BANDWIDTH (25 GB/s: PCIe 4/5 or a 200 Gb/s network; NVLink is faster).
 LINK_LATENCY_S = 20e-6
 LINK_BANDWIDTH = 25e9
+# With more than one microbatch the step depends on balance, so the step search may take splits up to
+# this much slower than the best balance when they send less; one microbatch's step is all the work
+# plus the transfers whatever the balance, so the search then keeps the partitioner's balance limit.
+STEP_SLACK = 1.0
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ def plan_pipeline(
         in_flight=max(in_flight),
         costs=node_costs,
         step=step_time(spec, n_ranks=n_ranks, n_stages=n_stages, n_microbatches=captured.n_microbatches),
+        step_slack=STEP_SLACK if captured.n_microbatches > 1 else None,
     )
     return Plan(part.stage_of, in_flight, spec, n_ranks, node_costs, part.layer_bottleneck_s)
 
@@ -128,11 +133,11 @@ def step_time(spec: ScheduleSpec, *, n_ranks: int, n_stages: int, n_microbatches
     return lambda costs: _simulate(table, spec, n_ranks, costs).makespan
 
 
-def predict_step(plan: Plan, stages: Sequence[StageRecord], n_microbatches: int) -> Timeline:
+def predict_step(plan: Plan, stages: Sequence[StageCost], n_microbatches: int) -> Timeline:
     """One simulated training step of ``plan``'s schedule over its per-stage costs and the default link."""
     table = plan.spec.build(n_ranks=plan.n_ranks, n_stages=len(stages), n_microbatches=n_microbatches)
     edges = sorted({(s.index, d) for s in stages for d in s.sends})
-    return _simulate(table, plan.spec, plan.n_ranks, [s.to_stage_cost() for s in stages], edges)
+    return _simulate(table, plan.spec, plan.n_ranks, stages, edges)
 
 
 def _simulate(

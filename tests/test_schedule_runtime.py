@@ -60,6 +60,12 @@ def inflight_worker(rank: int, world: int, schedules: list[str]) -> dict[str, in
         )
         step(*case.args).backward()
         assert len(reports) == 1 and reports[0].train and reports[0].timeline.events
+        # the timeline records every action of the table that ran, sends and receives included
+        ran = sorted(str(a) for a in reports[0].actions if a is not None)
+        recorded = sorted(e.action for e in reports[0].timeline.events if e.action[0].isdigit())
+        assert ran == recorded and any("RECV" in a for a in ran) and any("SEND" in a for a in ran)
+        named = {e.action for e in reports[0].timeline.events} - set(ran)
+        assert named >= {"refresh shared state", "wait for sends", "receive outputs"}, named
         peaks[schedule] = reports[0].peak_inflight.get(0, -1)
     return peaks
 
@@ -83,6 +89,28 @@ rank 1: 1F1 1F0 1B0 1B1
 """
 
 
+def _torch_lowered() -> str:
+    """CUSTOM_1F1B lowered by torch.distributed.pipelining (its sends and receives, its order), as its CSV."""
+    import os
+    import tempfile
+
+    from torch.distributed.pipelining import schedules as tdp
+
+    from dynapipe.schedules import parse_schedule
+
+    compute = {
+        r: [tdp._Action.from_str(str(a)) for a in acts] for r, acts in parse_schedule(CUSTOM_1F1B).items()
+    }
+    lowered = tdp._add_send_recv(compute, lambda stage: stage, 2)
+    # the same path on every rank (ranks compare their options), each rank writing it whole
+    path = os.path.join(tempfile.gettempdir(), f"dynapipe-test-torch-1f1b-{os.getppid()}.csv")
+    mine = f"{path}.{os.getpid()}"
+    with open(mine, "w") as handle:
+        handle.write("\n".join(",".join(str(a) for a in acts) for _, acts in sorted(lowered.items())))
+    os.replace(mine, path)
+    return path
+
+
 def custom_schedule_worker(rank: int, world: int) -> dict:
     from dynapipe.schedules import Action, Kind
 
@@ -94,7 +122,7 @@ def custom_schedule_worker(rank: int, world: int) -> dict:
         }
 
     out = {}
-    for label, schedule in (("text", CUSTOM_1F1B), ("callable", my_gpipe)):
+    for label, schedule in (("text", CUSTOM_1F1B), ("callable", my_gpipe), ("torch csv", _torch_lowered())):
         out[label] = train_many(
             rank, world, [(["skip", "tied"], {"schedule": schedule, "n_microbatches": 4})]
         )
@@ -116,7 +144,11 @@ def custom_schedule_worker(rank: int, world: int) -> dict:
 
 def test_custom_schedules_run_and_a_deadlocking_one_is_rejected() -> None:
     results = run_distributed(custom_schedule_worker, 2, timeout=300)
-    for label in ("text", "callable"):  # numerics were asserted in the workers; every parameter was owned
+    for label in (
+        "text",
+        "callable",
+        "torch csv",
+    ):  # numerics were asserted in the workers; every parameter was owned
         _check_runs({r: out[label] for r, out in results.items()}, [(["skip", "tied"], {})])
     for out in results.values():
         message = out["deadlocked"]

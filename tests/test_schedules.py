@@ -27,6 +27,7 @@ from dynapipe.schedules import (
     lower,
     normalize_table,
     parse_schedule,
+    placement_map,
     simulate,
     split_last_backward,
     stage_to_rank,
@@ -255,9 +256,10 @@ def test_small_tables_are_exact():
     assert format_schedule(SCHEDULES["zb-h1"].build(n_ranks=2, n_stages=2, n_microbatches=3)) == (
         "rank 0: 0F0 0F1 0I0 0W0 0F2 0I1 0W1 0I2 0W2\nrank 1: 1F0 1I0 1F1 1I1 1W0 1F2 1I2 1W1 1W2"
     )
+    # a receive is posted one compute action ahead of the action that waits for it
     lowered = lower(SCHEDULES["1f1b"].build(n_ranks=2, n_stages=2, n_microbatches=1), 2, 2, "loop")
     assert lowered == parse_schedule(
-        "rank 0: 0F0 0SEND_F0->1 0RECV_B0<-1 0B0\nrank 1: 1RECV_F0<-0 1F0 1B0 1SEND_B0->0"
+        "rank 0: 0RECV_B0<-1 0F0 0SEND_F0->1 0B0\nrank 1: 1RECV_F0<-0 1F0 1B0 1SEND_B0->0"
     )
 
 
@@ -280,7 +282,7 @@ def test_skip_connection_edges_are_lowered_and_timed():
         "rank 1: 3RECV_F0<-0 3RECV_F0<-2 3F0 3B0 3SEND_B0->0 3SEND_B0->2".split()
     )
     assert lowered[0][:2] == [Action.parse("0F0"), Action.parse("0SEND_F0->3")]
-    assert lowered[0][-2:] == [Action.parse("0RECV_B0<-3"), Action.parse("0B0")]
+    assert lowered[0][-3:] == [Action.parse("0RECV_B0<-3"), Action.parse("1B0"), Action.parse("0B0")]
 
     slow_skip = [StageCost(1.0, 1.0, 0.0, send_bytes=b) for b in (4e6, 0, 0, 0)]
     kwargs = dict(n_ranks=2, n_stages=4, placement=placement, link_bandwidth=1e6)
@@ -450,13 +452,83 @@ def test_user_schedule_as_callable_and_builtin_names():
 
 
 def test_action_text_form():
-    every_kind = [Action(2, kind, 7, None if kind.is_compute else 3) for kind in Kind]
+    every_kind = [Action(2, kind, 7, 3 if kind.is_p2p else None) for kind in Kind]
     assert [str(a) for a in every_kind] == [
-        "2F7", "2B7", "2I7", "2W7", "2SEND_F7->3", "2RECV_F7<-3", "2SEND_B7->3", "2RECV_B7<-3",
+        "2F7", "2B7", "2I7", "2W7", "2SEND_F7->3", "2RECV_F7<-3", "2SEND_B7->3", "2RECV_B7<-3", "2REDUCE7",
     ]  # fmt: skip
     assert [Action.parse(str(a)) for a in every_kind] == every_kind
-    for bad in ("F0", "0X1", "2SEND_F0<-3", "0F0->1", "2RECV_B1"):
+    for bad in ("F0", "0X1", "2SEND_F0<-3", "0F0->1", "2RECV_B1", "1REDUCE0->2"):
         with pytest.raises(ScheduleError, match=re.escape(repr(bad))):
             Action.parse(bad)
     with pytest.raises(ScheduleError, match=r"line 2: cannot read action '0Q1'"):
         parse_schedule("rank 0: 0F0\nrank 1: 0Q1")
+
+
+# --- what the runtime runs: REDUCE markers, torch.distributed.pipelining's CSV -------------------------
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zb-h1", "interleaved-1f1b", "zbv"])
+def test_reduce_sits_right_before_each_stages_last_weight_work(name):
+    p, m = 2, 4
+    table, n = _build(name, p, m)
+    placement = SCHEDULES[name].placement
+    lowered = validate(split_last_backward(table), p, n, m, placement, reduce_stages=range(n))
+    for rank, acts in lowered.items():
+        compute = [a for a in acts if a.kind.is_compute]
+        for stage in {a.stage for a in compute}:
+            reduces = [i for i, a in enumerate(acts) if a.kind is Kind.REDUCE and a.stage == stage]
+            assert len(reduces) == 1, f"{name}: stage {stage} on rank {rank}"
+            nxt = next(a for a in acts[reduces[0] + 1 :] if a.kind.is_compute and a.stage == stage)
+            last = [a for a in compute if a.stage == stage and a.kind in (Kind.B, Kind.W)][-1]
+            assert nxt == last and acts[reduces[0]].mb == last.mb
+    early = {r: list(acts) for r, acts in lowered.items()}
+    first = next(i for i, a in enumerate(early[0]) if a.kind is Kind.REDUCE)
+    marker = early[0].pop(first)
+    early[0].insert(0, marker)  # armed before the stage's first backward: DDP would reduce too soon
+    with pytest.raises(ScheduleError, match=rf"{marker} on rank 0 must come right before stage"):
+        validate(early, p, n, m, placement)
+
+
+def test_torch_pipelining_csv_both_ways(tmp_path):
+    from torch.distributed.pipelining import schedules as tdp
+
+    from dynapipe.schedules import dump_torch_csv
+
+    p, m = 2, 4
+    for name in ("1f1b", "interleaved-1f1b", "zb-h1"):
+        table, n = _build(name, p, m)
+        rank_of = placement_map(SCHEDULES[name].placement, n_ranks=p, n_stages=n)
+        # ours -> torch: every cell reads as torch's action; torch lowers it with its own policy
+        path = tmp_path / f"{name}.csv"
+        dump_torch_csv(table, path)
+        theirs = {r: [tdp._Action.from_str(c) for c in row] for r, row in enumerate(_csv_rows(path))}
+        assert {r: [str(a) for a in acts] for r, acts in theirs.items()} == {
+            r: [str(a) for a in acts] for r, acts in table.items()
+        }
+        lowered_by_torch = tdp._add_send_recv(theirs, rank_of.__getitem__, n)
+        # torch -> ours: its lowered table (sends and receives without peers) is replayed as written
+        path.write_text(
+            "\n".join(",".join(str(a) for a in acts) for _, acts in sorted(lowered_by_torch.items()))
+        )
+        loaded = load_schedule(path)
+        assert any(a.kind.is_p2p for acts in loaded.values() for a in acts)
+        validate(loaded, p, n, m, rank_of)
+        # and our own lowered table goes out with its peers dropped, and comes back the same
+        ours = lower(table, p, n, rank_of)
+        dump_torch_csv(ours, path)
+        assert load_schedule(path) == ours
+    with pytest.raises(ScheduleError, match="skips stages"):
+        dump_torch_csv(lower(parse_schedule("rank 0: 0F0 0B0\nrank 1: 1F0 2F0 2B0 1B0"), 2, 3,
+                             {0: 0, 1: 1, 2: 1}, edges=[(0, 2)]), tmp_path / "skip.csv")  # fmt: skip
+    with pytest.raises(ScheduleError, match="has no action that arms DDP"):
+        dump_torch_csv({0: [Action.parse("0F0"), Action.parse("0REDUCE0"), Action.parse("0B0")]}, path)
+    path.write_text("0F0,0UNSHARD,0B0\n")
+    with pytest.raises(ScheduleError, match="no dynapipe counterpart"):
+        load_schedule(path)
+
+
+def _csv_rows(path):
+    import csv
+
+    with open(path, newline="") as handle:
+        return [[c for c in row if c] for row in csv.reader(handle)]

@@ -25,8 +25,8 @@ State: a parameter costs its bytes, its gradient (same size, when it requires gr
 and ``OPTIMIZER_STATES[optimizer]`` more copies (Adam: two moments). A stage holds the state of every
 ``get_attr`` it reads, so a tied weight counts on each stage that reads it.
 
-:class:`StageRecord` is the one per-stage record that the partitioner, the schedule simulator
-(:meth:`StageRecord.to_stage_cost`) and :func:`dynapipe.explain` read.
+:func:`stage_costs` sums them per stage into :class:`dynapipe.schedules.StageCost`, the one per-stage
+record that the partitioner, the schedule simulator and :func:`dynapipe.explain` read.
 
 Files: :mod:`.records` (the per-node records), :mod:`.sizes` (symbolic sizes), :mod:`.runner` (running one
 node on stand-in tensors), :mod:`.fake` (FLOPs and saved activations on fake tensors), :mod:`.profile`
@@ -36,14 +36,13 @@ records).
 
 from .graph import graph_costs
 from .records import NOMINAL_FLOP_RATE, OPTIMIZER_STATES, GraphCosts, NodeCost
-from .stages import StageRecord, stage_costs
+from .stages import stage_costs
 
 __all__ = [
     "NOMINAL_FLOP_RATE",
     "OPTIMIZER_STATES",
     "GraphCosts",
     "NodeCost",
-    "StageRecord",
     "graph_costs",
     "stage_costs",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
-from ..capture import CapturedGraph, grad_modes
+from ..capture import CapturedGraph, autocast_regions, grad_modes
 from ..config import Optimizer
 from .records import OPTIMIZER_STATES, GraphCosts, NodeCost
 from .runner import Runner, backward_to, call_node
@@ -78,6 +79,8 @@ def fake_costs(
     runner = Runner(captured, make, lambda attr: make(attr, True))
     values = shape_values(graph)
     modes = grad_modes(graph)
+    # autocast in force at each node, as the arguments of each torch.amp.autocast entered (outermost first)
+    regions = {n: tuple(e.args for e in entered) for n, entered in autocast_regions(graph).items()}
 
     # Saved-activation buffers: each tensor value (node, leaf) maps to the buffer whose storage it views.
     buffer_of: dict[tuple[fx.Node, int], int] = {}
@@ -127,11 +130,11 @@ def fake_costs(
             if not has_tensor(value):  # sizes, side effects (grad mode, logging): no tensor work
                 costs[node] = NodeCost(**base)
                 continue
-            key = _signature(node, captured.gm, modes[node])
+            key = _signature(node, captured.gm, modes[node], regions[node])
             try:
                 replay = replays.get(key) if key is not None else None
                 if replay is None:
-                    replay = _replay(node, runner, counter, modes[node])
+                    replay = _replay(node, runner, counter, modes[node], regions[node])
                     if key is not None:
                         replays[key] = replay
             except Exception:  # noqa: BLE001 - an op the fake run cannot replay is costed as free
@@ -205,9 +208,9 @@ def _input_leaves(node: fx.Node) -> list[tuple[fx.Node, int]]:
     return leaves
 
 
-def _signature(node: fx.Node, gm: fx.GraphModule, grad_mode: bool) -> str | None:
+def _signature(node: fx.Node, gm: fx.GraphModule, grad_mode: bool, autocast: tuple) -> str | None:
     """Everything a replay depends on: the op, its constant arguments, and each input's shape, strides,
-    dtype and grad flag. None for ops reading subgraphs (their code is not part of the signature)."""
+    dtype and grad flag, the grad mode and autocast in force. None for ops reading subgraphs (their code is not part of the signature)."""
 
     def leaf(v: Any) -> tuple:
         if isinstance(v, torch.Tensor):
@@ -225,11 +228,15 @@ def _signature(node: fx.Node, gm: fx.GraphModule, grad_mode: bool) -> str | None
             described.append(tuple(leaf(v) for v in tree_flatten(src.meta.get("example_value"))[0]))
     index = {src: i for i, src in enumerate(node.all_input_nodes)}
     structure = fx.map_arg((node.args, node.kwargs), lambda n: f"<input {index[n]}>")
-    return repr((node.op, node.target, structure, described, grad_mode))
+    return repr((node.op, node.target, structure, described, grad_mode, autocast))
 
 
-def _replay(node: fx.Node, runner: Runner, counter: _FlopCounter, grad_mode: bool) -> _Replay:
-    """Run ``node`` once on fake inputs: FLOPs, which outputs view which inputs, what autograd saves."""
+def _replay(
+    node: fx.Node, runner: Runner, counter: _FlopCounter, grad_mode: bool, autocast: tuple
+) -> _Replay:
+    """Run ``node`` once on fake inputs: FLOPs, which outputs view which inputs, what autograd saves.
+    Inside ``torch.autocast`` regions it runs under the same autocast, so what it saves and returns has
+    the region's dtype (a bf16 matmul saves bf16 copies of its inputs)."""
     args, kwargs, inputs, params = runner.inputs(node)
     leaf_of: dict[StorageWeakRef, int] = {}  # storage -> index among the input leaves
     activations: list[torch.Tensor] = []
@@ -246,7 +253,11 @@ def _replay(node: fx.Node, runner: Runner, counter: _FlopCounter, grad_mode: boo
         return t
 
     before = counter.total
-    with torch.set_grad_enabled(grad_mode), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with contextlib.ExitStack() as regions:
+        for args_of_region in autocast:
+            regions.enter_context(torch.amp.autocast(*args_of_region))
+        regions.enter_context(torch.set_grad_enabled(grad_mode))
+        regions.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
         if node.target is torch.ops.higher_order.cond:  # the more expensive branch, run as plain code
             runs = []
             for branch in args[1:3]:

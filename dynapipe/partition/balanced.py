@@ -10,7 +10,9 @@ How the cuts are chosen, one file per step:
    not allowed (a non-tensor live, an ``unsplittable`` module, a ``no_grad`` region, a getitem);
 2. :mod:`.balance` -- the smallest slowest-stage time, then the fewest bytes crossing among
    near-balanced splits;
-3. :mod:`.mincut` -- a networkx min-cut around each cut moves FLOP-free nodes to where their values
+3. :mod:`.step_search` -- given a step objective (the simulated step of the schedule that will run),
+   the shortest step among those splits and their neighbours, balance breaking near-ties;
+4. :mod:`.mincut` -- a networkx min-cut around each cut moves FLOP-free nodes to where their values
    are read, for fewer bytes at the same stage times.
 
 Determinism: everything iterates lists in graph order; networkx's minimum_cut returns the unique cut
@@ -21,7 +23,7 @@ capacities are integers. So every rank computes the same partition from the same
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +33,10 @@ from ..capture import CapturedGraph, compute_nodes
 from ..config import Optimizer
 from ..cost import GraphCosts, graph_costs
 from ..errors import PartitionError
-from ..schedules import StageCost
 from .balance import fewest_bytes, greedy, memory_error, min_bottleneck
 from .chain import Chain
 from .mincut import refine
+from .step_search import StepObjective, shortest_step
 
 __all__ = ["BALANCE_SLACK", "BalancedPartition", "StepObjective", "assign_balanced", "balanced_partition"]
 
@@ -45,10 +47,6 @@ _BYTES_TOLERANCE = 0.05
 # Relative precision of the bottleneck searches.
 _BALANCE_TOLERANCE = 1e-4
 _INF = math.inf
-# Balance limits (above the best) at which the fewest-bytes split is a candidate for the shortest step.
-_STEP_LIMITS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1)
-# A split's step time in seconds, from the per-stage costs of its stages.
-StepObjective = Callable[[list[StageCost]], float]
 
 
 @dataclass(frozen=True)
@@ -80,6 +78,7 @@ def balanced_partition(
     costs: GraphCosts | None = None,
     slack: float = BALANCE_SLACK,
     step: StepObjective | None = None,
+    step_slack: float | None = None,
 ) -> BalancedPartition:
     """The balanced stage of every compute node (see the module docstring), with the bottlenecks found.
 
@@ -93,6 +92,9 @@ def balanced_partition(
     step: the step time of a split (per-stage costs -> seconds, e.g. a simulated step of the schedule
         that will run); the split it finds shortest among the fewest-bytes splits at a few balance limits
         wins over the fewest-bytes near-balanced one (see the module docstring).
+    step_slack: how much slower than the best balance a stage may be in the step search; None: as for
+        the fewest bytes (``slack``, and never worse than the best split at layer boundaries). Give a
+        slack only where the step depends on balance (more than one microbatch).
     """
     costs = costs or graph_costs(captured, optimizer=optimizer, profile=profile)
     chain = Chain(captured, costs, unsplittable, n_stages, in_flight or captured.n_microbatches)
@@ -132,7 +134,8 @@ def balanced_partition(
         else:
             lo = mid
     if step is not None and chain.timed:
-        cuts = _shortest_step(chain, cuts, step, bound, limit, memory, busy)
+        step_limit = limit if step_slack is None else max(limit, bound * (1 + step_slack))
+        cuts = shortest_step(chain, cuts, step, bound, step_limit, memory, busy)
     ideals, refined = refine(chain, cuts, memory)
     stage_of = {}
     for i, node in enumerate(chain.nodes):
@@ -140,20 +143,3 @@ def balanced_partition(
     order = {n: i for i, n in enumerate(compute_nodes(captured.gm.graph))}
     stage_of = dict(sorted(stage_of.items(), key=lambda item: order[item[0]]))
     return BalancedPartition(stage_of, tuple(cuts), bound, layer_bound, refined)
-
-
-def _shortest_step(
-    chain: Chain, cuts: list[int], step: StepObjective, bound: float, limit: float, memory: float, busy: bool
-) -> list[int]:
-    """Among ``cuts`` and the fewest-bytes splits within a few limits between the best balance and
-    ``limit``, the split whose step is shortest; ``cuts`` unless another is shorter by more than rounding."""
-    best, best_s = cuts, step(chain.stage_costs(cuts))
-    for share in _STEP_LIMITS:
-        if bound * (1 + share) > limit:
-            break
-        found = fewest_bytes(chain, bound * (1 + share) * (1 + 1e-12), memory, busy=busy)
-        if found is not None and found[1] != best:
-            seconds = step(chain.stage_costs(found[1]))
-            if seconds < best_s * (1 - 1e-9):
-                best, best_s = found[1], seconds
-    return best

@@ -12,6 +12,7 @@ stage sends (codegen re-enters the region in each stage), so the pair neither bl
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 
@@ -119,7 +120,7 @@ class Chain:
                 if self.out_bytes[i] == _INF:
                     blocked[i] += 1
                     blocked[last] -= 1
-                else:
+                elif self.users[i]:  # returned only (a cache): sent once to the last stage from any stage
                     delta[i] += self.out_bytes[i]
                     delta[last] -= self.out_bytes[i]
         grouped = [0] * (n + 1)
@@ -175,12 +176,20 @@ class Chain:
 
     def stage_costs(self, cuts: list[int]) -> list[StageCost]:
         """What the simulator needs of each stage of a split at chain positions ``cuts``: its F, I and W
-        seconds and the bytes live across the cut after it (what it sends, skips included)."""
+        seconds and the most bytes it sends to any one later stage (each value once to each stage that
+        reads it, as codegen sends skips: straight from producer to consumer)."""
         ends = [*cuts, len(self.nodes) - 1]
+        stage = [bisect.bisect_left(ends, i) for i in range(len(self.nodes))]
+        last = len(ends) - 1
+        sends: list[dict[int, float]] = [{} for _ in ends]
+        for i, s in enumerate(stage):
+            readers = {stage[u] for u in self.users[i]} | ({last} if self.to_output[i] else set())
+            for d in readers - {s}:
+                sends[s][d] = sends[s].get(d, 0) + self.out_bytes[i]
         out, start = [], 0
-        for end in ends:
+        for s, end in enumerate(ends):
             a, b = self.phase_prefix[start], self.phase_prefix[end + 1]
-            sent = self.cross[end] if end < len(self.nodes) - 1 else 0
+            sent = max(sends[s].values(), default=0)
             out.append(StageCost(b[0] - a[0], b[1] - a[1], b[2] - a[2], 0, int(sent)))
             start = end + 1
         return out

@@ -50,7 +50,7 @@ class Comm:
     """Point-to-point traffic of one pipeline, plus the few collectives a step needs."""
 
     timeout: timedelta
-    pending: list[tuple[dist.Work, torch.Tensor, str]] = field(default_factory=list)
+    pending: list[tuple[dist.Work, torch.Tensor, object, int]] = field(default_factory=list)
 
     @property
     def rank(self) -> int:
@@ -100,14 +100,19 @@ class Comm:
             f"rank {r} {text}" for r, (_, text) in sorted(reports.items()) if text.startswith("raised")
         )
 
-    def isend(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> None:
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int, what: object) -> None:
+        """Post a send; ``what`` (text, or an action) names it in an error message, formatted only then."""
         tensor = tensor.detach().contiguous()
         try:
             # None only for a rank outside the group, which no send here involves
             work = cast(dist.Work, dist.isend(tensor, peer, tag=tag))
         except RuntimeError as err:
             raise self._fail(err, f"sending {what} to rank {peer}", peer) from err
-        self.pending.append((work, tensor, f"sending {what} to rank {peer}"))
+        pending = self.pending
+        while pending and pending[0][0].is_completed():  # its buffer may go: hold only what is in flight
+            done, _, done_what, done_peer = pending.pop(0)
+            self.wait(done, _Sending(done_what, done_peer), done_peer)  # raises if it failed
+        pending.append((work, tensor, what, peer))
 
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> dist.Work:
         try:
@@ -115,18 +120,19 @@ class Comm:
         except RuntimeError as err:
             raise self._fail(err, f"posting a receive from rank {peer}", peer) from err
 
-    def wait(self, work: dist.Work, what: str, peer: int | None) -> None:
+    def wait(self, work: dist.Work, what: object, peer: int | None) -> None:
+        """Wait for ``work`` within the timeout; ``what`` names it in the error, formatted only then."""
         try:
             if not work.wait(self.timeout):
                 raise TimeoutError(f"no answer within {self.timeout.total_seconds():.0f} s")
         except (RuntimeError, TimeoutError) as err:
-            raise self._fail(err, what, peer) from err
+            raise self._fail(err, str(what), peer) from err
 
     def flush(self) -> None:
         """Wait for every send still in flight (their buffers must live until then)."""
         pending, self.pending = self.pending, []
-        for work, _, what in pending:
-            self.wait(work, what, None)
+        for work, _, what, peer in pending:
+            self.wait(work, _Sending(what, peer), peer)
 
     def all_reduce(self, tensor: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> None:
         try:
@@ -168,6 +174,17 @@ class Comm:
                 + "\nEvery rank must run the same model "
                 "code, options and input shapes; check for rank-dependent branches, configs or data."
             )
+
+
+@dataclass(frozen=True)
+class _Sending:
+    """``sending <what> to rank <peer>``, formatted only when an error needs the text."""
+
+    what: object
+    peer: int
+
+    def __str__(self) -> str:
+        return f"sending {self.what} to rank {self.peer}"
 
 
 def _difference(value: str, first: str) -> str:

@@ -21,8 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..codegen import StagePlan
 from ..errors import ConfigError, PipelineError
-from ..microbatch import merge_outputs, split_value
-from ..schedules import Action, Kind, Timeline
+from ..microbatch import merge_outputs, split_inputs
+from ..schedules import Action, Timeline
 from ..shapes import SymbolicShape
 from .comm import Comm
 from .executor import Executor, device_of
@@ -84,10 +84,11 @@ class StepReport:
 
     rank: int
     train: bool
-    timeline: Timeline  # this rank's compute actions, seconds from the step's start
+    timeline: Timeline  # every action this rank ran (and the step's named prologue/epilogue), seconds from its start
     peak_inflight: dict[int, int]  # stage -> most microbatches whose activations were alive at once
     stages: dict[int, StagePlan]  # this rank's stages (``stages[i].module.code`` is readable)
     plan: Any = None  # the partition that runs, as a dynapipe.explain.Explanation (print it for the table)
+    actions: list[Action | None] = field(default_factory=list)  # this rank's lowered table, as it ran
 
 
 @dataclass
@@ -102,7 +103,8 @@ class OutputSpec:
 class Pipeline:
     plans: list[StagePlan]
     rank_of_stage: dict[int, int]  # global rank holding each stage, in this rank's data-parallel replica
-    actions: list[Action | None]  # this rank's training schedule
+    actions: list[Action | None]  # this rank's lowered training table, as validate() proved it
+    inference_actions: list[Action | None]  # and its lowered forward-only table
     comm: Comm
     layout: Layout
     input_sources: list[str]  # Dynamo source of each graph input (``L['x']``), read by the caller
@@ -146,7 +148,14 @@ class Pipeline:
         self.serial = next(_SERIALS)
         self.state_readers = state_readers(self.plans, self.rank_of_stage)
         self.executor = Executor(
-            self.plans, self.rank_of_stage, self.comm, self.n_microbatches, self.loss_index, scale, reducers
+            self.plans,
+            self.rank_of_stage,
+            self.comm,
+            self.n_microbatches,
+            self.loss_index,
+            scale,
+            reducers,
+            gpu_timeline=self.on_step is not None,
         )
 
     def __call__(self, *values: Any) -> tuple[Any, ...]:
@@ -157,10 +166,7 @@ class Pipeline:
                     "an input of the pipelined call requires grad; dynapipe returns gradients for parameters "
                     "only. Detach the input, or make it an nn.Parameter of the model."
                 )
-        inputs = [
-            [split_value(v, self.n_microbatches, self.batch_size, mb) for v in values]
-            for mb in range(self.n_microbatches)
-        ]
+        inputs = split_inputs(values, self.n_microbatches, self.batch_size)
         train = torch.is_grad_enabled()
         if train and self.loss_index is None:
             raise ConfigError(
@@ -168,14 +174,22 @@ class Pipeline:
                 "(e.g. `loss = F.cross_entropy(model(x), y)` or a HuggingFace model called with labels); "
                 "for inference call it under torch.no_grad()"
             )
-        actions = self.actions if train else self._forward_only()
+        table = self.actions if train else self.inference_actions
         held = {p: p.grad for p in self.params}
         for p in self.params:
             p.grad = None
-        refresh_state(self.state_readers, self.serial, self.comm)  # after another pipeline over this model
         delivery = _OutputDelivery(self, device_of(inputs))
+        outputs: list[torch.Tensor] = []
+        prologue = [
+            # after another pipeline over this model: fetch the values it left on other ranks
+            ("refresh shared state", lambda: refresh_state(self.state_readers, self.serial, self.comm)),
+            ("post output receives", delivery.post),
+        ]
+        epilogue = [("receive outputs", lambda: outputs.extend(delivery.receive()))]
+        if train and self.tied:
+            epilogue.insert(0, ("all-reduce shared gradients", self._reduce_tied))
         try:
-            self.executor.run(actions, inputs, train, on_results=delivery.send)
+            self.executor.run(table, inputs, train, delivery.send, prologue, epilogue)
             grads = [p.grad for p in self.params]
         except Exception as err:
             if not isinstance(err, PipelineError):  # this rank's own error: its peers will name it
@@ -184,9 +198,6 @@ class Pipeline:
         finally:
             for p, g in held.items():
                 p.grad = g
-        if train:
-            self._reduce_tied(grads)
-        outputs = delivery.receive()
         if self.on_step is not None:
             self.on_step(
                 StepReport(
@@ -196,6 +207,7 @@ class Pipeline:
                     dict(self.executor.peak_inflight),
                     {s: self.plans[s] for s in self.local_stages},
                     self.plan,
+                    list(table),
                 )
             )
         if train:
@@ -207,18 +219,12 @@ class Pipeline:
                     outputs[k] = _NoGradient.apply(outputs[k], anchor, k, self.loss_index)
         return tuple(outputs)
 
-    def _forward_only(self) -> list[Action]:
-        return [Action(s, Kind.F, mb) for s in self.local_stages for mb in range(self.n_microbatches)]
-
-    def _reduce_tied(self, grads: list[torch.Tensor | None]) -> None:
+    def _reduce_tied(self) -> None:
         """Sum the gradient of each parameter used by stages on several ranks over just those ranks."""
-        index = {id(p): i for i, p in enumerate(self.params)}
         for param, group, name in self.tied:
-            i = index[id(param)]
-            grad = grads[i]
-            if grad is None:
-                grad = grads[i] = torch.zeros_like(param)
-            self.comm.all_reduce(grad, group, f"the gradient of shared parameter {name}")
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            self.comm.all_reduce(param.grad, group, f"the gradient of shared parameter {name}")
 
 
 def _params_without_gradient(module: torch.fx.GraphModule) -> list[str]:
@@ -253,11 +259,15 @@ class _OutputDelivery:
         self.merged: list[torch.Tensor] | None = None
         self.others = sorted(set(pipeline.rank_of_stage.values()) - {pipeline.last_rank})
         self.tag = pipeline.executor.free_tag
-        self.posted = []
-        if pipeline.rank != pipeline.last_rank:
-            for k, spec in enumerate(pipeline.outputs):
-                buffer = torch.empty(spec.shape.at(pipeline.executor.sizes), dtype=spec.dtype, device=device)
-                self.posted.append((buffer, pipeline.comm.irecv(buffer, pipeline.last_rank, self.tag + k)))
+        self.device = device
+        self.posted: list[tuple[torch.Tensor, dist.Work]] = []
+
+    def post(self) -> None:
+        p = self.pipeline
+        if p.rank != p.last_rank:
+            for k, spec in enumerate(p.outputs):
+                buffer = torch.empty(spec.shape.at(p.executor.sizes), dtype=spec.dtype, device=self.device)
+                self.posted.append((buffer, p.comm.irecv(buffer, p.last_rank, self.tag + k)))
 
     def send(self, results: dict[int, tuple]) -> None:
         p = self.pipeline

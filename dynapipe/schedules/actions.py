@@ -10,9 +10,12 @@ runtime, the simulator, the validator and the timeline picture, so it has one co
   peer stage after an arrow that points the way the tensor travels: ``2SEND_F0->3`` (stage 2 sends the
   activation of microbatch 0 to stage 3), ``3RECV_F0<-2``, ``3SEND_B0->2`` (input-gradient back to stage
   2), ``2RECV_B0<-3``;
+* ``1REDUCE3`` arms stage 1's data-parallel gradient reduction (DDP's bucket all-reduces, started by
+  autograd hooks) for the weight-gradient work on microbatch 3 that follows it: the stage's last;
 * a table is one line per rank, ``rank 0: 0F0 0F1 _ 0B0 0B1``, with ``_`` or ``-`` for an idle slot;
   ``#`` starts a comment. A CSV file holds one row per rank and one cell per action (an optional first
-  cell ``rank 0``; empty cells are idle slots, trailing empty cells are dropped).
+  cell ``rank 0``; empty cells are idle slots, trailing empty cells are dropped). torch.distributed.pipelining's
+  CSV (cells such as ``1SEND_F0``, no peer) reads too, for chains of stages: see :func:`dump_torch_csv`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = [
     "Kind",
     "ScheduleError",
     "Table",
+    "dump_torch_csv",
     "format_schedule",
     "load_schedule",
     "normalize_table",
@@ -49,10 +53,16 @@ class Kind(str, enum.Enum):
     RECV_F = "RECV_F"
     SEND_B = "SEND_B"
     RECV_B = "RECV_B"
+    REDUCE = "REDUCE"  # data-parallel gradient reduction armed for the weight-gradient work that follows
 
     @property
     def is_compute(self) -> bool:
         return self in _COMPUTE
+
+    @property
+    def is_p2p(self) -> bool:
+        """A send or receive between two stages: the only kinds that name a peer stage."""
+        return self in _P2P
 
     @property
     def is_backward(self) -> bool:
@@ -65,9 +75,10 @@ class Kind(str, enum.Enum):
 
 _COMPUTE = frozenset({Kind.F, Kind.B, Kind.I, Kind.W})
 _SENDS = frozenset({Kind.SEND_F, Kind.SEND_B})
+_P2P = _SENDS | {Kind.RECV_F, Kind.RECV_B}
 # Longest names first so that "SEND_F" is not read as stage, "S"...
 _ACTION_RE = re.compile(
-    r"^(?P<stage>\d+)(?P<kind>SEND_F|SEND_B|RECV_F|RECV_B|F|B|I|W)(?P<mb>\d+)"
+    r"^(?P<stage>\d+)(?P<kind>SEND_F|SEND_B|RECV_F|RECV_B|REDUCE|F|B|I|W)(?P<mb>\d+)"
     r"(?:(?P<arrow>->|<-)(?P<peer>\d+))?$"
 )
 _IDLE = frozenset({"_", "-", ""})
@@ -76,7 +87,7 @@ _IDLE = frozenset({"_", "-", ""})
 @dataclass(frozen=True, order=True, repr=False)
 class Action:
     """One step of one rank: ``kind`` of microbatch ``mb`` on ``stage``; ``peer`` is the remote stage of a
-    communication action (``None`` for compute)."""
+    send or receive (``None`` otherwise)."""
 
     stage: int
     kind: Kind
@@ -86,11 +97,9 @@ class Action:
     def __post_init__(self) -> None:
         # Accept Kind("F") and "F" alike; a frozen dataclass needs object.__setattr__ to coerce.
         object.__setattr__(self, "kind", Kind(self.kind))
-        if self.kind.is_compute and self.peer is not None:
-            raise ScheduleError(
-                f"compute action {self.stage}{self.kind}{self.mb} cannot have a peer ({self.peer})"
-            )
-        if not self.kind.is_compute and self.peer is None:
+        if not self.kind.is_p2p and self.peer is not None:
+            raise ScheduleError(f"action {self.stage}{self.kind}{self.mb} cannot have a peer ({self.peer})")
+        if self.kind.is_p2p and self.peer is None:
             raise ScheduleError(
                 f"communication action {self.stage}{self.kind}{self.mb} needs peer=<remote stage>"
             )
@@ -115,12 +124,12 @@ class Action:
             )
         kind = Kind(match["kind"])
         peer = None if match["peer"] is None else int(match["peer"])
-        if not kind.is_compute:
+        if kind.is_p2p:
             want = "->" if kind in _SENDS else "<-"
             if match["arrow"] != want:
                 raise ScheduleError(f"cannot read action {text!r}: {kind.value} takes '{want}<peer stage>'")
         elif peer is not None:
-            raise ScheduleError(f"cannot read action {text!r}: compute actions take no peer stage")
+            raise ScheduleError(f"cannot read action {text!r}: only sends and receives take a peer stage")
         return cls(int(match["stage"]), kind, int(match["mb"]), peer)
 
 
@@ -178,6 +187,60 @@ def parse_schedule(text: str) -> Table:
     return dict(sorted(table.items()))
 
 
+_TORCH_P2P_RE = re.compile(r"^(?P<stage>\d+)(?P<kind>SEND_F|SEND_B|RECV_F|RECV_B)(?P<mb>\d+)$")
+_TORCH_ONLY = ("UNSHARD", "RESHARD", "REDUCE_GRAD", "OVERLAP_F_B")
+# where a chain's message goes, by direction of travel: a forward send goes down, a gradient up
+_CHAIN_PEER = {Kind.SEND_F: 1, Kind.RECV_F: -1, Kind.SEND_B: -1, Kind.RECV_B: 1}
+
+
+def _csv_cell(text: str) -> Action | None:
+    """A cell of our CSV, or of torch.distributed.pipelining's, whose sends and receives name no peer:
+    on a chain of stages the peer is the next stage down (forward) or up (gradient)."""
+    text = text.strip()
+    match = _TORCH_P2P_RE.match(text)
+    if match is None:
+        if any(kind in text for kind in _TORCH_ONLY):
+            raise ScheduleError(
+                f"{text!r}: torch.distributed.pipelining's {', '.join(_TORCH_ONLY)} actions (FSDP and fused "
+                "F+B) have no dynapipe counterpart; remove them (data parallelism is dynapipe's dp_degree)"
+            )
+        return _coerce(text)
+    kind = Kind(match["kind"])
+    stage = int(match["stage"])
+    return Action(stage, kind, int(match["mb"]), stage + _CHAIN_PEER[kind])
+
+
+def dump_torch_csv(table: Mapping[int, Iterable[Action | None]], path: str | Path) -> None:
+    """Write ``table`` as torch.distributed.pipelining's CSV (``schedule._load_csv(path)`` reads it): one row
+    per rank, ``0F1``-style cells, sends and receives without their peer, so only between neighbouring
+    stages of a chain. A REDUCE has no counterpart there (torch's REDUCE_GRAD reduces after the backward,
+    for FSDP): such a table, or one with a skip connection, is refused rather than written wrong."""
+    rows = []
+    for rank in range(max(table, default=-1) + 1):
+        cells = []
+        for action in table.get(rank, []):
+            if action is None:
+                cells.append("")
+            elif action.kind is Kind.REDUCE:
+                raise ScheduleError(
+                    f"{action} on rank {rank}: torch.distributed.pipelining's CSV has no action that arms DDP; "
+                    "export the table without data parallelism (its DDP wrappers reduce on their own)"
+                )
+            elif action.kind.is_p2p:
+                assert action.peer is not None
+                if action.peer != action.stage + _CHAIN_PEER[action.kind]:
+                    raise ScheduleError(
+                        f"{action} on rank {rank}: torch's CSV names no peer stage, so it holds only messages "
+                        "between neighbouring stages; this one skips stages"
+                    )
+                cells.append(f"{action.stage}{action.kind.value}{action.mb}")
+            else:
+                cells.append(str(action))
+        rows.append(cells)
+    with Path(path).open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+
+
 def _parse_csv(path: Path) -> Table:
     table: Table = {}
     with path.open(newline="") as handle:
@@ -195,7 +258,7 @@ def _parse_csv(path: Path) -> Table:
             if rank in table:
                 raise ScheduleError(f"{path}:{lineno}: rank {rank} appears twice; give each rank one row")
             try:
-                table[rank] = [_coerce(cell) for cell in cells]
+                table[rank] = [_csv_cell(cell) for cell in cells]
             except ScheduleError as err:
                 raise ScheduleError(f"{path}:{lineno}: {err}") from None
     if not table:

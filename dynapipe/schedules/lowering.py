@@ -1,15 +1,23 @@
-"""Lowering: add the point-to-point communication that a compute table implies.
+"""Lowering: turn a compute table into the table the runtime executes, with every message in it.
 
-For every stage-graph edge ``producer -> consumer`` whose ends sit on different ranks:
+This module is dynapipe's one communication policy; the validator proves its output, the executor runs
+it action by action, and the timeline records it. For every stage-graph edge ``producer -> consumer``
+whose ends sit on different ranks:
 
 * after ``F`` of the producer, its rank sends the activation: ``pSEND_Fk->c``; the consumer's rank
-  receives it just before the ``F`` that needs it: ``cRECV_Fk<-p``;
+  posts the receive ``cRECV_Fk<-p`` ahead of the ``F`` that needs it, and that ``F`` waits for it;
 * after ``B``/``I`` of the consumer, its rank sends the input-gradient back: ``cSEND_Bk->p``; the
-  producer's rank receives it just before its own ``B``/``I``: ``pRECV_Bk<-c``.
+  producer's rank posts ``pRECV_Bk<-c`` ahead of its own ``B``/``I``.
 
-Receives sit as late as possible (so a blocking receive never holds up unrelated work) and sends as
-early as possible; several of either are ordered by peer stage, so every rank derives the same table.
-Edges within one rank need nothing: the tensors stay in memory.
+Posting a receive is non-blocking (the message lands in its buffer while the rank computes); waiting is
+the compute action's. How far ahead is the caller's choice (``receive_ahead``): the runtime posts every
+receive at the start of the step over gloo, where a message that finds its receive posted skips a round
+trip, and right before the action over NCCL, whose point-to-point calls between two ranks run in the
+order they are issued. Sends are non-blocking and leave right after the action that produced them. Several of either are ordered by peer stage, so every rank derives the same table. Edges
+within one rank need nothing: the tensors stay in memory.
+
+With data parallelism, ``sREDUCEk`` before the last weight-gradient work of stage ``s`` (``sBk`` or
+``sWk``) marks where DDP's bucket all-reduces are armed: they start from autograd hooks inside that action.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from .actions import Action, Kind, ScheduleError, Table
 from .placement import Placement, StageGraph, placement_map
 from .placement import stage_graph as _chain_plus
 
-__all__ = ["comm_after", "comm_before", "lower"]
+__all__ = ["comm_after", "comm_before", "last_weight_work", "lower", "mark_reductions"]
 
 
 def comm_before(action: Action, graph: StageGraph, rank_of: dict[int, int]) -> list[Action]:
@@ -51,6 +59,16 @@ def comm_after(action: Action, graph: StageGraph, rank_of: dict[int, int]) -> li
     return []
 
 
+def last_weight_work(table: Table) -> dict[int, Action]:
+    """Each stage's last action that accumulates weight gradients (``B`` or ``W``), as the table orders them."""
+    last: dict[int, Action] = {}
+    for actions in table.values():
+        for action in actions:
+            if action is not None and action.kind in (Kind.B, Kind.W):
+                last[action.stage] = action
+    return last
+
+
 def lower(
     table: Table,
     n_ranks: int,
@@ -59,8 +77,13 @@ def lower(
     stage_graph: StageGraph | None = None,
     *,
     edges: Iterable[tuple[int, int]] | None = None,
+    reduce_stages: Iterable[int] = (),
+    receive_ahead: int | None = 1,
 ) -> Table:
-    """A copy of compute-only ``table`` with SEND/RECV actions inserted (idle slots are kept).
+    """A copy of compute-only ``table`` with SEND/RECV actions inserted (idle slots are kept), and a REDUCE
+    before the last weight-gradient work of every stage in ``reduce_stages`` (data parallelism). A receive
+    is posted ``receive_ahead`` compute actions before the one that waits for it (0: right before it;
+    None: every receive of the step at its start).
 
     The stage graph is ``stage_graph`` if given (the runtime passes the real stage DAG), else the chain
     ``s -> s+1`` plus ``edges``.
@@ -69,15 +92,40 @@ def lower(
     rank_of = placement_map(placement, n_ranks=n_ranks, n_stages=n_stages)
     lowered: Table = {}
     for rank, actions in sorted(table.items()):
-        out: list[Action | None] = []
         for action in actions:
             if action is not None and not action.kind.is_compute:
                 raise ScheduleError(
                     f"{action} on rank {rank}: the table is already lowered; pass the compute-only table"
                 )
+        compute = [a for a in actions if a is not None]
+        posts: dict[int, list[Action]] = {}  # compute index -> receives posted right before it
+        for k, action in enumerate(compute):
+            at = 0 if receive_ahead is None else max(k - receive_ahead, 0)
+            posts.setdefault(at, []).extend(comm_before(action, graph, rank_of))
+        out: list[Action | None] = []
+        k = 0
+        for action in actions:
             if action is None:
                 out.append(None)
                 continue
-            out += [*comm_before(action, graph, rank_of), action, *comm_after(action, graph, rank_of)]
+            out += [*posts.get(k, []), action, *comm_after(action, graph, rank_of)]
+            k += 1
         lowered[rank] = out
-    return lowered
+    return mark_reductions(lowered, reduce_stages)
+
+
+def mark_reductions(table: Table, stages: Iterable[int]) -> Table:
+    """``table`` with ``sREDUCEk`` right before the last weight-gradient work ``sBk``/``sWk`` of every stage
+    in ``stages`` that has no REDUCE yet (a hand-lowered table may place its own)."""
+    marked = {a.stage for acts in table.values() for a in acts if a is not None and a.kind is Kind.REDUCE}
+    before = {a for s, a in last_weight_work(table).items() if s in set(stages) - marked}
+    if not before:
+        return table
+    return {
+        rank: [
+            item
+            for a in actions
+            for item in ([Action(a.stage, Kind.REDUCE, a.mb), a] if a in before else [a])
+        ]
+        for rank, actions in table.items()
+    }

@@ -25,11 +25,14 @@ __all__ = ["StageCost", "Timeline", "TimelineEvent", "simulate"]
 
 @dataclass(frozen=True)
 class StageCost:
-    """Cost of one microbatch on one stage: times in seconds, sizes in bytes.
+    """Cost of one microbatch on one stage: the one record the cost model fills, the partitioner
+    compares, the simulator replays and :func:`dynapipe.explain` prints. Times in seconds, sizes in bytes.
 
-    ``send_bytes`` is the size of the stage's output activation, sent to each consumer on another rank;
-    its gradient travels back with the same size. A full backward ``B`` costs ``backward_input +
-    backward_weight``.
+    ``send_bytes`` is the most the stage sends to any one other stage (its output activation; its
+    gradient travels back with the same size); ``sends`` maps each later stage to what this one sends
+    it (a tensor read by two later stages goes to each). A full backward ``B`` costs ``backward_input +
+    backward_weight``. The simulator reads the first five fields; the cost model fills the rest too
+    (``modules`` names the modules the stage covers, ``(part)`` marking one shared with another stage).
     """
 
     forward: float
@@ -37,6 +40,16 @@ class StageCost:
     backward_weight: float
     activation_bytes: int = 0
     send_bytes: int = 0
+    index: int = 0
+    forward_flops: int = 0
+    backward_input_flops: int = 0
+    backward_weight_flops: int = 0
+    param_bytes: int = 0
+    grad_bytes: int = 0
+    optimizer_bytes: int = 0
+    sends: Mapping[int, int] = field(default_factory=dict, hash=False)
+    modules: tuple[str, ...] = ()
+    n_nodes: int = 0
 
     def duration(self, kind: Kind) -> float:
         return {
@@ -45,6 +58,29 @@ class StageCost:
             Kind.I: self.backward_input,
             Kind.W: self.backward_weight,
         }[kind]
+
+    @property
+    def time_s(self) -> float:
+        """Forward plus backward seconds of one microbatch."""
+        return self.forward + self.backward_input + self.backward_weight
+
+    @property
+    def flops(self) -> int:
+        """FLOPs of one training step of one microbatch (forward + backward)."""
+        return self.forward_flops + self.backward_input_flops + self.backward_weight_flops
+
+    @property
+    def state_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes
+
+    @property
+    def next_bytes(self) -> int:
+        """Bytes sent to the next stage."""
+        return self.sends.get(self.index + 1, 0)
+
+    def memory_bytes(self, in_flight: int = 1) -> int:
+        """Peak bytes with ``in_flight`` microbatches' activations held (GPipe: all; 1F1B: stages - index)."""
+        return self.state_bytes + in_flight * self.activation_bytes
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,13 @@ Checks, in order, each stopping at the first offence and naming the action and i
 2. every action sits on the rank that holds its stage, and runs once;
 3. same-rank order: F after its producers' F, B/I after its own F and its consumers' B/I, W after its I;
 4. completeness: each (stage, microbatch) has one F and one B, or one I and one W (F only when
-   ``forward_only``);
-5. deadlock freedom: replay the lowered table with blocking receives and non-blocking sends (the
-   runtime's contract). If no rank can move, report the cycle of waiting ranks.
+   ``forward_only``); a REDUCE, if any, sits right before its stage's last weight-gradient work;
+5. deadlock freedom: replay the lowered table as the runtime runs it -- a receive is posted where the
+   table says and waited for by the compute action that needs it, sends never block. If no rank can
+   move, report the cycle of waiting ranks.
 
-Dependencies between ranks are only checked by the replay: with blocking receives, a rank that runs
-an action "too early" simply waits, and the wait is harmless unless it closes a cycle.
+Dependencies between ranks are only checked by the replay: a rank that runs an action "too early"
+simply waits, and the wait is harmless unless it closes a cycle.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from .actions import Action, Kind, ScheduleError, Table, normalize_table
-from .lowering import comm_before, lower
+from .lowering import comm_before, last_weight_work, lower, mark_reductions
 from .placement import Placement, StageGraph, backward_kinds, inputs_of, placement_map
 from .placement import stage_graph as _chain_plus
 
@@ -36,11 +37,16 @@ def validate(
     *,
     stage_graph: StageGraph | None = None,
     forward_only: bool = False,
+    reduce_stages: Iterable[int] = (),
+    receive_ahead: int | None = 1,
 ) -> Table:
-    """Raise :class:`ScheduleError` unless ``table`` runs to completion; return its lowered form.
+    """Raise :class:`ScheduleError` unless ``table`` runs to completion; return its lowered form, the
+    table the runtime executes.
 
-    ``table`` may be compute-only (it is lowered here) or already lowered (its own sends and receives
-    are replayed as written). ``forward_only`` accepts inference tables, which have no backward.
+    ``table`` may be compute-only (it is lowered here, with a REDUCE for each of ``reduce_stages`` and
+    receives posted ``receive_ahead`` compute actions early: see :func:`~dynapipe.schedules.lower`) or
+    already lowered (its own sends, receives and REDUCEs are replayed as written). ``forward_only``
+    accepts inference tables, which have no backward.
     """
     table = normalize_table(table)
     graph = stage_graph if stage_graph is not None else _chain_plus(n_stages, edges)
@@ -61,7 +67,13 @@ def validate(
     _check_complete(compute, n_stages, n_microbatches, rank_of, forward_only)
 
     lowered_given = any(a is not None and not a.kind.is_compute for acts in table.values() for a in acts)
-    lowered = table if lowered_given else lower(table, n_ranks, n_stages, rank_of, graph)
+    if lowered_given:
+        lowered = mark_reductions(table, reduce_stages)
+    else:
+        lowered = lower(
+            table, n_ranks, n_stages, rank_of, graph, reduce_stages=reduce_stages, receive_ahead=receive_ahead
+        )
+    _check_reduce(lowered)
     _replay(lowered, graph, rank_of, backward_kinds(table))
     return lowered
 
@@ -87,9 +99,10 @@ def _check_actions(table, n_stages, n_mb, graph, rank_of, where, forward_only) -
                     f"{at}: stage {action.stage} lives on rank {owner} under {where}; "
                     f"move {action} to rank {owner}'s list"
                 )
-            if forward_only and action.kind in (Kind.B, Kind.I, Kind.W, Kind.SEND_B, Kind.RECV_B):
+            backward = (Kind.B, Kind.I, Kind.W, Kind.SEND_B, Kind.RECV_B, Kind.REDUCE)
+            if forward_only and action.kind in backward:
                 raise ScheduleError(f"{at}: a forward-only schedule has no backward actions; remove it")
-            if not action.kind.is_compute:
+            if action.kind.is_p2p:
                 outgoing = action.kind in (Kind.SEND_F, Kind.RECV_B)
                 neighbours = graph.consumers[action.stage] if outgoing else graph.producers[action.stage]
                 if action.peer not in neighbours or rank_of[action.peer] == rank:
@@ -156,11 +169,37 @@ def _message(action: Action) -> tuple[str, int, int, int]:
     return action.kind.value[-1], action.peer, action.stage, action.mb
 
 
+def _check_reduce(lowered: Table) -> None:
+    """A REDUCE arms DDP for the one autograd call that finishes its stage's gradients: it must come
+    right before (among its stage's actions) that stage's last weight-gradient work, and only once."""
+    last = last_weight_work(lowered)
+    for rank, actions in lowered.items():
+        for i, action in enumerate(actions):
+            if action is None or action.kind is not Kind.REDUCE:
+                continue
+            after = next(
+                (
+                    a
+                    for a in actions[i + 1 :]
+                    if a is not None and a.stage == action.stage and a.kind.is_compute
+                ),
+                None,
+            )
+            want = last.get(action.stage)
+            if after is None or after != want or want.mb != action.mb:
+                raise ScheduleError(
+                    f"{action} on rank {rank} must come right before stage {action.stage}'s last "
+                    f"weight-gradient work ({want if want is not None else 'none in this table'}), which "
+                    "finishes its gradients; move it there"
+                )
+
+
 def _replay(lowered: Table, graph: StageGraph, rank_of: dict[int, int], kinds) -> None:
-    """Run every rank until all finish or none can move; blocking receives, non-blocking sends."""
+    """Run every rank until all finish or none can move: a compute action waits for the messages it
+    needs, whose receives must be posted before it; sends never block."""
     pos = dict.fromkeys(lowered, 0)
-    posted: set[tuple] = set()
-    received: dict[int, set[tuple]] = {r: set() for r in lowered}
+    sent: set[tuple] = set()
+    posted: dict[int, set[tuple]] = {r: set() for r in lowered}
     done: set[Action] = set()
     moved = True
     while moved:
@@ -168,14 +207,17 @@ def _replay(lowered: Table, graph: StageGraph, rank_of: dict[int, int], kinds) -
         for rank, actions in lowered.items():
             while pos[rank] < len(actions):
                 action = actions[pos[rank]]
-                if action is None:
+                if action is None or action.kind is Kind.REDUCE:
                     pass
                 elif action.kind.is_compute:
-                    for recv in comm_before(action, graph, rank_of):
-                        if _message(recv) not in received[rank]:
+                    needs = [_message(recv) for recv in comm_before(action, graph, rank_of)]
+                    for recv, message in zip(comm_before(action, graph, rank_of), needs, strict=True):
+                        if message not in posted[rank]:
                             raise ScheduleError(
                                 f"{action} on rank {rank} needs {recv} before it; add it or use lower()"
                             )
+                    if not all(message in sent for message in needs):
+                        break  # a message not sent yet: this rank waits
                     done.add(action)
                 elif action.kind in (Kind.SEND_F, Kind.SEND_B):
                     kind = (
@@ -186,30 +228,31 @@ def _replay(lowered: Table, graph: StageGraph, rank_of: dict[int, int], kinds) -
                         raise ScheduleError(
                             f"{action} on rank {rank} sends before {source} has run; move it after"
                         )
-                    posted.add(_message(action))
-                elif _message(action) in posted:
-                    received[rank].add(_message(action))
+                    sent.add(_message(action))
                 else:
-                    break  # a receive whose send has not happened: this rank waits
+                    posted[rank].add(_message(action))
                 pos[rank] += 1
                 moved = True
     if all(pos[r] == len(acts) for r, acts in lowered.items()):
         return
-    raise ScheduleError(_deadlock_report(lowered, pos, rank_of, kinds))
+    raise ScheduleError(_deadlock_report(lowered, pos, rank_of, kinds, graph, sent))
 
 
-def _deadlock_report(lowered: Table, pos: dict[int, int], rank_of: dict[int, int], kinds) -> str:
-    def waiting(rank: int) -> tuple[Action, Action, Action | None, int]:
-        recv = lowered[rank][pos[rank]]
-        assert recv is not None and recv.peer is not None  # the replay stopped at a receive
+def _deadlock_report(
+    lowered: Table, pos: dict[int, int], rank_of: dict[int, int], kinds, graph: StageGraph, sent: set
+) -> str:
+    def waiting(rank: int) -> tuple[Action, Action, Action, int]:
+        """(the receive not yet satisfied, the action that sends it, the action waiting, its sender)."""
+        needed_by = lowered[rank][pos[rank]]
+        assert needed_by is not None and needed_by.kind.is_compute  # the replay stops only at computes
+        recv = next(r for r in comm_before(needed_by, graph, rank_of) if _message(r) not in sent)
+        assert recv.peer is not None
         kind = Kind.F if recv.kind is Kind.RECV_F else kinds.get((recv.peer, recv.mb), Kind.B)
-        needed_by = next((a for a in lowered[rank][pos[rank] :] if a is not None and a.kind.is_compute), None)
         return recv, Action(recv.peer, kind, recv.mb), needed_by, rank_of[recv.peer]
 
     def line(rank: int) -> str:
         recv, source, needed_by, sender = waiting(rank)
-        what = f"{needed_by} on rank {rank}" if needed_by is not None else f"rank {rank}"
-        return f"{what} waits at {recv} for {source} from rank {sender}"
+        return f"{needed_by} on rank {rank} waits at {recv} for {source} from rank {sender}"
 
     start = min(r for r, acts in lowered.items() if pos[r] < len(acts))
     chain = [start]

@@ -31,8 +31,8 @@ from ..units import format_bytes
 from ._svg import COLORS, Canvas, format_seconds, text_width, wrap
 
 if TYPE_CHECKING:
-    from ..cost import StageRecord
     from ..explain import Explanation
+    from ..schedules import StageCost
 
 __all__ = ["crossing_tensors", "partition_svg", "partition_text", "shared_state", "stage_modules"]
 
@@ -336,7 +336,7 @@ def _draw_skips(
         svg.text(mid, apex - 1, label, size=11, anchor="middle", fill=COLORS["ink"], class_="bytes")
 
 
-def _draw_card(svg: Canvas, f: _Frame, s: StageRecord, i: int, *, highlight: bool) -> None:
+def _draw_card(svg: Canvas, f: _Frame, s: StageCost, i: int, *, highlight: bool) -> None:
     """The stage's card: its number, op count and module lines (the bars are drawn on it afterwards)."""
     x = f.col_x[i]
     svg.rect(
@@ -367,14 +367,14 @@ def _draw_card(svg: Canvas, f: _Frame, s: StageRecord, i: int, *, highlight: boo
         )
 
 
-def _draw_bars(svg: Canvas, f: _Frame, s: StageRecord, i: int, *, highlight: bool) -> None:
+def _draw_bars(svg: Canvas, f: _Frame, s: StageCost, i: int, *, highlight: bool) -> None:
     """Compute and memory bars on the common baseline, the mean compute as a dashed line."""
     x, base, bar_h = f.col_x[i], f.base, f.bar_h
     bars: tuple[tuple[str, float, list[tuple[str, float]], str], ...] = (
         (
             "compute",
             f.peak_t,
-            [("F", s.forward_s), ("I", s.backward_input_s), ("W", s.backward_weight_s)],
+            [("F", s.forward), ("I", s.backward_input), ("W", s.backward_weight)],
             format_seconds(s.time_s),
         ),
         (
@@ -443,7 +443,7 @@ def _draw_bars(svg: Canvas, f: _Frame, s: StageRecord, i: int, *, highlight: boo
 
 
 def _draw_send(
-    svg: Canvas, f: _Frame, s: StageRecord, i: int, crossing: dict[tuple[int, int], list[str]]
+    svg: Canvas, f: _Frame, s: StageCost, i: int, crossing: dict[tuple[int, int], list[str]]
 ) -> None:
     """The arrow to the next stage, labelled with the bytes that cross and the tensors they are."""
     x, y, gap = f.col_x[i], f.cards_y + 20, f.gap

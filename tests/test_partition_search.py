@@ -1,0 +1,86 @@
+"""The automatic plan against brute force: on graphs small enough to try every choice of k - 1 cut
+positions along the chain (at most 40 positions, k <= 4), the plan's predicted step is within 2% of the
+shortest predicted step of any of them in which every stage does some work, costed and simulated
+the same way (explain()'s numbers).
+
+    pytest tests/test_partition_search.py
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dynapipe.config import PipelineConfig
+from dynapipe.cost import stage_costs
+from dynapipe.explain import capture
+from dynapipe.partition.chain import Chain
+from dynapipe.plan import plan_pipeline, predict_step
+from dynapipe.schedules import get_schedule
+
+BATCH, SEQ, N_MICRO = 8, 64, 4
+MAX_POSITIONS = 40
+
+
+class Hourglass(nn.Module):
+    """Wide and narrow layers: a cut after a narrow one sends 8x fewer bytes, the widest layers weigh
+    16x the narrowest, so balance and bytes pull the cuts different ways."""
+
+    def __init__(self, widths=(1024, 1024, 128, 1024, 1024, 128, 512, 1024, 128, 1024)) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:], strict=False))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x.square().mean()
+
+
+class Residual(nn.Module):
+    """Residual blocks of uneven width, with a skip from the input to the last block (read there only)."""
+
+    def __init__(self, width: int = 512, hidden=(2048, 256, 1024, 2048, 512)) -> None:
+        super().__init__()
+        self.ups = nn.ModuleList(nn.Linear(width, h) for h in hidden)
+        self.downs = nn.ModuleList(nn.Linear(h, width) for h in hidden)
+
+    def forward(self, x):
+        first = x
+        for up, down in zip(self.ups, self.downs, strict=True):
+            x = x + down(torch.relu(up(x)))
+        return (x * first).mean()
+
+
+def _plan_and_best(model: nn.Module, width: int, n_stages: int, schedule: str):
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, SEQ, width)
+    captured = capture(model, (x,), n_microbatches=N_MICRO)
+    spec = get_schedule(schedule)
+    config = PipelineConfig(n_stages=n_stages, n_microbatches=N_MICRO, schedule=schedule)
+    plan = plan_pipeline(captured, config, spec=spec, n_ranks=n_stages, n_stages=n_stages)
+    assert plan.costs is not None
+    planned = predict_step(plan, stage_costs(captured, plan.stage_of, costs=plan.costs), N_MICRO).makespan
+    chain = Chain(captured, plan.costs, (), n_stages, N_MICRO)
+    assert n_stages - 1 <= len(chain.allowed) <= MAX_POSITIONS
+    steps = []
+    for cuts in itertools.combinations(chain.allowed, n_stages - 1):
+        ends = [*cuts, len(chain.nodes) - 1]
+        if any(chain.last_busy[end] <= start for start, end in zip([-1, *cuts], ends, strict=True)):
+            continue  # a stage without work (only a relu): not what anyone asks k stages for
+        stage_of = {node: sum(1 for c in cuts if i > c) for i, node in enumerate(chain.nodes)}
+        records = stage_costs(captured, stage_of, costs=plan.costs)
+        steps.append(predict_step(plan, records, N_MICRO).makespan)
+    return planned, min(steps), max(steps)
+
+
+@pytest.mark.parametrize(
+    ("model", "width"), [(Hourglass(), 1024), (Residual(), 512)], ids=["hourglass", "residual"]
+)
+@pytest.mark.parametrize(("n_stages", "schedule"), [(2, "1f1b"), (3, "1f1b"), (4, "1f1b"), (4, "gpipe")])
+def test_plan_is_within_two_percent_of_the_best_split(model, width, n_stages, schedule):
+    planned, best, worst = _plan_and_best(model, width, n_stages, schedule)
+    assert worst > 1.2 * best, "the graph is too even for the search to mean anything"
+    assert planned <= 1.02 * best, f"planned step {planned:.3e} s, best of every split {best:.3e} s"
