@@ -5,23 +5,33 @@ the Python frame Dynamo compiled and returns a callable; the first time that cal
 Dynamo's compile, where errors read cleanly) it re-captures the frame at the microbatch size, cuts it into
 stages, checks that every rank cut the same way, fills the parameters its own stages read if no rank holds
 them yet (a model built under ``dynapipe.empty_init()``), frees those of other ranks' stages and builds
-the pipeline. Later calls with the same input shapes reuse it.
+the pipeline. Later calls reuse it at any sizes the capture allows (another sequence length, a smaller
+last batch): the stage graphs are symbolic in the sizes, so only the values of the size symbols change.
+
+Dynamo compiles the frame again when a size first changes (its automatic dynamic shapes) or a guard of
+its own fails; each compile calls the backend again. Those calls share one :class:`_FramePipelines` when
+they compile the same work (same code, closure, model tensors, options, global modes and graph
+structure), so a recompile for a new length reuses the pipeline instead of capturing again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from typing import Any
 
+import sympy
 import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch._dynamo.source import DictGetItemSource, GetItemSource, LocalSource
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unflatten
 
+from .batch_check import batch_symbols
 from .capture import (
     CapturedGraph,
     FrameCall,
@@ -32,10 +42,10 @@ from .capture import (
 from .codegen import StagePlan, build_stages, partition_digest, written_in_place
 from .config import PipelineConfig
 from .cost import GraphCosts, graph_costs
-from .errors import ConfigError, DynapipeError, PartitionError
+from .errors import CaptureError, ConfigError, DynapipeError, PartitionError
 from .explain import Explanation
 from .init import is_empty
-from .microbatch import check_divisible
+from .microbatch import check_divisible, infer_batch_size
 from .plan import CostSource, local_costs, plan_pipeline
 from .runtime.checkpoint import check_models, fill_state
 from .runtime.comm import Comm, ensure_process_group
@@ -55,6 +65,7 @@ from .schedules import (
     split_last_backward,
     validate,
 )
+from .shapes import CaptureShapes, Sizes
 
 __all__ = ["dynapipe_backend"]
 
@@ -72,7 +83,110 @@ def dynapipe_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: 
         frame = frame_being_compiled()
     except DynapipeError as err:
         return _Raise(err)
-    return _LazyPipeline(config, frame, [n.meta["grapharg"] for n in gm.graph.find_nodes(op="placeholder")])
+    graph_args = [n.meta["grapharg"] for n in gm.graph.find_nodes(op="placeholder")]
+    key = _frame_key(gm, graph_args, frame, config)
+    shared = _SHARED.get(key)
+    if shared is None:
+        shared = _SHARED[key] = _FramePipelines()
+    return _LazyPipeline(config, frame, graph_args, shared)
+
+
+@dataclass
+class _Entry:
+    """One built pipeline, with what its capture assumed: it serves every call whose sizes satisfy
+    ``shapes`` and whose Python numbers are ``numbers`` (they are baked into the stage graphs)."""
+
+    pipeline: Pipeline
+    readers: list[Any]  # compiled Dynamo sources of the graph inputs
+    shapes: CaptureShapes
+    numbers: tuple
+
+
+@dataclass
+class _FramePipelines:
+    """The pipelines of one compiled frame, shared by every backend call Dynamo makes for it."""
+
+    entries: list[_Entry] = field(default_factory=list)
+    captures: int = 0  # how many times dynapipe captured this frame (StepReport.plan.captured.number)
+
+    def find(
+        self, arguments: dict[str, Any], numbers: tuple, self_name: str | None
+    ) -> tuple[_Entry, Sizes, int] | None:
+        """The pipeline that serves a call on ``arguments``, the sizes there, and the batch size."""
+        batch_size = infer_batch_size({n: v for n, v in arguments.items() if n != self_name})
+        for entry in self.entries:
+            if entry.numbers != numbers or batch_size is None:
+                continue
+            values = [eval(reader, {"L": arguments}) for reader in entry.readers]  # noqa: S307 - Dynamo sources
+            sizes = entry.shapes.sizes_at(values, batch_size, entry.pipeline.n_microbatches)
+            if sizes is not None:
+                return entry, sizes, batch_size
+        return None
+
+
+# Dynamo keeps no per-frame state for a backend, so the frames' pipelines live here, each as long as one
+# of Dynamo's compiled entries for its frame (a _LazyPipeline) holds it.
+_SHARED: weakref.WeakValueDictionary[tuple, _FramePipelines] = weakref.WeakValueDictionary()
+
+
+def _frame_key(gm: fx.GraphModule, graph_args: list[Any], frame: FrameCall, config: PipelineConfig) -> tuple:
+    """What two of Dynamo's compiles of a frame must share for one pipeline to serve both: the code, the
+    objects it reaches (closure, argument objects, the model tensors the graph reads), the options, the
+    global modes Dynamo guards, and the graph's structure with sizes left out (``model.eval()`` or a
+    changed flag changes the ops or their constants; a new length changes only sizes)."""
+    data = _data_ids(frame.arguments)
+    state = tuple(
+        id(g.example) for g in graph_args if isinstance(g.example, torch.Tensor) and id(g.example) not in data
+    )
+    closure = tuple(id(c.cell_contents) for c in frame.closure or ())
+    objects = tuple(
+        id(leaf)
+        for leaf in tree_flatten(frame.arguments)[0]
+        if not isinstance(leaf, (torch.Tensor, int, float, bool, str, type(None)))
+        or isinstance(leaf, torch.nn.Parameter)
+    )
+    options = tuple(
+        (f.name, repr(v) if isinstance(v, (bool, int, float, str, tuple, type(None))) else id(v))
+        for f in dataclasses.fields(config)
+        for v in [getattr(config, f.name)]
+    )
+    modes = (torch.is_grad_enabled(), torch.get_default_dtype(), torch.is_autocast_enabled())
+    return (frame.code, id(frame.globals), closure, objects, state, options, modes, _structure(gm))
+
+
+def _data_ids(arguments: dict[str, Any]) -> set[int]:
+    return {
+        id(leaf)
+        for leaf in tree_flatten(arguments)[0]
+        if isinstance(leaf, torch.Tensor) and not isinstance(leaf, torch.nn.Parameter)
+    }
+
+
+def _structure(gm: fx.GraphModule) -> tuple:
+    """The graph's ops and constants with every size left out: a node that computes a size, and an int
+    argument (a size at one length, a symbol's node at another), read the same."""
+
+    def is_size(value: Any) -> bool:
+        return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, int, torch.Size)) or (
+            isinstance(value, (tuple, list)) and all(is_size(v) for v in value)
+        )
+
+    def norm(arg: Any) -> Any:
+        if isinstance(arg, fx.Node):
+            return "#" if is_size(arg.meta.get("example_value")) else "t"
+        if isinstance(arg, (tuple, list)):
+            return tuple(norm(a) for a in arg)
+        if isinstance(arg, dict):
+            return tuple((k, norm(v)) for k, v in arg.items())
+        if isinstance(arg, int) and not isinstance(arg, bool):
+            return "#"
+        return repr(arg)
+
+    return tuple(
+        (n.op, str(n.target), norm(n.args), norm(n.kwargs))
+        for n in gm.graph.nodes
+        if n.op not in ("placeholder", "output") and not is_size(n.meta.get("example_value"))
+    )
 
 
 class _Raise:
@@ -94,8 +208,10 @@ class _LazyPipeline:
     bakes them into the stage graphs, so the cache is keyed by their values as well as by input shapes.
     """
 
-    def __init__(self, config: PipelineConfig, frame: FrameCall, graph_args: list[Any]) -> None:
-        self.config, self.frame = config, frame
+    def __init__(
+        self, config: PipelineConfig, frame: FrameCall, graph_args: list[Any], shared: _FramePipelines
+    ) -> None:
+        self.config, self.frame, self.shared = config, frame, shared
         by_id = {id(g.example): i for i, g in enumerate(graph_args) if isinstance(g.example, torch.Tensor)}
         self.numbers = [i for i, g in enumerate(graph_args) if _is_number_arg(g)]
         by_path = {_argument_path(graph_args[i].source): i for i in self.numbers}
@@ -107,7 +223,9 @@ class _LazyPipeline:
                 else by_id.get(id(leaf))
                 for path, leaf in tree_flatten_with_path(value)[0]
             ]
-        self.pipelines: dict[tuple, tuple[Pipeline, list[Any]]] = {}
+        self.calls: dict[
+            tuple, tuple[_Entry, Sizes, int]
+        ] = {}  # input shapes and numbers -> what serves them
 
     def __call__(self, *args: Any) -> tuple[Any, ...]:
         arguments = self._arguments_now(args)
@@ -115,19 +233,36 @@ class _LazyPipeline:
             tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in args),
             tuple(_number(args[i]) for i in self.numbers),
         )
-        if key not in self.pipelines:
-            if self.numbers and len(self.pipelines) == 4:
-                warnings.warn(
-                    "dynapipe captured and partitioned the model again for new values of Python numbers "
-                    "passed to the compiled call (each value is baked into the stage graphs); pass a number "
-                    "that changes every step as a 0-dim tensor instead",
-                    stacklevel=2,
-                )
-            pipeline = self._build(arguments)
-            readers = [compile(source, "<dynamo source>", "eval") for source in pipeline.input_sources]
-            self.pipelines[key] = (pipeline, readers)
-        pipeline, readers = self.pipelines[key]
-        values = [eval(reader, {"L": arguments}) for reader in readers]  # noqa: S307 - Dynamo source names
+        if key not in self.calls:
+            numbers = _numbers_in(arguments)
+            found = self.shared.find(arguments, numbers, self.frame.self_name)
+            if found is not None:  # new sizes for a built pipeline: once per shape, never per step
+                inputs = {n: v for n, v in arguments.items() if n != self.frame.self_name}
+                found[0].pipeline.comm.agree({"input shapes": _shapes(inputs)}, "the call's input shapes")
+            else:
+                if len({e.numbers for e in self.shared.entries} | {numbers}) == 5:
+                    warnings.warn(
+                        "dynapipe captured and partitioned the model again for new values of Python numbers "
+                        "passed to the compiled call (each value is baked into the stage graphs); pass a "
+                        "number that changes every step as a 0-dim tensor instead",
+                        stacklevel=2,
+                    )
+                self.shared.captures += 1
+                pipeline, shapes = self._build(arguments, self.shared.captures)
+                readers = [compile(source, "<dynamo source>", "eval") for source in pipeline.input_sources]
+                self.shared.entries.append(_Entry(pipeline, readers, shapes, numbers))
+                found = self.shared.find(arguments, numbers, self.frame.self_name)
+                if found is None:
+                    raise CaptureError(
+                        "dynapipe captured the step but the capture does not hold at the sizes it was made at "
+                        f"({shapes.representative(pipeline.input_sources)}); please report this"
+                    )
+            self.calls[key] = found
+        entry, sizes, batch_size = self.calls[key]
+        values = [eval(reader, {"L": arguments}) for reader in entry.readers]  # noqa: S307 - Dynamo source names
+        pipeline = entry.pipeline
+        pipeline.batch_size = batch_size  # the runtime cuts the inputs into microbatches by it
+        pipeline.executor.sizes = sizes  # receive and output buffers take their shapes at these sizes
         allocate_read_inputs(pipeline.plans, pipeline.local_stages, values)  # a PipelineCache's own layers
         return pipeline(*values)
 
@@ -146,7 +281,8 @@ class _LazyPipeline:
             )
         return arguments
 
-    def _build(self, arguments: dict[str, Any]) -> Pipeline:
+    def _build(self, arguments: dict[str, Any], number: int) -> tuple[Pipeline, CaptureShapes]:
+        """Capture (the ``number``-th time for this frame), partition and build a pipeline."""
         config = self.config
         models = check_models(self.frame, config)  # meta tensors, a bad checkpoint: fail before any wait
         inputs = {n: v for n, v in arguments.items() if n != self.frame.self_name}
@@ -184,6 +320,7 @@ class _LazyPipeline:
             n_microbatches=n_microbatches,
             batch_size=batch_size,
         )
+        captured.number = number
         shared = _shared_costs(comm)
         kept = _modules_writing_inputs(captured)  # a PipelineCache's attention layers
         if kept:
@@ -242,7 +379,7 @@ class _LazyPipeline:
             plan=plan,
             ddp_comm_hook=config.ddp_comm_hook,
         )
-        return pipeline
+        return pipeline, captured.shapes
 
 
 def _tables(
@@ -400,6 +537,15 @@ def _is_number_arg(graph_arg: Any) -> bool:
     return graph_arg.pass_arg_as_tensor or isinstance(graph_arg.example, (torch.SymInt, torch.SymFloat))
 
 
+def _numbers_in(arguments: dict[str, Any]) -> tuple:
+    """The Python numbers among the arguments' leaves: the capture bakes them into the stage graphs."""
+    return tuple(
+        leaf
+        for leaf in tree_flatten(arguments)[0]
+        if isinstance(leaf, (int, float)) and not isinstance(leaf, bool)
+    )
+
+
 def _number(value: Any) -> int | float:
     return value.item() if isinstance(value, torch.Tensor) else value
 
@@ -418,9 +564,9 @@ def _argument_path(source: Any) -> tuple[str, tuple] | None:
 
 def _key(entry: Any) -> Any:
     """The raw key of one pytree path entry (dict key, sequence index or attribute name)."""
-    for field in ("key", "idx", "name"):
-        if hasattr(entry, field):
-            return getattr(entry, field)
+    for name in ("key", "idx", "name"):
+        if hasattr(entry, name):
+            return getattr(entry, name)
     return entry
 
 
@@ -431,20 +577,22 @@ def _output_nodes(captured: CapturedGraph) -> list[Any]:
 
 def _output_specs(captured: CapturedGraph) -> list[OutputSpec]:
     specs = []
+    rows = {captured.shapes.names.get(s, s) for s in batch_symbols(captured.gm)}
     for node in _output_nodes(captured):
         value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
         if not isinstance(value, torch.Tensor):
             raise ConfigError(
                 f"output {node} of the compiled call is not a tensor; return tensors (or pytrees of them)"
             )
-        shape = tuple(int(d.node.hint) if isinstance(d, torch.SymInt) else int(d) for d in value.shape)
-        # the capture marks the batch dimension dynamic, so a batched output has a symbolic dim 0 (a
-        # microbatch of one row cannot be marked: then a leading dimension of 1 counts as the batch)
-        batched = bool(shape) and (
-            isinstance(value.shape[0], torch.SymInt) or shape[0] == captured.microbatch_size == 1
+        shape = captured.shapes.shape_of(value)
+        # the capture marks the batch dimension dynamic, so a batched output's dim 0 is in the batch symbol
+        # (a microbatch of one row cannot be marked: then a leading dimension of 1 counts as the batch)
+        first = shape.dims[0] if shape.dims else None
+        batched = (isinstance(first, sympy.Expr) and bool(first.free_symbols & rows)) or (
+            first == captured.microbatch_size == 1
         )
         if batched:
-            shape = (shape[0] * captured.n_microbatches, *shape[1:])
+            shape = shape.scaled(captured.n_microbatches)
         merge = "cat" if batched else "last" if _updates_state_in_place(node) else "reduce"
         specs.append(OutputSpec(shape, value.dtype, merge, value.requires_grad))
     return specs

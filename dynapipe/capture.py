@@ -10,7 +10,10 @@ The result, :class:`CapturedGraph`, is the contract with the rest of dynapipe:
 * placeholders are the microbatched inputs, each tagged with its Dynamo source (``L['x']``);
 * parameters, buffers and other tensors the code reads become ``get_attr`` nodes whose attributes are the
   user's own tensor objects (so gradients land where the user's optimizer looks);
-* symbolic sizes are specialised to the microbatch size for execution, while each node's
+* sizes stay symbolic: the batch dimension and every other dimension of the microbatched inputs are
+  marked dynamic, each size the graph uses is computed from the inputs (``s27 = l_ids_.size(1)``; a
+  *size node*, :func:`is_size_node`, which every stage that reads it computes itself), and
+  ``shapes`` (:class:`~dynapipe.shapes.CaptureShapes`) says at which sizes the graph holds; each node's
   ``meta["example_value"]`` keeps its symbolic shape (sympy) for the cost model;
 * ``meta["module_path"]`` is the dotted name of the innermost user module that produced the node, and
   ``state_names`` the names of parameters and buffers: the user's own names, found by identity
@@ -25,19 +28,22 @@ import os
 import re
 import sys
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 from torch._dynamo.symbolic_convert import InstructionTranslator
+from torch.fx.experimental import _config as fx_config
 
 from .batch_check import batch_symbols, check_guards, check_no_batch_slicing, check_no_batch_squeeze
 from .errors import CaptureError, GraphBreakError
 from .markers import is_split_marker
 from .microbatch import is_batched, rows_of
 from .names import ModelNames, reachable_modules
+from .shapes import CaptureShapes, dims_of
 
 __all__ = [
     "FrameCall",
@@ -45,6 +51,7 @@ __all__ = [
     "frame_being_compiled",
     "capture_microbatch",
     "compute_nodes",
+    "is_size_node",
     "unpacked_by",
     "ignore_logging_in_graphs",
     "settle_getitems",
@@ -164,8 +171,10 @@ class CapturedGraph:
     state_names: dict[str, str]  # get_attr target -> qualified name in the user's model ("layers.0.weight")
     batch_size: int
     n_microbatches: int
+    shapes: CaptureShapes
     output_is_tensor: list[bool] = field(default_factory=list)
     split_markers: list[int] = field(default_factory=list)  # compute-node positions of pipe_split() calls
+    number: int = 1  # 1 for the first capture of a compiled call, 2 for the one after it, ...
 
     @property
     def microbatch_size(self) -> int:
@@ -222,6 +231,7 @@ class _Trace:
     placeholders: list[tuple[str, Any]]  # each placeholder's Dynamo source and value
     guards: list[tuple[Any, str]]  # Dynamo's assumptions about symbolic sizes: (sympy expression, where)
     hints: dict  # symbol -> its value in this trace
+    ranges: dict  # symbol -> (lowest, highest) value Dynamo let it take
 
 
 def _record(frame: FrameCall, arguments: dict[str, Any]) -> _Trace:
@@ -235,18 +245,21 @@ def _record(frame: FrameCall, arguments: dict[str, Any]) -> _Trace:
             args.append((grapharg.source.name, grapharg.example))
         fake_mode = torch._guards.TracingContext.get().fake_mode
         shape_env = fake_mode.shape_env if fake_mode is not None else None
-        guards, hints = [], {}
+        guards, hints, ranges = [], {}, {}
         if shape_env is not None:  # symbols Dynamo later found equal are replaced by one of them
             guards = [
                 (shape_env.replace(g.expr), g.sloc.maybe_user_loc or str(g.sloc)) for g in shape_env.guards
             ]
             hints = dict(shape_env.backed_var_to_val)
-        box["graph"] = _Trace(gm, args, guards, hints)
+            ranges = {s: (r.lower, r.upper) for s, r in shape_env.var_to_range.items() if s in hints}
+        box["graph"] = _Trace(gm, args, guards, hints, ranges)
         raise _Recorded
 
     try:
         args, kwargs = frame.bind(arguments)
-        torch.compile(frame.function(), backend=recorder, fullgraph=True)(*args, **kwargs)
+        # a size equal to another by chance (16 rows and 16 tokens) keeps its own symbol
+        with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]  # installed at import
+            torch.compile(frame.function(), backend=recorder, fullgraph=True)(*args, **kwargs)
     except Exception as err:  # Dynamo wraps backend exceptions; find ours or report the break
         if "graph" in box:
             return box["graph"]
@@ -270,33 +283,42 @@ def capture_microbatch(frame: FrameCall, *, n_microbatches: int, batch_size: int
     refusing code that would compute something else on a microbatch than on the full batch."""
     ignore_logging_in_graphs()
     size = batch_size // n_microbatches
-    trace = _trace_rows(frame, batch_size, size)
-    general = _trace_rows(frame, batch_size, 2) if size == 1 and batch_size >= 2 else trace
+    every_dim = True
+    try:
+        trace = _trace_rows(frame, batch_size, size, every_dim=every_dim)
+    except (CaptureError, GraphBreakError):
+        # code Dynamo cannot trace with symbolic lengths: fixed lengths (each new one is captured again)
+        every_dim = False
+        trace = _trace_rows(frame, batch_size, size, every_dim=every_dim)
+    general = (
+        _trace_rows(frame, batch_size, 2, every_dim=every_dim) if size == 1 and batch_size >= 2 else trace
+    )
     symbols = batch_symbols(general.gm)
     if general is not trace:
         check_no_batch_squeeze(general.gm, symbols)
     check_guards(general.guards, symbols, general.hints, microbatch=max(size, 2), batch=batch_size)
     check_no_batch_slicing(general.gm, symbols)
-    return _to_captured(trace.gm, trace.placeholders, frame, batch_size, n_microbatches)
+    return _to_captured(trace, frame, batch_size, n_microbatches)
 
 
-def _trace_rows(frame: FrameCall, batch_size: int, rows: int) -> _Trace:
-    """Trace ``frame`` on the first ``rows`` rows of its batched arguments, the batch dimension dynamic."""
+def _trace_rows(frame: FrameCall, batch_size: int, rows: int, *, every_dim: bool) -> _Trace:
+    """Trace ``frame`` on the first ``rows`` rows of its batched arguments, the batch dimension dynamic and,
+    with ``every_dim``, every other dimension of them too (Dynamo fixes a size it must, such as features
+    a weight multiplies; and 0 and 1 always)."""
 
     def cut(x: Any) -> Any:
         if not is_batched(x, batch_size):
             return x
         rows_of_x = rows_of(x, 0, rows)
-        if rows > 1:
-            torch._dynamo.maybe_mark_dynamic(rows_of_x, 0)
+        for dim in range(0 if rows > 1 else 1, x.dim() if every_dim else 1):
+            torch._dynamo.maybe_mark_dynamic(rows_of_x, dim)
         return rows_of_x
 
     return _record(frame, torch.utils._pytree.tree_map(cut, frame.arguments))
 
 
-def _to_captured(
-    gm: fx.GraphModule, placeholders: list[tuple[str, Any]], frame: FrameCall, batch_size: int, n_mb: int
-) -> CapturedGraph:
+def _to_captured(trace: _Trace, frame: FrameCall, batch_size: int, n_mb: int) -> CapturedGraph:
+    gm, placeholders = trace.gm, trace.placeholders
     graph = gm.graph
     self_name = frame.self_name
     state_values = [v for _, v in placeholders if isinstance(v, torch.Tensor)]
@@ -305,6 +327,8 @@ def _to_captured(
     )
     state_names: dict[str, str] = {}
     input_sources: list[str] = []
+    inputs: dict[str, fx.Node] = {}
+    sizes: list[tuple[fx.Node, str, Any]] = []  # size placeholders (``s27``: ``L['ids'].size()[1]``)
     taken = {n.target for n in graph.nodes if n.op == "get_attr"}
     for node, (source, value) in zip(list(graph.find_nodes(op="placeholder")), placeholders, strict=True):
         is_state = (
@@ -314,6 +338,7 @@ def _to_captured(
         if isinstance(value, torch.Tensor) and not is_state and from_argument:
             node.meta.pop("grapharg", None)
             input_sources.append(source)
+            inputs[source] = node
             continue
         if isinstance(value, torch.Tensor):  # parameter, buffer, or a tensor constant the code reads
             # a tensor no reachable module owns (a global, a closure's tensor) keeps its source, made readable
@@ -328,13 +353,19 @@ def _to_captured(
                 attr = graph.get_attr(name)
             attr.meta = dict(node.meta)
             node.replace_all_uses_with(attr)
-        else:  # a size or Python scalar: fixed for every microbatch of this graph
-            node.replace_all_uses_with(_hint(value))
-        graph.erase_node(node)
-    _specialise_sizes(graph)
+            graph.erase_node(node)
+        else:
+            sizes.append((node, source, value))
+    symbols = _sizes_from_inputs(graph, sizes, inputs)
+    _specialise_sizes(graph, set(symbols))
+    _sizes_of_intermediates(graph, symbols)
+    _mark_size_nodes(graph)
     for node in graph.nodes:
         node.meta["module_path"] = _node_module_path(gm, node, names)
     markers = _remove_split_markers(graph)
+    for node in reversed(graph.nodes):
+        if is_size_node(node) and not node.users:  # a size only a removed node read
+            graph.erase_node(node)
     graph.lint()
     gm.recompile()
     outputs = graph.find_nodes(op="output")[0].args[0]
@@ -342,12 +373,149 @@ def _to_captured(
     is_tensor = [
         isinstance(o, fx.Node) and isinstance(o.meta.get("example_value"), torch.Tensor) for o in flat
     ]
-    return CapturedGraph(gm, input_sources, state_names, batch_size, n_mb, is_tensor, markers)
+    cut = [is_batched(eval(s, {"L": frame.arguments}), batch_size) for s in input_sources]  # noqa: S307 - Dynamo source names
+    shapes = _capture_shapes(trace, input_sources, [inputs[s] for s in input_sources], cut)
+    return CapturedGraph(gm, input_sources, state_names, batch_size, n_mb, shapes, is_tensor, markers)
+
+
+_SIZE_SOURCE = re.compile(r"^(.*)\.size\(\)\[(\d+)\]$")
+
+
+def _sizes_from_inputs(
+    graph: fx.Graph, sizes: list[tuple[fx.Node, str, Any]], inputs: dict[str, fx.Node]
+) -> dict[Any, fx.Node]:
+    """Dynamo passes each size symbol as a graph input (``s27``, from ``L['ids'].size()[1]``); a size of a
+    microbatched input becomes ``s27 = l_ids_.size(1)``, computed by the stages that read it. Any other
+    (a Python number Dynamo made dynamic) is fixed at its value in this capture. Returns symbol -> node."""
+    symbols: dict[Any, fx.Node] = {}
+    first = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
+    for node, source, value in sizes:
+        match = _SIZE_SOURCE.match(source)
+        if match and match.group(1) in inputs and isinstance(value, torch.SymInt):
+            with graph.inserting_before(first):
+                size = graph.call_method("size", (inputs[match.group(1)], int(match.group(2))))
+            size.meta = {"example_value": value}
+            node.replace_all_uses_with(size)
+            size.name = node.name
+            symbols[value.node.expr] = size
+        else:  # a Python scalar: fixed for every microbatch of this graph
+            node.replace_all_uses_with(_hint(value))
+        graph.erase_node(node)
+    return symbols
+
+
+def _is_size_value(value: Any) -> bool:
+    if isinstance(value, (tuple, list, torch.Size)):
+        return bool(value) and all(_is_size_value(v) for v in value)
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return value.node.hint is not None  # not data-dependent (``x.item()``)
+    return isinstance(value, (int, float, bool))
+
+
+def _mark_size_nodes(graph: fx.Graph) -> None:
+    """Mark the nodes that compute sizes from the inputs' sizes alone (``s27 * 8``): they read no data,
+    so every stage that needs one computes it itself instead of receiving it."""
+    for node in graph.nodes:
+        if (
+            node.op in ("call_function", "call_method")
+            and node.all_input_nodes
+            and _is_size_value(node.meta.get("example_value"))
+            and all(
+                is_size_node(a) or (a.op == "placeholder" and node.target in _READS_SIZE)
+                for a in node.all_input_nodes
+            )
+        ):
+            node.meta["dynapipe.size"] = True
+
+
+_READS_SIZE = (
+    "size",
+    "dim",
+    "numel",
+    torch.ops.aten.sym_size.int,
+    torch.ops.aten.sym_numel.default,
+    torch.numel,
+)
+
+
+def is_size_node(node: fx.Node) -> bool:
+    """Whether ``node`` computes a size from the graph inputs' sizes (see :func:`_mark_size_nodes`)."""
+    return bool(node.meta.get("dynapipe.size"))
+
+
+_SIZE_OPS = {
+    "Add": operator.add,
+    "Mul": operator.mul,
+    "FloorDiv": operator.floordiv,
+    "PythonMod": operator.mod,
+    "Mod": operator.mod,
+    "Max": torch.sym_max,
+    "Min": torch.sym_min,
+}
+
+
+def _sizes_of_intermediates(graph: fx.Graph, symbols: dict[Any, fx.Node]) -> None:
+    """Rewrite a size read off an intermediate tensor (``h.size(1)``, ``h.shape[1]``) as its expression in
+    the inputs' size symbols, so that it too reads no data and never has to cross stages."""
+    for node in list(graph.nodes):
+        value = node.meta.get("example_value")
+        if (
+            node.op not in ("call_function", "call_method")
+            or not isinstance(value, torch.SymInt)
+            or value.node.hint is None
+            or all(a.op == "placeholder" or a.meta.get("dynapipe.size") for a in node.all_input_nodes)
+        ):
+            continue
+        with graph.inserting_before(node):
+            rebuilt = _emit(graph, value.node.expr, symbols)
+        if isinstance(rebuilt, fx.Node):
+            if rebuilt not in symbols.values():
+                rebuilt.meta = dict(node.meta)
+            node.replace_all_uses_with(rebuilt)
+
+
+def _emit(graph: fx.Graph, expr: Any, symbols: dict[Any, fx.Node]) -> fx.Node | int | None:
+    """FX nodes computing the sympy size expression ``expr`` from ``symbols``' nodes (None: cannot)."""
+    if expr.is_Integer:
+        return int(expr)
+    if expr.is_Symbol:
+        return symbols.get(expr)
+    op: Callable[..., Any] | None = _SIZE_OPS.get(type(expr).__name__)
+    if op is None and isinstance(expr, sympy.Pow) and expr.exp.is_Integer and expr.exp > 0:
+        op = operator.pow
+    if op is None:
+        return None
+    parts = [_emit(graph, a, symbols) for a in expr.args]
+    if any(p is None for p in parts):
+        return None
+    result = parts[0]
+    for part in parts[1:]:
+        result = graph.call_function(op, (result, part))
+        result.meta = {"example_value": None, "dynapipe.size": True}
+    return result
+
+
+def _capture_shapes(
+    trace: _Trace, sources: list[str], input_nodes: list[fx.Node], cut: list[bool]
+) -> CaptureShapes:
+    dims = [
+        dims_of(n.meta["example_value"]) if isinstance(n.meta.get("example_value"), torch.Tensor) else None
+        for n in input_nodes
+    ]
+    return CaptureShapes.named(
+        sources,
+        dims,
+        batched=cut,
+        guards=[g for g, _ in trace.guards],
+        ranges=dict(trace.ranges),
+        hints={s: int(v) for s, v in trace.hints.items()},
+    )
 
 
 def compute_nodes(graph: fx.Graph) -> list[fx.Node]:
-    """The nodes that stages are made of, in graph order (placeholders and get_attr are copied instead)."""
-    return [n for n in graph.nodes if n.op in _COMPUTE_OPS]
+    """The nodes that stages are made of, in graph order (placeholders, get_attr and size nodes are copied
+    into every stage that reads them instead)."""
+    return [n for n in graph.nodes if n.op in _COMPUTE_OPS and not is_size_node(n)]
 
 
 def unpacked_by(node: fx.Node) -> fx.Node | None:
@@ -415,17 +583,33 @@ def autocast_regions(graph: fx.Graph) -> dict[fx.Node, tuple[fx.Node, ...]]:
     return regions
 
 
-def _specialise_sizes(graph: fx.Graph) -> None:
-    """Replace nodes that compute sizes (``x.size(0)``, ``s0 * 4``) with their value at this microbatch size."""
+def _depends_on_sizes(value: Any, size_symbols: set) -> bool:
+    """Whether a value varies with the inputs' size symbols (``s27 * 8``) rather than being fixed (``8``,
+    or a Python number's symbol, which the capture bakes in)."""
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    return any(
+        isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool))
+        and bool(v.node.expr.free_symbols & size_symbols)
+        for v in values
+    )
+
+
+def _specialise_sizes(graph: fx.Graph, size_symbols: set) -> None:
+    """Replace nodes whose value is fixed in this capture (``w.size(0)``, ``16 * 4``, a Python number
+    Dynamo passed as a tensor) with that value; sizes that vary with the inputs' size symbols stay nodes,
+    computed at every call."""
     for node in list(graph.nodes):
         if node.op not in ("call_function", "call_method"):
             continue
         value = node.meta.get("example_value")
-        if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)) or (
-            isinstance(value, (tuple, list, torch.Size))
-            and value
-            and all(isinstance(v, (torch.SymInt, int)) for v in value)
-        ):
+        if (
+            isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+            or (
+                isinstance(value, (tuple, list, torch.Size))
+                and value
+                and all(isinstance(v, (torch.SymInt, int)) for v in value)
+            )
+        ) and not _depends_on_sizes(value, size_symbols):
             concrete = tuple(_hint(v) for v in value) if isinstance(value, (tuple, list)) else _hint(value)
             if concrete is None or (isinstance(concrete, tuple) and None in concrete):
                 continue  # data-dependent: stays a node of the graph

@@ -8,6 +8,10 @@ Calling convention (the contract between this module and the runtime)
   (indices into ``CapturedGraph.input_sources``). Every stage reads its inputs straight from the
   microbatch; inputs are never forwarded from stage to stage.
 * **received** — boundary values produced by earlier stages, in the order of ``StagePlan.receives``.
+  Their shapes are symbolic (``Boundary.shape``, a :class:`~dynapipe.shapes.SymbolicShape`): a receiver
+  allocates ``b.shape.at(sizes)`` with the call's :class:`~dynapipe.shapes.Sizes`, read from the inputs.
+* **sizes** — a size the stage uses (``s27``, ``s27 * 8``) is never received: the stage computes it from
+  the sizes of the inputs it reads (``s27 = l_ids_.size(1)``), so one stage module serves every length.
 * **outputs** — for every stage but the last, the boundary values it produces (``StagePlan.sends``); a
   value goes straight to every later stage that reads it (skip connections jump over stages). The last
   stage returns the graph's own outputs (the loss first among them when training).
@@ -35,20 +39,29 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .capture import CapturedGraph, autocast_regions, grad_modes, is_autocast_node, settle_getitems
+from .capture import (
+    CapturedGraph,
+    autocast_regions,
+    grad_modes,
+    is_autocast_node,
+    is_size_node,
+    settle_getitems,
+)
 from .errors import PartitionError
+from .shapes import SymbolicShape
 
 __all__ = ["Boundary", "StagePlan", "build_stages", "partition_digest", "written_in_place"]
 
 
 @dataclass(frozen=True)
 class Boundary:
-    """A tensor that crosses stages; its shape is fixed at the microbatch size, so no shape handshake."""
+    """A tensor that crosses stages. Its shape is symbolic in the size symbols, and every rank knows their
+    values at each call from the inputs, so no shape handshake: the receiver allocates ``shape.at(sizes)``."""
 
     name: str
     producer: int
     consumers: tuple[int, ...]
-    shape: tuple[int, ...]
+    shape: SymbolicShape
     dtype: torch.dtype
     requires_grad: bool
 
@@ -66,9 +79,16 @@ class StagePlan:
         return list(self.module.parameters())
 
 
-def _concrete(value: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, bool]:
-    shape = tuple(int(d.node.hint) if isinstance(d, torch.SymInt) else int(d) for d in value.shape)
-    return shape, value.dtype, bool(value.requires_grad)
+def _size_nodes_read(graph: fx.Graph, nodes: list[fx.Node]) -> list[fx.Node]:
+    """The size nodes ``nodes`` read, directly or through other size nodes, in graph order."""
+    found: set[fx.Node] = set()
+    stack = [a for n in nodes for a in n.all_input_nodes if is_size_node(a)]
+    while stack:
+        node = stack.pop()
+        if node not in found:
+            found.add(node)
+            stack.extend(a for a in node.all_input_nodes if is_size_node(a))
+    return [n for n in graph.nodes if n in found]
 
 
 def _check_order(graph: fx.Graph, stage_of: dict[fx.Node, int]) -> None:
@@ -255,9 +275,13 @@ def build_stages(captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages
                 f"{node.name} ({type(value).__name__}) would cross from stage {stage_of[node]} to {sorted(cons)}; "
                 "only tensors can cross stages: move the split point"
             )
-        shape, dtype, requires_grad = _concrete(value)
         boundaries[node] = Boundary(
-            node.name, stage_of[node], tuple(sorted(cons)), shape, dtype, requires_grad
+            node.name,
+            stage_of[node],
+            tuple(sorted(cons)),
+            captured.shapes.shape_of(value),
+            value.dtype,
+            bool(value.requires_grad),
         )
     written = _in_place_writes(graph, stage_of)
 
@@ -267,7 +291,8 @@ def build_stages(captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages
     plans = []
     for s in range(n_stages):
         body = [n for n in graph.nodes if stage_of.get(n) == s and not is_autocast_node(n)]
-        reads = {a for n in body + ([output] if s == last else []) for a in n.all_input_nodes}
+        sizes = _size_nodes_read(graph, body + ([output] if s == last else []))
+        reads = {a for n in body + sizes + ([output] if s == last else []) for a in n.all_input_nodes}
         inputs = [i for i, p in enumerate(placeholders) if p in reads]
         receives = [boundaries[n] for n in graph.nodes if n in reads and n in boundaries and stage_of[n] < s]
         sends = [b for n, b in boundaries.items() if b.producer == s]
@@ -289,6 +314,8 @@ def build_stages(captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages
                 env[node].meta = dict(node.meta)
         for attr in [n for n in graph.find_nodes(op="get_attr") if n in reads]:
             env[attr] = new.node_copy(attr)
+        for size in sizes:
+            env[size] = new.node_copy(size, lambda n: env[n])
         if body and modes[body[0]] != torch.is_grad_enabled():
             new.call_function(torch._C._set_grad_enabled, (modes[body[0]],))
         entered: list[fx.Node] = []

@@ -125,7 +125,11 @@ class Explanation:
         foot = f"imbalance (slowest / mean stage time): {self.imbalance:.3f}"
         if self.layer_imbalance is not None:
             foot += f"; best split at layer boundaries: {self.layer_imbalance:.3f}"
-        per_mb = f"per microbatch of {self.captured.microbatch_size}; FLOPs and time are forward + backward"
+        per_mb = (
+            f"per microbatch of {self.captured.microbatch_size}; FLOPs and time are forward + backward; "
+            f"costed at {self.captured.shapes.representative(self.captured.input_sources)} (the same stages "
+            "run at every sequence length)"
+        )
         return "\n".join([*lines, foot, per_mb, *self._step_lines()])
 
     def beside(self, measured: Timeline) -> str:

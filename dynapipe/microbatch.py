@@ -34,9 +34,15 @@ def infer_batch_size(values: Any) -> int | None:
 def check_divisible(batch_size: int, n_microbatches: int) -> None:
     if batch_size % n_microbatches:
         fits = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+        packed = (
+            "; a batch of one row (packed sequences: documents concatenated, position_ids restarting) "
+            "cannot be split, because dynapipe splits along dim 0 only: pack into several rows instead"
+            if batch_size == 1
+            else ""
+        )
         raise ConfigError(
             f"n_microbatches ({n_microbatches}) must divide the batch size ({batch_size}); "
-            f"use one of {fits} or change the batch size"
+            f"use one of {fits} or change the batch size{packed}"
         )
 
 

@@ -72,7 +72,7 @@ class _Captured(Exception):
 class _CaptureOnly:
     """Stands in for the backend's pipeline: captures the frame as the pipeline's first call does, then stops."""
 
-    def __init__(self, config, frame, graph_args) -> None:
+    def __init__(self, config, frame, graph_args, shared) -> None:
         self.frame = frame
 
     def __call__(self, *flat):

@@ -24,6 +24,7 @@ from torch.autograd.graph import _engine_run_backward
 from ..codegen import Boundary, StagePlan
 from ..errors import PipelineError
 from ..schedules import Action, Kind, Timeline, TimelineEvent
+from ..shapes import Sizes
 from .comm import Comm
 from .split_backward import WeightWork, backward_input, backward_weight
 
@@ -126,6 +127,7 @@ class Executor:
     gpu_timeline: bool = False  # on CUDA, time events on the stream (costs a synchronize per step)
     peak_inflight: dict[int, int] = field(default_factory=dict)
     timeline: Timeline = field(default_factory=Timeline)  # the last run's
+    sizes: Sizes = field(default_factory=lambda: Sizes({}))  # this call's size symbols (set per call)
 
     def __post_init__(self) -> None:
         n = len(self.plans)
@@ -248,7 +250,7 @@ class Executor:
         self.receive_spans[action] = [posted, posted, False]
         for route in self._routes.get((action.kind, action.stage, action.peer), ()):
             b = route.boundary
-            buffer = torch.empty(b.shape, dtype=b.dtype, device=self.device)
+            buffer = torch.empty(b.shape.at(self.sizes), dtype=b.dtype, device=self.device)
             work = self.comm.irecv(buffer, route.peer_rank, route.tag + 2 * action.mb)
             self.inbox[(*route.key, action.mb, direction)] = (buffer, work, action)
 

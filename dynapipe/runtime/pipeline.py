@@ -23,6 +23,7 @@ from ..codegen import StagePlan
 from ..errors import ConfigError, PipelineError
 from ..microbatch import merge_outputs, split_inputs
 from ..schedules import Action, Timeline
+from ..shapes import SymbolicShape
 from .comm import Comm
 from .executor import Executor, device_of
 from .grad_norm import register_pipeline_params
@@ -92,7 +93,7 @@ class StepReport:
 
 @dataclass
 class OutputSpec:
-    shape: tuple[int, ...]  # merged over microbatches
+    shape: SymbolicShape  # merged over microbatches
     dtype: torch.dtype
     merge: str  # over microbatches: "cat" (batched), "last" (state updated in place) or "reduce"
     requires_grad: bool  # in the user's graph (only the loss carries a gradient back)
@@ -265,7 +266,7 @@ class _OutputDelivery:
         p = self.pipeline
         if p.rank != p.last_rank:
             for k, spec in enumerate(p.outputs):
-                buffer = torch.empty(spec.shape, dtype=spec.dtype, device=self.device)
+                buffer = torch.empty(spec.shape.at(p.executor.sizes), dtype=spec.dtype, device=self.device)
                 self.posted.append((buffer, p.comm.irecv(buffer, p.last_rank, self.tag + k)))
 
     def send(self, results: dict[int, tuple]) -> None:
