@@ -20,6 +20,7 @@ from functools import partial
 
 import torch
 
+from ..capture import is_size_node
 from ..codegen import StagePlan
 from ..errors import DynapipeError, PipelineError
 from ..init import allocate, is_empty, storage_bytes
@@ -204,6 +205,9 @@ def allocate_read_inputs(plans: list[StagePlan], local_stages: list[int], values
     """Give memory (zeros) to the call's input tensors that were built without any and that this rank's
     stages read: a ``PipelineCache``'s keys and values, so each rank holds only its own layers' cache."""
     for s in local_stages:
-        for i in plans[s].inputs:
-            if isinstance(values[i], torch.Tensor) and is_empty(values[i]):
+        placeholders = plans[s].module.graph.find_nodes(op="placeholder")
+        for i, node in zip(plans[s].inputs, placeholders, strict=False):
+            # a stage that reads only an input's size (another layer's cache length) holds none of it
+            reads_data = any(not is_size_node(user) for user in node.users)
+            if reads_data and isinstance(values[i], torch.Tensor) and is_empty(values[i]):
                 allocate(values[i])
