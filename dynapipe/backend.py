@@ -26,7 +26,6 @@ from typing import Any
 
 import sympy
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 from torch._dynamo.source import DictGetItemSource, GetItemSource, LocalSource
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unflatten
@@ -346,7 +345,7 @@ class _LazyPipeline:
         if config.on_step is not None:  # the table of the plan that runs, for whoever watches the steps
             plan = Explanation.of(captured, planned, config, shared)
         train_table, inference_table = _tables(
-            spec, plans, pp_of_stage, n_pp, n_microbatches, layout.dp_degree
+            spec, plans, pp_of_stage, n_pp, n_microbatches, layout.dp_degree, comm.in_issue_order
         )
         comm.agree(
             {
@@ -389,6 +388,7 @@ def _tables(
     n_pp: int,
     n_microbatches: int,
     dp_degree: int,
+    in_issue_order: bool,
 ) -> tuple[Table, Table]:
     """The lowered training and forward-only tables every rank runs, each proved by ``validate`` on the
     stage graph the plans really have (a send or receive for every tensor that crosses ranks, nothing
@@ -419,7 +419,7 @@ def _tables(
     }
     # gloo: every receive posted when the step starts (a message that finds its receive posted skips a
     # round trip); NCCL runs a pair's point-to-point calls in the order issued: post each right before use
-    ahead = 0 if dist.get_backend() == "nccl" else None
+    ahead = 0 if in_issue_order else None
     lowered = validate(
         train,
         n_pp,

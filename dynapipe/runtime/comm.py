@@ -56,6 +56,12 @@ class Comm:
     def rank(self) -> int:
         return dist.get_rank()
 
+    @property
+    def in_issue_order(self) -> bool:
+        """Whether point-to-point calls between two ranks run in the order issued (NCCL: one stream per
+        pair) rather than matched by tag whenever both sides are ready (gloo)."""
+        return dist.get_backend() == "nccl"
+
     def _fail(self, err: Exception, what: str, peer: int | None) -> PipelineError:
         who = f"rank {peer}" if peer is not None else "a peer rank"
         cause = self.report_failure(f"{what} failed", peer=peer) or (
