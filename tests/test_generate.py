@@ -15,6 +15,17 @@ from harness import run_distributed
 pytestmark = pytest.mark.hf
 
 BATCH, PROMPT, NEW, VOCAB, HIDDEN = 4, 5, 4, 64, 64
+
+
+def _cache_argument(cache) -> dict:
+    """``generate()``'s cache keyword: ``cache`` since transformers 5.24, ``past_key_values`` before."""
+    import transformers
+    from packaging.version import Version
+
+    new = Version(transformers.__version__) >= Version("5.24")
+    return {"cache" if new else "past_key_values": cache}
+
+
 CACHE = 48  # longer than the sequences: a cache that crossed stages would show in the bytes sent
 
 
@@ -88,7 +99,7 @@ def _generate_pipelined(rank: int, world: int, families: list[str], n_layers: in
         cache = PipelineCache(model, batch_size=BATCH, max_cache_len=CACHE)
         with torch.no_grad():
             tokens = model.generate(
-                ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, cache=cache
+                ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, **_cache_argument(cache)
             )
         held = [layer.keys.untyped_storage().nbytes() for layer in cache.layers]
         steps = [b - a for a, b in zip([0, *per_step], per_step, strict=False)]
@@ -98,13 +109,22 @@ def _generate_pipelined(rank: int, world: int, families: list[str], n_layers: in
             cache = PipelineCache(model, batch_size=BATCH, max_cache_len=CACHE)
             with torch.no_grad():
                 out[f"{family}, sampled"] = model.generate(
-                    ids, attention_mask=mask, max_new_tokens=NEW, do_sample=True, top_k=8, cache=cache
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=NEW,
+                    do_sample=True,
+                    top_k=8,
+                    **_cache_argument(cache),
                 ).tolist()
         if again:  # a new cache and a shorter prompt: a new prefill pipeline, the decode one reused
             cache = PipelineCache(model, batch_size=BATCH, max_cache_len=CACHE)
             with torch.no_grad():
                 out[f"{family}, shorter prompt"] = model.generate(
-                    ids[:, 2:], attention_mask=mask[:, 2:], max_new_tokens=NEW, do_sample=False, cache=cache
+                    ids[:, 2:],
+                    attention_mask=mask[:, 2:],
+                    max_new_tokens=NEW,
+                    do_sample=False,
+                    **_cache_argument(cache),
                 ).tolist()
         sent[0] = 0
     return out
@@ -176,7 +196,7 @@ def _errors(rank: int, world: int) -> dict[str, str]:
         # Dynamo raises the cache's own check while it traces, wrapped in its TorchRuntimeError
         expected = DynapipeError if name == "too many tokens" else RuntimeError
         with torch.no_grad(), pytest.raises(expected) as err:
-            model.generate(ids, attention_mask=mask, do_sample=False, cache=cache, **kwargs)
+            model.generate(ids, attention_mask=mask, do_sample=False, **_cache_argument(cache), **kwargs)
         messages[name] = str(err.value)
     return messages
 

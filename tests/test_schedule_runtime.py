@@ -153,3 +153,22 @@ def test_custom_schedules_run_and_a_deadlocking_one_is_rejected() -> None:
     for out in results.values():
         message = out["deadlocked"]
         assert message.startswith("ScheduleError") and "deadlock" in message and "rank" in message, message
+
+
+def in_issue_order_worker(rank: int, world: int, runs: list) -> list[dict]:
+    """The NCCL way of posting (each receive right before its action, the sends and receives between two
+    compute actions issued as one batch_isend_irecv), run over gloo: the same numbers as one process."""
+    from dynapipe.runtime.comm import Comm
+
+    Comm.in_issue_order = property(lambda self: True)  # type: ignore[method-assign,assignment]
+    return train_many(rank, world, runs)
+
+
+def test_batched_point_to_point_as_over_nccl_matches_single_process() -> None:
+    runs = [
+        (["skip", "tied"], {"schedule": "1f1b", "n_microbatches": 4}),
+        (["mlp"], {"schedule": "zb-h1", "n_microbatches": 4}),
+        (["mlp"], {"schedule": "interleaved-1f1b", "n_microbatches": 4, "n_stages": 4}),
+    ]
+    results = run_distributed(in_issue_order_worker, 2, runs, timeout=300)
+    _check_runs(results, runs)

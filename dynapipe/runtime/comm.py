@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -46,11 +46,38 @@ def ensure_process_group(device: torch.device, timeout_s: float) -> None:
 
 
 @dataclass
+class _Batch:
+    """Sends and receives issued together by one ``batch_isend_irecv``."""
+
+    ops: list[dist.P2POp] = field(default_factory=list)
+    works: list[dist.Work] = field(default_factory=list)  # one per operation (gloo), or one for all (NCCL)
+
+
+class _Posted:
+    """One operation of a batch: its work exists once the batch is issued. A gloo work must be waited for
+    only once (a second wait blocks), so it remembers that it has been."""
+
+    def __init__(self, batch: _Batch) -> None:
+        self.batch, self.index, self.done = batch, len(batch.ops) - 1, False
+
+    def wait(self, timeout: timedelta) -> bool:
+        works = self.batch.works
+        mine = [works[self.index]] if len(works) == len(self.batch.ops) else works
+        if not self.done:
+            self.done = all(work.wait(timeout) for work in mine)
+        return self.done
+
+    def is_completed(self) -> bool:
+        return self.done
+
+
+@dataclass
 class Comm:
     """Point-to-point traffic of one pipeline, plus the few collectives a step needs."""
 
     timeout: timedelta
-    pending: list[tuple[dist.Work, torch.Tensor, object, int]] = field(default_factory=list)
+    pending: list[tuple[Any, torch.Tensor, object, int]] = field(default_factory=list)
+    batch: _Batch | None = None  # sends and receives held, to be issued together
 
     @property
     def rank(self) -> int:
@@ -106,9 +133,29 @@ class Comm:
             f"rank {r} {text}" for r, (_, text) in sorted(reports.items()) if text.startswith("raised")
         )
 
+    def open_batch(self) -> None:
+        """Hold the sends and receives posted from now on, to issue them together (``close_batch``)."""
+        if self.batch is None:
+            self.batch = _Batch()
+
+    def close_batch(self) -> None:
+        """Issue the held sends and receives as one ``batch_isend_irecv``: over NCCL one group, so that a
+        send and a receive between the same two ranks cannot wait on each other."""
+        batch, self.batch = self.batch, None
+        if batch is None or not batch.ops:
+            return
+        try:
+            batch.works = dist.batch_isend_irecv(batch.ops)
+        except RuntimeError as err:
+            raise self._fail(err, f"issuing {len(batch.ops)} sends and receives", None) from err
+
     def isend(self, tensor: torch.Tensor, peer: int, tag: int, what: object) -> None:
         """Post a send; ``what`` (text, or an action) names it in an error message, formatted only then."""
         tensor = tensor.detach().contiguous()
+        if self.batch is not None:
+            self.batch.ops.append(dist.P2POp(dist.isend, tensor, peer, tag=tag))
+            self.pending.append((_Posted(self.batch), tensor, what, peer))
+            return
         try:
             # None only for a rank outside the group, which no send here involves
             work = cast(dist.Work, dist.isend(tensor, peer, tag=tag))
@@ -120,13 +167,16 @@ class Comm:
             self.wait(done, _Sending(done_what, done_peer), done_peer)  # raises if it failed
         pending.append((work, tensor, what, peer))
 
-    def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> dist.Work:
+    def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
+        if self.batch is not None:
+            self.batch.ops.append(dist.P2POp(dist.irecv, tensor, peer, tag=tag))
+            return _Posted(self.batch)
         try:
             return cast(dist.Work, dist.irecv(tensor, peer, tag=tag))  # None only outside the group
         except RuntimeError as err:
             raise self._fail(err, f"posting a receive from rank {peer}", peer) from err
 
-    def wait(self, work: dist.Work, what: object, peer: int | None) -> None:
+    def wait(self, work: Any, what: object, peer: int | None) -> None:
         """Wait for ``work`` within the timeout; ``what`` names it in the error, formatted only then."""
         try:
             if not work.wait(self.timeout):

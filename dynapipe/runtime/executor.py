@@ -221,13 +221,20 @@ class Executor:
             work()
             spans.append((name, start, clock.now()))
         receives = (Kind.RECV_F, Kind.RECV_B)
+        # over NCCL the sends and receives between two compute actions go out as one batch (see Comm)
+        batching = self.comm.in_issue_order
         for action in table:
             if action is None:
                 continue
+            if batching and action.kind.is_p2p:
+                self.comm.open_batch()
+            elif batching:
+                self.comm.close_batch()
             start = self.waited_until = clock.now()
             handlers[action.kind](action)
             if action.kind not in receives:  # a receive's event is the wait for it (see _take)
                 spans.append((str(action), self.waited_until, clock.now()))
+        self.comm.close_batch()
         spans += [(str(a), span[0], span[1]) for a, span in self.receive_spans.items()]
         for name, work in [("wait for sends", self.comm.flush), *epilogue]:
             start = clock.now()
