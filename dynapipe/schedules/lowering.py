@@ -13,7 +13,8 @@ Posting a receive is non-blocking (the message lands in its buffer while the ran
 the compute action's. How far ahead is the caller's choice (``receive_ahead``): the runtime posts every
 receive at the start of the step over gloo, where a message that finds its receive posted skips a round
 trip, and right before the action over NCCL, whose point-to-point calls between two ranks run in the
-order they are issued. Sends are non-blocking and leave right after the action that produced them. Several of either are ordered by peer stage, so every rank derives the same table. Edges
+order they are issued (the runtime then issues the sends and receives between two compute actions as one
+batch). Sends are non-blocking and leave right after the action that produced them. Several of either are ordered by peer stage, so every rank derives the same table. Edges
 within one rank need nothing: the tensors stay in memory.
 
 With data parallelism, ``sREDUCEk`` before the last weight-gradient work of stage ``s`` (``sBk`` or
