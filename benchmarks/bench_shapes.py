@@ -21,14 +21,17 @@ Run the same script with ``PYTHONPATH`` pointing at an older checkout to measure
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
-import socket
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
+
+from dynapipe import launch
 
 WORLD, BATCH, MICRO, VOCAB, MAX_LEN = 2, 8, 4, 1000, 128
 STEADY, NEW = 64, (96, 80, 72, 112)
@@ -50,15 +53,8 @@ def _model():
     return LlamaForCausalLM(config)
 
 
-def _worker(rank: int, port: int, steps: int, dynamic: bool, queue) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+def _worker(steps: int, dynamic: bool, out: str) -> None:
+    rank = int(os.environ["RANK"])
     model = _model()
     step = torch.compile(
         lambda ids, labels: model(input_ids=ids, labels=labels, use_cache=False).loss,
@@ -107,7 +103,9 @@ def _worker(rank: int, port: int, steps: int, dynamic: bool, queue) -> None:
         timed(ids, labels)
     padded = time.perf_counter() - start
     if rank == 0:
-        queue.put((steady, new, steps / variable, steps / padded, sorted(set(lengths))))
+        Path(out).write_text(
+            json.dumps([steady, new, steps / variable, steps / padded, sorted(set(lengths))])
+        )
     import torch.distributed as dist
 
     dist.destroy_process_group()
@@ -118,19 +116,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dynamic", action="store_true", help="torch.compile(..., dynamic=True)")
     args = parser.parse_args()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        ctx.Process(target=_worker, args=(r, port, args.steps, args.dynamic, queue)) for r in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    steady, new, variable, padded, lengths = queue.get(timeout=900)
-    for p in procs:
-        p.join(timeout=60)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "results.json")
+        launch(_worker, args.steps, args.dynamic, out, nproc=WORLD)
+        steady, new, variable, padded, lengths = json.loads(Path(out).read_text())
     median = statistics.median(steady)
     print(
         f"{WORLD} ranks, 1F1B, batch {BATCH} in {MICRO} microbatches, small Llama split at model.layers.2; "
