@@ -418,8 +418,7 @@ def _tables(
         for r in range(n_pp)
     }
     # gloo: every receive posted when the step starts (a message that finds its receive posted skips a
-    # round trip); NCCL runs a pair's point-to-point calls in the order issued: post each right before use
-    ahead = 0 if in_issue_order else None
+    # round trip); NCCL matches a pair's sends and receives in the order issued: one global order
     lowered = validate(
         train,
         n_pp,
@@ -428,7 +427,8 @@ def _tables(
         pp_of_stage,
         stage_graph=graph,
         reduce_stages=reduce_stages,
-        receive_ahead=ahead,
+        receive_ahead=None,
+        in_issue_order=in_issue_order,
     )
     lowered_inference = validate(
         inference,
@@ -438,7 +438,8 @@ def _tables(
         pp_of_stage,
         stage_graph=graph,
         forward_only=True,
-        receive_ahead=ahead,
+        receive_ahead=None,
+        in_issue_order=in_issue_order,
     )
     return lowered, lowered_inference
 

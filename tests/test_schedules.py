@@ -489,6 +489,58 @@ def test_reduce_sits_right_before_each_stages_last_weight_work(name):
         validate(early, p, n, m, placement)
 
 
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+@pytest.mark.parametrize("dp", [False, True])
+@pytest.mark.parametrize("skip", [False, True])
+def test_nccl_tables_issue_every_pair_in_one_order_and_cannot_deadlock(name, dp, skip):
+    """Over NCCL each rank issues its sends and receives in one global order, and the validator's NCCL
+    replay (groups one at a time, a pair matched in issue order) runs it to the end."""
+    spec = SCHEDULES[name]
+    for p, m in ((2, 4), (3, 6), (4, 8)):
+        table, n = _build(name, p, m)
+        edges = [(0, n - 1)] if skip else None
+        table = split_last_backward(table) if dp else table
+        reduce = range(n) if dp else ()
+        lowered = validate(table, p, n, m, spec.placement, edges, in_issue_order=True, reduce_stages=reduce)
+        rank_of = placement_map(spec.placement, n_ranks=p, n_stages=n)
+        sent: dict[tuple[int, int], list] = {}
+        received: dict[tuple[int, int], list] = {}
+        for rank, acts in lowered.items():
+            for a in acts:
+                if a.kind in (Kind.SEND_F, Kind.SEND_B):
+                    sent.setdefault((rank, rank_of[a.peer]), []).append(
+                        (a.kind.value[-1], a.stage, a.peer, a.mb)
+                    )
+                elif a.kind in (Kind.RECV_F, Kind.RECV_B):
+                    received.setdefault((rank_of[a.peer], rank), []).append(
+                        (a.kind.value[-1], a.peer, a.stage, a.mb)
+                    )
+        assert sent == received, f"{name} p={p}: a pair of ranks sees its messages in two orders"
+        assert [a for acts in lowered.values() for a in acts if a.kind.is_compute] == [
+            a for acts in table.values() for a in acts if a is not None
+        ]
+
+
+def test_nccl_replay_refuses_what_gloo_runs():
+    """Receives posted right before each action run over gloo (matched by tag) but not over NCCL:
+    interleaved 1F1B deadlocks on the groups, and ZBV receives a pair's messages out of order."""
+    spec = SCHEDULES["interleaved-1f1b"]
+    table, n = _build("interleaved-1f1b", 2, 4)
+    eager = lower(table, 2, n, spec.placement, receive_ahead=0)
+    validate(eager, 2, n, 4, spec.placement)
+    with pytest.raises(ScheduleError, match=r"deadlock over NCCL.*rank 0 waits to compute"):
+        validate(eager, 2, n, 4, spec.placement, in_issue_order=True)
+
+    spec = SCHEDULES["zbv"]
+    table, n = _build("zbv", 2, 4)
+    eager = lower(table, 2, n, spec.placement, receive_ahead=0)
+    validate(eager, 2, n, 4, spec.placement)
+    with pytest.raises(
+        ScheduleError, match=r"rank 0's send #3 to rank 1 is 0SEND_F2->1, but rank 1's receive #3"
+    ):
+        validate(eager, 2, n, 4, spec.placement, in_issue_order=True)
+
+
 def test_torch_pipelining_csv_both_ways(tmp_path):
     from torch.distributed.pipelining import schedules as tdp
 

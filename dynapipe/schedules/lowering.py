@@ -10,12 +10,21 @@ whose ends sit on different ranks:
   producer's rank posts ``pRECV_Bk<-c`` ahead of its own ``B``/``I``.
 
 Posting a receive is non-blocking (the message lands in its buffer while the rank computes); waiting is
-the compute action's. How far ahead is the caller's choice (``receive_ahead``): the runtime posts every
-receive at the start of the step over gloo, where a message that finds its receive posted skips a round
-trip, and right before the action over NCCL, whose point-to-point calls between two ranks run in the
-order they are issued (the runtime then issues the sends and receives between two compute actions as one
-batch). Sends are non-blocking and leave right after the action that produced them. Several of either are ordered by peer stage, so every rank derives the same table. Edges
-within one rank need nothing: the tensors stay in memory.
+the compute action's. Where receives go depends on the transport:
+
+* gloo matches a send to its receive by tag whenever both are posted. The runtime posts every receive
+  of the step when it starts (``receive_ahead=None``): a message that finds its receive posted skips a
+  round trip. (``receive_ahead=k`` posts each ``k`` compute actions before the one that waits.)
+* NCCL (``in_issue_order=True``) matches the sends and receives between two ranks in the order they are
+  issued, whatever their tags, and runs a rank's groups of them one after another. Every message gets a
+  place in one global order (the order a replay of the compute table sends them in), and every rank
+  issues its sends and receives in that order: a receive goes in as late as it can, but before the action
+  that needs it and before any send that comes after it in the global order. Two ranks then see their
+  common messages in the same order, and the runtime issues the sends and receives between two compute
+  actions as one group.
+
+Sends leave right after the action that produced them. Several of either are ordered by peer stage, so
+every rank derives the same table. Edges within one rank need nothing: the tensors stay in memory.
 
 With data parallelism, ``sREDUCEk`` before the last weight-gradient work of stage ``s`` (``sBk`` or
 ``sWk``) marks where DDP's bucket all-reduces are armed: they start from autograd hooks inside that action.
@@ -29,7 +38,7 @@ from .actions import Action, Kind, ScheduleError, Table
 from .placement import Placement, StageGraph, placement_map
 from .placement import stage_graph as _chain_plus
 
-__all__ = ["comm_after", "comm_before", "last_weight_work", "lower", "mark_reductions"]
+__all__ = ["comm_after", "comm_before", "last_weight_work", "lower", "mark_reductions", "message_of"]
 
 
 def comm_before(action: Action, graph: StageGraph, rank_of: dict[int, int]) -> list[Action]:
@@ -60,6 +69,14 @@ def comm_after(action: Action, graph: StageGraph, rank_of: dict[int, int]) -> li
     return []
 
 
+def message_of(action: Action) -> tuple[str, int, int, int]:
+    """(direction, source stage, destination stage, mb): the key a send and its receive share."""
+    assert action.peer is not None  # a communication action (Action checks it has a peer)
+    if action.kind in (Kind.SEND_F, Kind.SEND_B):
+        return action.kind.value[-1], action.stage, action.peer, action.mb
+    return action.kind.value[-1], action.peer, action.stage, action.mb
+
+
 def last_weight_work(table: Table) -> dict[int, Action]:
     """Each stage's last action that accumulates weight gradients (``B`` or ``W``), as the table orders them."""
     last: dict[int, Action] = {}
@@ -80,24 +97,34 @@ def lower(
     edges: Iterable[tuple[int, int]] | None = None,
     reduce_stages: Iterable[int] = (),
     receive_ahead: int | None = 1,
+    in_issue_order: bool = False,
 ) -> Table:
     """A copy of compute-only ``table`` with SEND/RECV actions inserted (idle slots are kept), and a REDUCE
     before the last weight-gradient work of every stage in ``reduce_stages`` (data parallelism). A receive
     is posted ``receive_ahead`` compute actions before the one that waits for it (0: right before it;
-    None: every receive of the step at its start).
+    None: every receive of the step at its start); with ``in_issue_order`` (NCCL) in the global order of
+    the module docstring instead.
 
     The stage graph is ``stage_graph`` if given (the runtime passes the real stage DAG), else the chain
     ``s -> s+1`` plus ``edges``.
     """
     graph = stage_graph if stage_graph is not None else _chain_plus(n_stages, edges)
     rank_of = placement_map(placement, n_ranks=n_ranks, n_stages=n_stages)
-    lowered: Table = {}
     for rank, actions in sorted(table.items()):
         for action in actions:
             if action is not None and not action.kind.is_compute:
                 raise ScheduleError(
                     f"{action} on rank {rank}: the table is already lowered; pass the compute-only table"
                 )
+    if in_issue_order:
+        order = _send_order(table, graph, rank_of)
+        if order is not None:  # else it cannot run at all: validate() names the cycle
+            ordered = {
+                r: _in_send_order(actions, order, graph, rank_of) for r, actions in sorted(table.items())
+            }
+            return mark_reductions(ordered, reduce_stages)
+    lowered: Table = {}
+    for rank, actions in sorted(table.items()):
         compute = [a for a in actions if a is not None]
         posts: dict[int, list[Action]] = {}  # compute index -> receives posted right before it
         for k, action in enumerate(compute):
@@ -113,6 +140,57 @@ def lower(
             k += 1
         lowered[rank] = out
     return mark_reductions(lowered, reduce_stages)
+
+
+def _send_order(table: Table, graph: StageGraph, rank_of: dict[int, int]) -> dict[tuple, int] | None:
+    """Each message's place in the order a replay of the compute table sends them (every rank runs its
+    actions in turn, as far as the messages sent so far allow); None if the replay gets stuck."""
+    order: dict[tuple, int] = {}
+    compute = {r: [a for a in acts if a is not None] for r, acts in table.items()}
+    pos = dict.fromkeys(compute, 0)
+    moved = True
+    while moved:
+        moved = False
+        for rank, actions in compute.items():
+            while pos[rank] < len(actions):
+                action = actions[pos[rank]]
+                if any(message_of(r) not in order for r in comm_before(action, graph, rank_of)):
+                    break
+                for send in comm_after(action, graph, rank_of):
+                    order[message_of(send)] = len(order)
+                pos[rank] += 1
+                moved = True
+    return order if all(pos[r] == len(acts) for r, acts in compute.items()) else None
+
+
+def _in_send_order(
+    actions: list[Action | None], order: dict[tuple, int], graph: StageGraph, rank_of: dict[int, int]
+) -> list[Action | None]:
+    """One rank's lowered list whose sends and receives follow the global ``order`` (module docstring)."""
+    receives = sorted(
+        (r for a in actions if a is not None for r in comm_before(a, graph, rank_of)),
+        key=lambda r: order[message_of(r)],
+    )
+    out: list[Action | None] = []
+    k = 0  # receives[:k] are in out
+
+    def receive_until(place: float) -> None:
+        nonlocal k
+        while k < len(receives) and order[message_of(receives[k])] <= place:
+            out.append(receives[k])
+            k += 1
+
+    for action in actions:
+        if action is None:
+            out.append(None)
+            continue
+        receive_until(max((order[message_of(r)] for r in comm_before(action, graph, rank_of)), default=-1))
+        out.append(action)
+        sends = comm_after(action, graph, rank_of)
+        if sends:
+            receive_until(order[message_of(sends[0])] - 0.5)
+        out += sends
+    return out
 
 
 def mark_reductions(table: Table, stages: Iterable[int]) -> Table:

@@ -7,9 +7,15 @@ Checks, in order, each stopping at the first offence and naming the action and i
 3. same-rank order: F after its producers' F, B/I after its own F and its consumers' B/I, W after its I;
 4. completeness: each (stage, microbatch) has one F and one B, or one I and one W (F only when
    ``forward_only``); a REDUCE, if any, sits right before its stage's last weight-gradient work;
-5. deadlock freedom: replay the lowered table as the runtime runs it -- a receive is posted where the
-   table says and waited for by the compute action that needs it, sends never block. If no rank can
-   move, report the cycle of waiting ranks.
+5. deadlock freedom: replay the lowered table as the runtime runs it. Over gloo (tags match a send to
+   its receive whenever both are posted) a receive is posted where the table says and waited for by the
+   compute action that needs it, and sends never block. With ``in_issue_order`` (NCCL) the sends and
+   receives between two compute actions are one group on the rank's communication stream, which runs
+   its groups one after another; a pair of ranks matches its sends and receives in the order issued,
+   whatever their tags, so each rank must receive from a peer in the order that peer sends; a group ends
+   once every peer has reached the group holding the other side of each of its operations, a compute
+   action starts once the groups with its receives have ended, and a group once the compute actions
+   before it have. If no rank can move, report where each waits.
 
 Dependencies between ranks are only checked by the replay: a rank that runs an action "too early"
 simply waits, and the wait is harmless unless it closes a cycle.
@@ -20,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from .actions import Action, Kind, ScheduleError, Table, normalize_table
-from .lowering import comm_before, last_weight_work, lower, mark_reductions
+from .lowering import comm_before, last_weight_work, lower, mark_reductions, message_of
 from .placement import Placement, StageGraph, backward_kinds, inputs_of, placement_map
 from .placement import stage_graph as _chain_plus
 
@@ -39,6 +45,7 @@ def validate(
     forward_only: bool = False,
     reduce_stages: Iterable[int] = (),
     receive_ahead: int | None = 1,
+    in_issue_order: bool = False,
 ) -> Table:
     """Raise :class:`ScheduleError` unless ``table`` runs to completion; return its lowered form, the
     table the runtime executes.
@@ -46,7 +53,8 @@ def validate(
     ``table`` may be compute-only (it is lowered here, with a REDUCE for each of ``reduce_stages`` and
     receives posted ``receive_ahead`` compute actions early: see :func:`~dynapipe.schedules.lower`) or
     already lowered (its own sends, receives and REDUCEs are replayed as written). ``forward_only``
-    accepts inference tables, which have no backward.
+    accepts inference tables, which have no backward. ``in_issue_order`` replays it as NCCL runs it
+    (see the module docstring) rather than as gloo does.
     """
     table = normalize_table(table)
     graph = stage_graph if stage_graph is not None else _chain_plus(n_stages, edges)
@@ -71,10 +79,20 @@ def validate(
         lowered = mark_reductions(table, reduce_stages)
     else:
         lowered = lower(
-            table, n_ranks, n_stages, rank_of, graph, reduce_stages=reduce_stages, receive_ahead=receive_ahead
+            table,
+            n_ranks,
+            n_stages,
+            rank_of,
+            graph,
+            reduce_stages=reduce_stages,
+            receive_ahead=receive_ahead,
+            in_issue_order=in_issue_order,
         )
     _check_reduce(lowered)
     _replay(lowered, graph, rank_of, backward_kinds(table))
+    if in_issue_order:
+        _check_issue_order(lowered, rank_of)
+        _replay_in_issue_order(lowered, graph, rank_of)
     return lowered
 
 
@@ -161,14 +179,6 @@ def _check_complete(compute: dict[int, list[Action]], n_stages, n_mb, rank_of, f
             raise ScheduleError(f"{f} on rank {rank} has no backward: add {b} (or {i} and {w}) after it")
 
 
-def _message(action: Action) -> tuple[str, int, int, int]:
-    """(direction, source stage, destination stage, mb): the key a send and its receive share."""
-    assert action.peer is not None  # a communication action (Action checks it has a peer)
-    if action.kind in (Kind.SEND_F, Kind.SEND_B):
-        return action.kind.value[-1], action.stage, action.peer, action.mb
-    return action.kind.value[-1], action.peer, action.stage, action.mb
-
-
 def _check_reduce(lowered: Table) -> None:
     """A REDUCE arms DDP for the one autograd call that finishes its stage's gradients: it must come
     right before (among its stage's actions) that stage's last weight-gradient work, and only once."""
@@ -210,7 +220,7 @@ def _replay(lowered: Table, graph: StageGraph, rank_of: dict[int, int], kinds) -
                 if action is None or action.kind is Kind.REDUCE:
                     pass
                 elif action.kind.is_compute:
-                    needs = [_message(recv) for recv in comm_before(action, graph, rank_of)]
+                    needs = [message_of(recv) for recv in comm_before(action, graph, rank_of)]
                     for recv, message in zip(comm_before(action, graph, rank_of), needs, strict=True):
                         if message not in posted[rank]:
                             raise ScheduleError(
@@ -228,9 +238,9 @@ def _replay(lowered: Table, graph: StageGraph, rank_of: dict[int, int], kinds) -
                         raise ScheduleError(
                             f"{action} on rank {rank} sends before {source} has run; move it after"
                         )
-                    sent.add(_message(action))
+                    sent.add(message_of(action))
                 else:
-                    posted[rank].add(_message(action))
+                    posted[rank].add(message_of(action))
                 pos[rank] += 1
                 moved = True
     if all(pos[r] == len(acts) for r, acts in lowered.items()):
@@ -245,7 +255,7 @@ def _deadlock_report(
         """(the receive not yet satisfied, the action that sends it, the action waiting, its sender)."""
         needed_by = lowered[rank][pos[rank]]
         assert needed_by is not None and needed_by.kind.is_compute  # the replay stops only at computes
-        recv = next(r for r in comm_before(needed_by, graph, rank_of) if _message(r) not in sent)
+        recv = next(r for r in comm_before(needed_by, graph, rank_of) if message_of(r) not in sent)
         assert recv.peer is not None
         kind = Kind.F if recv.kind is Kind.RECV_F else kinds.get((recv.peer, recv.mb), Kind.B)
         return recv, Action(recv.peer, kind, recv.mb), needed_by, rank_of[recv.peer]
@@ -275,3 +285,102 @@ def _deadlock_report(
                 "the awaited action comes before the wait"
             )
         chain.append(sender)
+
+
+def _check_issue_order(lowered: Table, rank_of: dict[int, int]) -> None:
+    """Between two ranks NCCL hands the k-th send to the k-th receive: each rank must receive from a
+    peer in exactly the order that peer sends to it."""
+    sends: dict[tuple[int, int], list[Action]] = {}
+    receives: dict[tuple[int, int], list[Action]] = {}
+    for rank, actions in lowered.items():
+        for a in actions:
+            if a is not None and a.kind.is_p2p:
+                assert a.peer is not None  # a communication action names its peer
+                sending = a.kind in (Kind.SEND_F, Kind.SEND_B)
+                pair = (rank, rank_of[a.peer]) if sending else (rank_of[a.peer], rank)
+                (sends if sending else receives).setdefault(pair, []).append(a)
+    for (src, dst), sent in sorted(sends.items()):
+        got = receives.get((src, dst), [])
+        for k, (send, recv) in enumerate(
+            zip(sent, got, strict=True)
+        ):  # the replay above matched every message
+            if message_of(send) != message_of(recv):
+                raise ScheduleError(
+                    f"over NCCL, rank {src}'s send #{k + 1} to rank {dst} is {send}, but rank {dst}'s receive "
+                    f"#{k + 1} from rank {src} is {recv}: NCCL matches them in the order issued, so {recv} "
+                    f"would get {send}'s tensor; post rank {dst}'s receives from rank {src} in the order "
+                    "they are sent"
+                )
+
+
+def _replay_in_issue_order(lowered: Table, graph: StageGraph, rank_of: dict[int, int]) -> None:
+    """Replay ``lowered`` on NCCL's two streams per rank: compute actions in order on one, groups (the
+    sends and receives between two compute actions, as the runtime issues them) in order on the other."""
+    items: dict[int, list[Action | tuple[Action, ...]]] = {}  # per rank: compute actions and groups
+    for rank, actions in lowered.items():
+        out: list[Action | tuple[Action, ...]] = []
+        held: list[Action] = []
+        for a in [*actions, None]:
+            if a is not None and a.kind.is_p2p:
+                held.append(a)
+                continue
+            if held and (a is None or a.kind is Kind.REDUCE or a.kind.is_compute):
+                out.append(tuple(held))  # the runtime issues a group at the next non-p2p action
+                held = []
+            if a is not None and a.kind.is_compute:
+                out.append(a)
+        items[rank] = out
+    group_of: dict[tuple, tuple[int, int]] = {}  # (side, message) -> (rank, item index of its group)
+    for rank, its in items.items():
+        for k, item in enumerate(its):
+            for a in item if isinstance(item, tuple) else ():
+                sending = a.kind in (Kind.SEND_F, Kind.SEND_B)
+                group_of[("send" if sending else "recv", message_of(a))] = (rank, k)
+    compute_at = dict.fromkeys(items, 0)  # per rank: index of the next compute action (or past the end)
+    group_at = dict.fromkeys(items, 0)  # per rank: index of the next group not yet ended
+    started = dict.fromkeys(items, -1)  # per rank: the furthest group its stream has reached
+
+    def skip(rank: int, pos: int, to_group: bool) -> int:
+        its = items[rank]
+        while pos < len(its) and isinstance(its[pos], tuple) != to_group:
+            pos += 1
+        return pos
+
+    moved = True
+    while moved:
+        moved = False
+        for rank, its in items.items():
+            k = group_at[rank] = skip(rank, group_at[rank], True)
+            compute_at[rank] = skip(rank, compute_at[rank], False)
+            if k < len(its) and started[rank] < k and compute_at[rank] > k:  # computes before it are done
+                started[rank], moved = k, True
+            if k < len(its) and started[rank] == k:
+                group = its[k]
+                assert isinstance(group, tuple)
+                others = [
+                    group_of.get(("recv" if a.kind in (Kind.SEND_F, Kind.SEND_B) else "send", message_of(a)))
+                    for a in group
+                ]
+                if all(o is not None and started[o[0]] >= o[1] for o in others):
+                    group_at[rank], moved = k + 1, True
+            c = compute_at[rank]
+            if c < len(its):
+                action = its[c]
+                assert isinstance(action, Action)
+                needs = [group_of.get(("recv", message_of(r))) for r in comm_before(action, graph, rank_of)]
+                if all(n is not None and skip(n[0], group_at[n[0]], True) > n[1] for n in needs):
+                    compute_at[rank], moved = c + 1, True
+    lines = []
+    for rank, its in sorted(items.items()):
+        if compute_at[rank] < len(its):
+            lines.append(f"rank {rank} waits to compute {its[compute_at[rank]]}")
+        if group_at[rank] < len(its):
+            group = its[group_at[rank]]
+            assert isinstance(group, tuple)
+            lines.append(f"rank {rank}'s sends and receives wait at [{' '.join(map(str, group))}]")
+    if lines:
+        raise ScheduleError(
+            "deadlock over NCCL (one group of sends and receives at a time per rank, each matched in the "
+            f"order issued): {'; '.join(lines)}. Post each receive right before the action that needs it "
+            "(lower(..., receive_ahead=0))"
+        )
