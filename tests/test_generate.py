@@ -280,19 +280,19 @@ def test_misuse_is_an_error_on_every_rank_before_any_pipelined_call():
         assert out["calls after"] == 2 * NEW  # the two good generate() calls, nothing for the misuses
 
 
-def test_a_cache_that_does_not_fit_the_family_is_refused():
-    from transformers import MistralConfig, MistralForCausalLM
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_a_cache_that_does_not_fit_the_family_is_refused(family):
+    """Sliding-window layers (every one in Mistral, every other one in Gemma2) are refused when the cache is
+    built, before the model is called."""
+    import transformers as tf
 
     from dynapipe import ConfigError, PipelineCache
 
-    config = MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=4,
-    )
-    with pytest.raises(ConfigError, match="sliding_attention"):
-        PipelineCache(MistralForCausalLM(config), batch_size=2, max_cache_len=8)
+    sizes = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    heads = {"num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 4}
+    if family == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(**sizes, **heads))
+    else:
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**sizes, **heads, head_dim=8))
+    with pytest.raises(ConfigError, match="does not fit PipelineCache: .* has sliding_attention layers"):
+        PipelineCache(model, batch_size=2, max_cache_len=8)
