@@ -21,19 +21,28 @@ Why a cache class of its own, rather than ``cache_implementation="static"``:
   advances its own rows, so every row moves once per step, and a layer's counter, like its keys, is read
   and written only by the stage that owns the layer.
 
-The number of tokens written so far is also kept in Python, on every rank, from the mask sizes HF asks
-for once per step before the forward: a step that would write past ``max_cache_len`` is an error on every
-rank before it runs, never an out-of-range write on one.
+What is checked when, identically on every rank (each check reads only Python values every rank has):
+
+* **At construction**, a model family whose cache is not one full-attention tensor pair per layer
+  (sliding-window, chunked or linear-attention layers, per-layer head shapes) is refused.
+* **When ``generate()`` prepares its cache**, before the prefill: beam search, ``num_return_sequences > 1``,
+  a number of prompts other than ``batch_size``, a cache an earlier ``generate()`` already filled, and a
+  ``max_length`` (prompt plus ``max_new_tokens``) whose cache entries exceed ``max_cache_len``.
+* **At every call**, backstops for calls that do not come through ``generate()``: a step that would write
+  past ``max_cache_len`` is refused before it runs (the number of tokens written so far is kept in Python,
+  from the mask sizes HF asks for once per step before the forward), and a batch other than ``batch_size``
+  stops Dynamo's trace.
 """
 
 from __future__ import annotations
 
 import copy
+import types
 from typing import Any, cast
 
 import torch
 import torch.utils._pytree as pytree
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers.cache_utils import StaticCache, StaticLayer, get_layer_types_and_kwargs
 
 from .errors import ConfigError
@@ -41,9 +50,8 @@ from .errors import ConfigError
 __all__ = ["PipelineCache"]
 
 _OTHER_BATCH = (
-    "the model was called on another number of sequences than the PipelineCache's batch_size: beam search "
-    "and num_return_sequences > 1 are not supported (use num_beams=1), and batch_size must be the number "
-    "of prompts"
+    "the model was called on another number of sequences than the PipelineCache's batch_size, the number "
+    "of prompts (beam search and num_return_sequences > 1 are not supported)"
 )
 
 
@@ -95,7 +103,7 @@ class PipelineCache(StaticCache):
     """HF static cache for ``generate()`` through a dynapipe pipeline (see the module docstring).
 
     ``batch_size`` is the number of prompts (``input_ids.shape[0]``); ``max_cache_len`` the longest
-    sequence, prompt plus new tokens. Use a new cache for every ``generate()`` call.
+    sequence, prompt plus new tokens. Use a new cache for every ``generate()`` call (or ``reset()`` it).
     """
 
     def __init__(
@@ -133,6 +141,46 @@ class PipelineCache(StaticCache):
         # HF compiles the decode step itself on CUDA when the cache is compileable; that compile would wrap
         # dynapipe's own, so the model is left to the backend it was compiled with
         model.generation_config.disable_compile = True
+        if "_prepare_cache_for_generation" not in vars(model):  # once per model: see _prepare_checked
+            cast(Any, model)._prepare_cache_for_generation = types.MethodType(_prepare_checked, model)
+
+    def check_generate(self, config: GenerationConfig, n_prompts: int, entries: int) -> None:
+        """Refuses a ``generate()`` this cache cannot serve, before its prefill, with the same error on every
+        rank. ``entries`` is HF's own count of what the cache must hold: ``max_length - 1`` (the last token
+        is returned, never written)."""
+        if config.num_beams > 1 or config.num_return_sequences > 1:
+            raise ConfigError(
+                f"beam search and num_return_sequences > 1 are not supported through a PipelineCache (got "
+                f"num_beams={config.num_beams}, num_return_sequences={config.num_return_sequences}): it holds "
+                "one row per prompt; use num_beams=1 and num_return_sequences=1"
+            )
+        if n_prompts != self.batch_size:
+            raise ConfigError(
+                f"generate() got {n_prompts} prompts, but the PipelineCache was built with "
+                f"batch_size={self.batch_size}; build it with batch_size=input_ids.shape[0]"
+            )
+        if self.written:
+            raise ConfigError(
+                "this PipelineCache was filled by an earlier generate(), and continuing from it is not "
+                "supported; build a new one for every generate() call (or call its reset() first)"
+            )
+        if entries > self.max_cache_len:
+            new = config.max_new_tokens
+            asked = (
+                f"a prompt of {config.max_length - new} tokens and max_new_tokens={new}"
+                if new is not None
+                else f"max_length={config.max_length}"
+            )
+            fewer = (
+                f"max_new_tokens <= {self.max_cache_len - (config.max_length - new) + 1}"
+                if new is not None
+                else f"max_length <= {self.max_cache_len + 1}"
+            )
+            raise ConfigError(
+                f"the PipelineCache holds max_cache_len={self.max_cache_len} tokens, but {asked} need "
+                f"{entries} (the prompt and every new token but the last); build it with max_cache_len >= "
+                f"{entries}, or pass {fewer}"
+            )
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         """HF asks once per step, before the forward (and again inside it, while Dynamo traces)."""
@@ -155,11 +203,30 @@ class PipelineCache(StaticCache):
         super().reset()
         self.written.clear()
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise ConfigError("beam search is not supported through a PipelineCache; use num_beams=1")
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise ConfigError("num_return_sequences > 1 is not supported through a PipelineCache; use 1")
+def _prepare_checked(
+    model: Any,
+    generation_config: GenerationConfig,
+    model_kwargs: dict[str, Any],
+    generation_mode: Any,
+    batch_size: int,
+    max_cache_length: int,
+) -> Any:
+    """``generate()``'s cache preparation, after :meth:`PipelineCache.check_generate` on a PipelineCache.
+
+    HF gives a user's cache no look at the generation's settings (no documented hook, in 5.23 or 5.24,
+    sees both the cache and ``max_length`` before the prefill), and the forward never sees
+    ``max_new_tokens``. ``_prepare_cache_for_generation`` is the narrowest place that does: HF calls it
+    once per ``generate()``, with the lengths settled and the beams known, on the user's cache (only to
+    check conflicting arguments), before any forward. Overridden on the model instance the cache was
+    built for, so other models are untouched, and it calls HF's own method unchanged.
+    """
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))  # its name since 5.24, before
+    if isinstance(cache, PipelineCache):
+        cache.check_generate(generation_config, batch_size, max_cache_length)
+    return type(model)._prepare_cache_for_generation(
+        model, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+    )
 
 
 def _without_memory(shape: tuple[int, ...], dtype: torch.dtype, device: Any) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Every check compares the tokens with single-process ``model.generate(do_sample=False)`` (HF's own cache),
 on left-padded prompts with an attention mask, and looks at where the cache lives: each layer's keys and
 values hold memory on exactly one rank, and a decode step sends about one token's hidden state per
-microbatch across each stage boundary, not the cache.
+microbatch across each stage boundary, not the cache. A misuse (too many tokens, beams, another batch, a
+filled cache, a sliding-window family) is a ConfigError on every rank before any forward.
 """
 
 from __future__ import annotations
@@ -179,48 +180,119 @@ def test_generate_llama_on_four_ranks():
         torch.testing.assert_close(torch.tensor(results[rank]["llama, shorter prompt"]), expected)
 
 
-def _errors(rank: int, world: int) -> dict[str, str]:
-    """Each misuse raises a ConfigError on every rank (a hang would fail the spawn's timeout instead)."""
-    from dynapipe import DynapipeError, PipelineCache
+def _refused(model, cache, **kwargs) -> str:
+    """The ConfigError ``generate()`` raises with ``cache``: its message."""
+    from dynapipe import ConfigError
+
+    ids, mask = _prompts()
+    with torch.no_grad(), pytest.raises(ConfigError) as err:
+        model.generate(ids, attention_mask=mask, **{"do_sample": False, **kwargs}, **_cache_argument(cache))
+    return str(err.value)
+
+
+MISUSES = {  # name: (PipelineCache arguments, generate arguments, part of the message)
+    "too many new tokens": (
+        {"batch_size": BATCH, "max_cache_len": PROMPT + 2},
+        {"max_new_tokens": NEW},
+        "holds max_cache_len=7 tokens, but a prompt of 5 tokens and max_new_tokens=4 need 8 (the prompt and "
+        "every new token but the last); build it with max_cache_len >= 8, or pass max_new_tokens <= 3",
+    ),
+    "too long max_length": (
+        {"batch_size": BATCH, "max_cache_len": PROMPT + 2},
+        {"max_length": PROMPT + NEW},
+        "max_length=9 need 8 (the prompt and every new token but the last); build it with max_cache_len >= 8, "
+        "or pass max_length <= 8",
+    ),
+    "beam search": (
+        {"batch_size": BATCH, "max_cache_len": CACHE},
+        {"max_new_tokens": 2, "num_beams": 2},
+        "beam search and num_return_sequences > 1 are not supported through a PipelineCache (got num_beams=2",
+    ),
+    "num_return_sequences": (
+        {"batch_size": BATCH, "max_cache_len": CACHE},
+        {"max_new_tokens": 2, "do_sample": True, "num_return_sequences": 2},
+        "num_beams=1, num_return_sequences=2)",
+    ),
+    "another batch size": (
+        {"batch_size": BATCH - 1, "max_cache_len": CACHE},
+        {"max_new_tokens": 2},
+        "generate() got 4 prompts, but the PipelineCache was built with batch_size=3",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", MISUSES)
+def test_misuse_is_refused_before_any_forward(name):
+    """``generate()`` checks the cache against its settings before the prefill: no forward runs (the model
+    is not compiled here, so the check needs no pipeline)."""
+    from dynapipe import PipelineCache
 
     model = _model("llama", 2)
-    model.compile(backend="dynapipe", options={"n_microbatches": 2, "timeout_s": 60})
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    cache_kwargs, kwargs, message = MISUSES[name]
+    assert message in _refused(model, PipelineCache(model, **cache_kwargs), **kwargs)
+    assert forwards == []
+
+
+def _misuse_on_ranks(rank: int, world: int) -> dict:
+    """Every misuse, before and after a good ``generate()``: the messages, the tokens, and the number of
+    pipelined calls at each point (a hang would fail the spawn's timeout instead)."""
+    from dynapipe import PipelineCache
+
+    model = _model("llama", 2)
+    calls: list[int] = []
+    model.compile(
+        backend="dynapipe",
+        options={"n_microbatches": 2, "timeout_s": 60, "on_step": lambda _: calls.append(1)},
+    )
+    out: dict = {"messages": {}}
+    for name, (cache_kwargs, kwargs, _) in MISUSES.items():  # before the model's first call
+        out["messages"][name] = _refused(model, PipelineCache(model, **cache_kwargs), **kwargs)
+    out["calls before"] = len(calls)
     ids, mask = _prompts()
-    messages = {}
-    calls = {
-        "too many tokens": ({"max_new_tokens": NEW}, PROMPT + 2),
-        "beam search": ({"max_new_tokens": 2, "num_beams": 2}, CACHE),
-    }
-    for name, (kwargs, length) in calls.items():
-        cache = PipelineCache(model, batch_size=BATCH, max_cache_len=length)
-        # Dynamo raises the cache's own check while it traces, wrapped in its TorchRuntimeError
-        expected = DynapipeError if name == "too many tokens" else RuntimeError
-        with torch.no_grad(), pytest.raises(expected) as err:
-            model.generate(ids, attention_mask=mask, do_sample=False, **_cache_argument(cache), **kwargs)
-        messages[name] = str(err.value)
-    return messages
+    cache = PipelineCache(model, batch_size=BATCH, max_cache_len=CACHE)
+    generate = {"attention_mask": mask, "max_new_tokens": NEW, "do_sample": False}
+    with torch.no_grad():
+        out["tokens"] = model.generate(ids, **generate, **_cache_argument(cache)).tolist()
+    out["reused"] = _refused(model, cache, max_new_tokens=NEW)
+    cache.reset()
+    with torch.no_grad():
+        out["tokens after reset"] = model.generate(ids, **generate, **_cache_argument(cache)).tolist()
+    out["beam search later"] = _refused(model, PipelineCache(model, **MISUSES["beam search"][0]), num_beams=2)
+    out["calls after"] = len(calls)
+    return out
 
 
-def test_misuse_is_an_error_on_every_rank():
-    results = run_distributed(_errors, 2, timeout=180)
-    for messages in results.values():
-        assert "holds 7 tokens, but this step would write token 8" in messages["too many tokens"]
-        assert "beam search and num_return_sequences > 1 are not supported" in messages["beam search"]
+def test_misuse_is_an_error_on_every_rank_before_any_pipelined_call():
+    results = run_distributed(_misuse_on_ranks, 2, timeout=240)
+    ids, mask = _prompts()
+    expected = _model("llama", 2).generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    for out in results.values():
+        assert out["messages"] == results[0]["messages"]
+        for name, (_, _, message) in MISUSES.items():
+            assert message in out["messages"][name], name
+        assert out["calls before"] == 0
+        assert "filled by an earlier generate()" in out["reused"]
+        torch.testing.assert_close(torch.tensor(out["tokens"]), expected)
+        torch.testing.assert_close(torch.tensor(out["tokens after reset"]), expected)
+        assert "(got num_beams=2" in out["beam search later"]
+        assert out["calls after"] == 2 * NEW  # the two good generate() calls, nothing for the misuses
 
 
-def test_a_cache_that_does_not_fit_the_family_is_refused():
-    from transformers import MistralConfig, MistralForCausalLM
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_a_cache_that_does_not_fit_the_family_is_refused(family):
+    """Sliding-window layers (every one in Mistral, every other one in Gemma2) are refused when the cache is
+    built, before the model is called."""
+    import transformers as tf
 
     from dynapipe import ConfigError, PipelineCache
 
-    config = MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=4,
-    )
-    with pytest.raises(ConfigError, match="sliding_attention"):
-        PipelineCache(MistralForCausalLM(config), batch_size=2, max_cache_len=8)
+    sizes = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    heads = {"num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 4}
+    if family == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(**sizes, **heads))
+    else:
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**sizes, **heads, head_dim=8))
+    with pytest.raises(ConfigError, match="does not fit PipelineCache: .* has sliding_attention layers"):
+        PipelineCache(model, batch_size=2, max_cache_len=8)
