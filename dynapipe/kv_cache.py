@@ -138,9 +138,6 @@ class PipelineCache(StaticCache):
         super(StaticCache, self).__init__(layers=layers)
         self.max_cache_len = max_cache_len
         self.written: dict[int, int] = {}  # mask layer -> tokens written so far (Python, on every rank)
-        # HF compiles the decode step itself on CUDA when the cache is compileable; that compile would wrap
-        # dynapipe's own, so the model is left to the backend it was compiled with
-        model.generation_config.disable_compile = True
         if "_prepare_cache_for_generation" not in vars(model):  # once per model: see _prepare_checked
             cast(Any, model)._prepare_cache_for_generation = types.MethodType(_prepare_checked, model)
 
@@ -224,6 +221,9 @@ def _prepare_checked(
     cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))  # its name since 5.24, before
     if isinstance(cache, PipelineCache):
         cache.check_generate(generation_config, batch_size, max_cache_length)
+        # HF compiles the decode step itself (on CUDA) when the cache is compileable; that compile would
+        # wrap dynapipe's own. Set on this call's config, so a user's own generation_config is covered too.
+        generation_config.disable_compile = True
     return type(model)._prepare_cache_for_generation(
         model, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
     )

@@ -235,6 +235,37 @@ def test_misuse_is_refused_before_any_forward(name):
     assert forwards == []
 
 
+def test_hf_does_not_compile_the_decode_step_around_the_pipeline():
+    """HF compiles a static cache's decode step on CUDA unless ``disable_compile``; through a PipelineCache
+    it must not, whatever generation_config the user passes (``_compile_all_devices`` makes HF consider
+    it on the CPU too)."""
+    from transformers import CompileConfig, GenerationConfig
+
+    from dynapipe import PipelineCache
+
+    model = _model("llama", 2)
+    ids, mask = _prompts()
+    asked = []
+    real = model._valid_auto_compile_criteria
+
+    def criteria(model_kwargs, generation_config):
+        asked.append(real(model_kwargs, generation_config))
+        raise _Stop  # the answer is all this test needs: no forward
+
+    model._valid_auto_compile_criteria = criteria
+    config = GenerationConfig(max_new_tokens=NEW, do_sample=False, compile_config=CompileConfig())
+    config.compile_config._compile_all_devices = True
+    for cache in (None, PipelineCache(model, batch_size=BATCH, max_cache_len=CACHE)):
+        kwargs = _cache_argument(cache) if cache is not None else {"cache_implementation": "static"}
+        with torch.no_grad(), pytest.raises(_Stop):
+            model.generate(ids, attention_mask=mask, generation_config=config, **kwargs)
+    assert asked == [True, False]  # HF's own static cache would be compiled; a PipelineCache is not
+
+
+class _Stop(Exception):
+    pass
+
+
 def _misuse_on_ranks(rank: int, world: int) -> dict:
     """Every misuse, before and after a good ``generate()``: the messages, the tokens, and the number of
     pipelined calls at each point (a hang would fail the spawn's timeout instead)."""
