@@ -108,10 +108,10 @@ class _Clock:
     def seconds(self, mark: Any) -> float:
         return mark if not self.gpu else self.first.elapsed_time(mark) / 1e3
 
-    def timeline(self, rank: int, spans: list[tuple[str, Any, Any]]) -> Timeline:
+    def timeline(self, rank: int, spans: list[tuple[Action | str, Any, Any]]) -> Timeline:
         if self.gpu:
             torch.cuda.synchronize()
-        events = [TimelineEvent(rank, label, self.seconds(a), self.seconds(b)) for label, a, b in spans]
+        events = [TimelineEvent(rank, str(what), self.seconds(a), self.seconds(b)) for what, a, b in spans]
         return Timeline(sorted(events, key=lambda e: (e.start, e.end)))
 
 
@@ -126,12 +126,12 @@ class Executor:
     reducers: dict[int, Any] = field(default_factory=dict)  # stage -> its DDP wrapper (data parallel)
     gpu_timeline: bool = False  # on CUDA, time events on the stream (costs a synchronize per step)
     peak_inflight: dict[int, int] = field(default_factory=dict)
-    timeline: Timeline = field(default_factory=Timeline)  # the last run's
     sizes: Sizes = field(default_factory=lambda: Sizes({}))  # this call's size symbols (set per call)
 
     def __post_init__(self) -> None:
         n = len(self.plans)
         self.rank = dist.get_rank()
+        self.spans: list[tuple[Action | str, Any, Any]] = []  # the last run's (see run)
         self.last = n - 1
         tags: dict[tuple[str, int], int] = {}
         for k, b in enumerate(b for p in self.plans for b in p.sends):
@@ -179,6 +179,11 @@ class Executor:
             self._routes.setdefault((kind, stage, peer), []).append(route)
 
     @property
+    def timeline(self) -> Timeline:
+        """The last run's events (built when asked: most steps have no one to hand them to)."""
+        return self.clock.timeline(self.rank, self.spans) if self.spans else Timeline()
+
+    @property
     def free_tag(self) -> int:
         """The first tag no transfer between stages uses."""
         return self._tag_space
@@ -213,7 +218,8 @@ class Executor:
         }
         clock = _Clock(self.device, self.gpu_timeline)
         self.clock = clock
-        self.spans: list[tuple[str, Any, Any]] = []
+        # (action or named work, start, end): labels are formatted only if the timeline is asked for
+        self.spans = []
         self.receive_spans: dict[Action, list[Any]] = {}  # [first wait's start, last wait's end, waited]
         handlers, spans = self._handlers, self.spans
         for name, work in prologue:
@@ -233,14 +239,13 @@ class Executor:
             start = self.waited_until = clock.now()
             handlers[action.kind](action)
             if action.kind not in receives:  # a receive's event is the wait for it (see _take)
-                spans.append((str(action), self.waited_until, clock.now()))
+                spans.append((action, self.waited_until, clock.now()))
         self.comm.close_batch()
-        spans += [(str(a), span[0], span[1]) for a, span in self.receive_spans.items()]
+        spans += [(a, span[0], span[1]) for a, span in self.receive_spans.items()]
         for name, work in [("wait for sends", self.comm.flush), *epilogue]:
             start = clock.now()
             work()
             spans.append((name, start, clock.now()))
-        self.timeline = clock.timeline(self.rank, spans)
         if self.inflight:
             raise PipelineError(
                 f"the schedule left backward work undone for (stage, microbatch) {sorted(self.inflight)}; give "
