@@ -437,9 +437,41 @@ def test_explain_plans_as_the_backend_does():
     step, bound = marked.predicted_step_s, marked.lower_bound_s
     assert step is not None and bound is not None and step >= bound > 0 and "predicted step" in str(marked)
     with pytest.raises(ConfigError, match=r"3 stages, but the pipeline needs 2|needs 3"):
-        explain(MarkedNet(), (x, y), n_stages=3)
+        explain(MarkedNet(), (x, y), n_stages=3, n_microbatches=1)  # the default, 3, does not divide 4
     with pytest.raises(ConfigError, match="pipe_split\\(\\) and split_points"):
         explain(MarkedNet(), (x, y), n_stages=2, split_points=["l3"])
+
+
+def _backend_stages(rank: int, world: int, schedule: str) -> list[tuple[str, int]]:
+    """The stage of every node in the plan the backend runs with default options (no n_microbatches)."""
+    reports = []
+    model = _model("llama", 2)
+    step = torch.compile(
+        lambda ids: model(input_ids=ids, labels=ids, use_cache=False).loss,
+        backend="dynapipe",
+        options={"schedule": schedule, "on_step": reports.append, "timeout_s": 60},
+    )
+    step(_ids()).backward()
+    plan = reports[0].plan
+    assert plan.captured.n_microbatches == 4  # one per stage: 2 ranks x 2 virtual stages
+    return [(n.name, s) for n, s in plan.stage_of.items()]
+
+
+def test_explain_default_plan_is_the_backends():
+    """explain() with default options plans for the microbatches the backend runs (one per stage,
+    PipelineConfig.microbatches), so it shows the stages that run. Planned for two microbatches (the
+    fewest interleaved 1F1B takes on two ranks) the same model cuts elsewhere: the count matters."""
+    from harness import run_distributed
+
+    ids = _ids()
+    inputs = dict(input_ids=ids, labels=ids, use_cache=False)
+    shown = explain(_model("llama", 2), inputs, n_stages=4, schedule="interleaved-1f1b")
+    assert shown.captured.n_microbatches == 4
+    ran = run_distributed(_backend_stages, 2, "interleaved-1f1b", timeout=240)
+    names = [(n.name, s) for n, s in shown.stage_of.items()]
+    assert ran[0] == ran[1] == names
+    two = explain(_model("llama", 2), inputs, n_stages=4, schedule="interleaved-1f1b", n_microbatches=2)
+    assert [(n.name, s) for n, s in two.stage_of.items()] != names
 
 
 @pytest.mark.parametrize(
