@@ -91,9 +91,12 @@ class Chain:
         self.score = [self.cross[p] + _shared_depth(paths[p], paths[p + 1]) / 64 for p in range(n - 1)]
         self.layer_cuts = self._layer_cuts(captured)
         self.suffix_memory = self._suffix_memory()
-        self.last_busy, last = [], -1  # per position, the last position up to it that does work
-        for i, w in enumerate(weight):
-            last = i if w > 0 else last
+        # A stage must compute: hold a node with FLOPs (where the graph has any). A stage of one relu or
+        # mask takes time under the roofline, but all it does is relay its neighbours' tensors.
+        work = [x.flops > 0 for x in c] if any(x.flops for x in c) else [w > 0 for w in weight]
+        self.last_busy, last = [], -1  # per position, the last position up to it that computes
+        for i, busy in enumerate(work):
+            last = i if busy else last
             self.last_busy.append(last)
 
     # ---------------------------------------------------------------------------------- set-up
