@@ -6,13 +6,14 @@
     python benchmarks/bench_partition.py --part llama3             # Llama-3-8B proportions (slow: ~2 min)
 
 balance: for Llama, GPT-2, OPT and Bloom (hidden 64, vocab 1000: the embedding and LM head weigh like
-1.3-1.7 layers), the imbalance (slowest stage / mean, in FLOPs of forward + backward) of dynapipe's
+1.3-1.7 layers), the imbalance (slowest stage / mean, in estimated forward + backward time) of dynapipe's
 partition and of the best split at layer boundaries (exact: every choice of n_stages - 1 block starts is
 scored from prefix sums), and the bytes each boundary sends.
 
 llama3: a Llama with Llama-3-8B proportions (32 layers, hidden 256, intermediate 896, vocab 8000,
-sequence 256, batch 4; the head is about 2 layers of work), explain() with its defaults (one microbatch,
-FLOP estimate): imbalance, the best layer split's, predicted step; then, at 8 stages, the fewest-bytes
+sequence 256, batch 4; the head is about 2 layers of work), explain() with its defaults (one microbatch
+per stage -- 4 at 8 stages, all that batch 4 allows --, roofline estimate): imbalance, the best layer
+split's, predicted step; then, at 8 stages, the fewest-bytes
 split at each balance limit with its largest send and predicted step at 1 and 8 microbatches (what
 balance costs in bytes on this graph).
 
@@ -103,7 +104,7 @@ def best_layer_split(captured, n_stages: int) -> float:
     prefix = [0]
     for node in nodes:
         c = costs.nodes[node]
-        prefix.append(prefix[-1] + c.flops + c.backward_input_flops + c.backward_weight_flops)
+        prefix.append(prefix[-1] + c.time_s)
     starts = [
         next(i for i, n in enumerate(nodes) if _inside(n.meta.get("module_path", ""), b))
         for b in layer_boundaries(captured)
@@ -128,15 +129,15 @@ def best_layer_split(captured, n_stages: int) -> float:
 
 
 def balance(kinds: list[str], layers: int, stages: list[int]) -> None:
-    print(f"balance: max/mean stage FLOPs (fwd+bwd), {layers} layers, hidden {HIDDEN}, vocab {VOCAB}")
+    print(f"balance: max/mean stage time (estimate), {layers} layers, hidden {HIDDEN}, vocab {VOCAB}")
     print(f"{'model':7s} {'stages':>6s} {'dynapipe':>9s} {'layer split':>12s}  bytes sent per boundary")
     for kind in kinds:
         captured = capture_model(kind, layers)
         for n_stages in stages:
             part = balanced_partition(captured, n_stages)
             records = stage_costs(captured, part.stage_of)
-            flops = [r.flops for r in records]
-            ours = max(flops) / (sum(flops) / n_stages)
+            times = [r.time_s for r in records]
+            ours = max(times) / (sum(times) / n_stages)
             sent = [sum(r.sends.values()) for r in records[:-1]]
             print(f"{kind:7s} {n_stages:6d} {ours:9.3f} {best_layer_split(captured, n_stages):12.3f}  {sent}")
 
@@ -182,12 +183,12 @@ def llama3(stages: list[int]) -> None:
     )
     model = t.LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 8000, (4, 256))
-    print("llama3: Llama-3-8B proportions, explain() defaults (1 microbatch, FLOP estimate, 1f1b)")
+    print("llama3: Llama-3-8B proportions, explain() defaults (a microbatch per stage, estimate, 1f1b)")
     print(f"{'use_cache':>9s} {'stages':>6s} {'dynapipe':>9s} {'layer split':>12s} {'predicted step':>15s}")
     for use_cache in (True, False):
         inputs = dict(input_ids=ids, labels=ids, use_cache=use_cache)
         for n_stages in stages:
-            e = explain(model, inputs, n_stages=n_stages)
+            e = explain(model, inputs, n_stages=n_stages, n_microbatches=min(n_stages, 4))
             layer = f"{e.layer_imbalance:.3f}" if e.layer_imbalance else "-"
             step = e.predicted_step_s or 0.0
             print(f"{use_cache!s:>9s} {n_stages:6d} {e.imbalance:9.3f} {layer:>12s} {step * 1e3:12.3f} ms")

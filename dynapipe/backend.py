@@ -311,7 +311,7 @@ class _LazyPipeline:
         n_pp = layout.n_pp
         spec = get_schedule(config.schedule)
         n_stages = _stage_count(config, spec, n_pp)
-        n_microbatches = config.n_microbatches or n_stages
+        n_microbatches = config.microbatches(n_stages)
         check_divisible(batch_size, n_microbatches)
 
         captured = capture_microbatch(

@@ -22,7 +22,7 @@ class PipelineConfig:
     n_stages: pipeline stages (default: world size / dp_degree, times virtual_stages).
     virtual_stages: stages per pipeline rank, for "interleaved-1f1b" (default 2; "zbv" runs 2, the
         others 1). With split_points or n_stages it is inferred as stages / ranks.
-    n_microbatches: microbatches per step (default: the number of pipeline ranks).
+    n_microbatches: microbatches per step (default: the number of stages, see :meth:`microbatches`).
     schedule: a built-in name ("gpipe", "1f1b", ...), a schedule function, a per-rank action table,
         or the path of a text/CSV file holding one.
     split_points: module names (as in ``model.named_modules()``); a stage starts right before each.
@@ -78,6 +78,12 @@ class PipelineConfig:
             else:
                 out[f.name] = type(value).__name__
         return out
+
+    def microbatches(self, n_stages: int) -> int:
+        """Microbatches per step: ``n_microbatches``, else one per stage (the fewest with which 1F1B keeps
+        every stage busy at once). The backend and :func:`dynapipe.explain` both ask here, so the step
+        explain() plans for is the step that runs."""
+        return self.n_microbatches or n_stages
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> PipelineConfig:

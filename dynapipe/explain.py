@@ -171,7 +171,7 @@ def explain(
     example_inputs: Any,
     *,
     n_stages: int,
-    n_microbatches: int = 1,
+    n_microbatches: int | None = None,
     schedule: Any = "1f1b",
     virtual_stages: int | None = None,
     split_points: Sequence[str] = (),
@@ -183,7 +183,9 @@ def explain(
     """Partition ``model`` called on ``example_inputs`` into ``n_stages`` and return the per-stage table.
 
     The options are the backend's (:class:`dynapipe.PipelineConfig`) and the plan is the backend's
-    (:func:`dynapipe.plan.plan_pipeline`): what this shows is what ``torch.compile`` would run.
+    (:func:`dynapipe.plan.plan_pipeline`): what this shows is what ``torch.compile`` would run. Like the
+    backend, it plans for ``n_microbatches`` or, by default, one microbatch per stage
+    (:meth:`PipelineConfig.microbatches`): the step the partitioner shortens depends on it.
     """
     config = PipelineConfig(
         n_stages=n_stages,
@@ -203,6 +205,6 @@ def explain(
             f"schedule {spec.name!r} runs {per_rank} stages per rank, which does not divide n_stages "
             f"({n_stages}); use n_stages={per_rank * max(n_stages // per_rank, 1)} or another schedule"
         )
-    captured = capture(model, example_inputs, n_microbatches=n_microbatches)
+    captured = capture(model, example_inputs, n_microbatches=config.microbatches(n_stages))
     plan = plan_pipeline(captured, config, spec=spec, n_ranks=n_stages // per_rank, n_stages=n_stages)
     return Explanation.of(captured, plan, config)

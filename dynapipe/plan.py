@@ -136,17 +136,13 @@ def step_time(spec: ScheduleSpec, *, n_ranks: int, n_stages: int, n_microbatches
 def predict_step(plan: Plan, stages: Sequence[StageCost], n_microbatches: int) -> Timeline:
     """One simulated training step of ``plan``'s schedule over its per-stage costs and the default link."""
     table = plan.spec.build(n_ranks=plan.n_ranks, n_stages=len(stages), n_microbatches=n_microbatches)
-    edges = sorted({(s.index, d) for s in stages for d in s.sends})
-    return _simulate(table, plan.spec, plan.n_ranks, stages, edges)
+    return _simulate(table, plan.spec, plan.n_ranks, stages)
 
 
-def _simulate(
-    table: Table,
-    spec: ScheduleSpec,
-    n_ranks: int,
-    costs: Sequence[StageCost],
-    edges: Sequence[tuple[int, int]] | None = None,
-) -> Timeline:
+def _simulate(table: Table, spec: ScheduleSpec, n_ranks: int, costs: Sequence[StageCost]) -> Timeline:
+    """The step over the default link, with every edge the stages send over (skips too): the same for
+    the partitioner's objective and for explain()'s prediction."""
+    edges = sorted({(s, d) for s, cost in enumerate(costs) for d in cost.sends})
     return simulate(
         table,
         costs,

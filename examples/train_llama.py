@@ -53,7 +53,9 @@ def batch(step: int) -> torch.Tensor:
 def describe(report, out: Path) -> None:
     """Say what dynapipe did, from the plan that runs (rank 0), and draw it."""
     plan = report.plan
-    print(f"dynapipe cut the model into {len(plan.stages)} stages, one per process (estimated from FLOPs):")
+    print(
+        f"dynapipe cut the model into {len(plan.stages)} stages, one per process (estimated: FLOPs and bytes moved):"
+    )
     print(partition_text(plan))
     params = ", ".join(f"stage {s.index}: {format_bytes(s.param_bytes)}" for s in plan.stages)
     print(f"parameters per stage ({format_bytes(sum(s.param_bytes for s in plan.stages))} in all): {params}")
@@ -91,7 +93,7 @@ def train(steps: int, out: Path) -> None:
                 write_chrome_trace(measured, out / "timeline.json")
                 print(
                     f"the plan beside the run: {reports[-1].plan.beside(measured)} (the plan's times are "
-                    "FLOPs at a GPU's nominal rate; on this CPU only their proportions mean something)"
+                    "FLOPs and bytes at a GPU's nominal rates; on this CPU only their proportions mean something)"
                 )
                 print(
                     f"step 1 took {measured.makespan * 1e3:.0f} ms, {measured.bubble_fraction:.0%} of it idle; "

@@ -69,7 +69,7 @@ def _plan_and_best(model: nn.Module, width: int, n_stages: int, schedule: str):
     for cuts in itertools.combinations(chain.allowed, n_stages - 1):
         ends = [*cuts, len(chain.nodes) - 1]
         if any(chain.last_busy[end] <= start for start, end in zip([-1, *cuts], ends, strict=True)):
-            continue  # a stage without work (only a relu): not what anyone asks k stages for
+            continue  # a stage that computes nothing (only a relu): not what anyone asks k stages for
         stage_of = {node: sum(1 for c in cuts if i > c) for i, node in enumerate(chain.nodes)}
         records = stage_costs(captured, stage_of, costs=plan.costs)
         steps.append(predict_step(plan, records, N_MICRO).makespan)

@@ -294,6 +294,23 @@ def test_skip_connection_edges_are_lowered_and_timed():
         lower(table, 2, 4, placement, edges=[(3, 1)])
 
 
+def test_each_edge_is_charged_its_own_bytes():
+    """A stage that sends a big tensor over a skip and a small one to its neighbour: the neighbour waits
+    for the small one only, and the gradient coming back over each edge is that edge's size."""
+    table = SCHEDULES["1f1b"].build(n_ranks=3, n_stages=3, n_microbatches=1)
+    costs = [
+        StageCost(1.0, 1.0, 0.0, send_bytes=4e6, index=0, sends={1: 1000, 2: 4e6}),
+        StageCost(1.0, 1.0, 0.0, send_bytes=1000, index=1, sends={2: 1000}),
+        StageCost(1.0, 1.0, 0.0, index=2),
+    ]
+    kwargs = dict(n_ranks=3, n_stages=3, placement="loop", link_bandwidth=1e6, edges=[(0, 2)])
+    start = {e.action: e.start for e in simulate(table, costs, **kwargs).events}
+    assert start["1F0"] == pytest.approx(1.001)  # 1000 bytes, not the 4e6 the skip carries
+    assert start["2F0"] == pytest.approx(5.0)  # the skip: 0F0 ends at 1.0, plus 4e6 bytes at 1e6 B/s
+    assert start["1B0"] == pytest.approx(7.001)  # 2B0 ends at 7.0; its gradient to stage 1 is 1000 bytes
+    assert start["0B0"] == pytest.approx(11.0)  # the skip's gradient: 2B0 ends at 7.0, plus 4 s
+
+
 def test_link_latency_and_timeline_exports():
     table = SCHEDULES["1f1b"].build(n_ranks=2, n_stages=2, n_microbatches=1)
     timeline = simulate(

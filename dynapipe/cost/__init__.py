@@ -14,9 +14,13 @@ That gives
 * **output bytes** -- what the node would send if a stage boundary fell after it, as a sympy expression
   in the batch symbol (``8192*s0``) evaluated at the microbatch size.
 
-Time: without profiling, ``seconds = FLOPs / flop_rate``. Ops without FLOPs (elementwise, norms, views)
-count as free: in transformer blocks they ride along with each block's matmuls, so they move no cut; with
-``profile=True`` each node is instead timed on the real device with real (random) tensors -- forward,
+* **bytes moved** -- what the node's ops read and write (views none; a lookup such as an embedding reads
+  the rows it gathers, not its whole table).
+
+Time: without profiling, the roofline ``seconds = max(FLOPs / flop_rate, bytes moved /
+memory_bandwidth)`` for the forward and for each half of the backward, so memory-bound work (norms,
+masks, rotary, softmax, the loss over a large vocabulary, a matmul over few tokens) costs what reading
+and writing its tensors takes; with ``profile=True`` each node is instead timed on the real device with real (random) tensors -- forward,
 input-gradient and weight-gradient separately, the fastest of a few repetitions (other processes only
 ever add time) -- and that time is used. Ranks that profile separately must agree on the times before
 partitioning: see :meth:`GraphCosts.with_times`.
@@ -35,11 +39,12 @@ records).
 """
 
 from .graph import graph_costs
-from .records import NOMINAL_FLOP_RATE, OPTIMIZER_STATES, GraphCosts, NodeCost
+from .records import NOMINAL_FLOP_RATE, NOMINAL_MEMORY_BANDWIDTH, OPTIMIZER_STATES, GraphCosts, NodeCost
 from .stages import stage_costs
 
 __all__ = [
     "NOMINAL_FLOP_RATE",
+    "NOMINAL_MEMORY_BANDWIDTH",
     "OPTIMIZER_STATES",
     "GraphCosts",
     "NodeCost",

@@ -33,16 +33,58 @@ def _sdpa_cpu_backward_flop(
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+_aten = torch.ops.aten
+# Ops that move no data: aliases the schema does not mark as views, allocations, and the gradient seeds
+# (``ones_like``) the replay's backward starts from.
+_NO_TRAFFIC = frozenset(
+    {
+        _aten._unsafe_view.default,
+        _aten.empty.memory_format,
+        _aten.empty_strided.default,
+        _aten.new_empty.default,
+        _aten.new_empty_strided.default,
+        _aten.ones_like.default,
+    }
+)
+# Lookups read the rows they gather, not the whole table (argument index of the table).
+_LOOKUPS = {
+    _aten.embedding.default: 0,
+    _aten.index_select.default: 0,
+    _aten.gather.default: 0,
+    _aten.index.Tensor: 0,
+}
+
+
+def _tensor_bytes(tree: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor))
+
+
+def _moved_bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    """Bytes an aten op reads and writes: its tensor arguments and results (a lookup's table: the rows
+    it reads). Views, metadata queries and allocations move none."""
+    if getattr(func, "namespace", None) != "aten" or func.is_view or func in _NO_TRAFFIC:
+        return 0
+    written = _tensor_bytes(out)
+    if not written:  # a size, a scalar read back
+        return 0
+    table = _LOOKUPS.get(func)
+    if table is not None:
+        return 2 * written + _tensor_bytes((args[:table], args[table + 1 :], kwargs))
+    return written + _tensor_bytes((args, kwargs))
+
+
 class _FlopCounter(TorchDispatchMode):
     """Adds up FLOPs with ``torch.utils.flop_counter``'s formulas (plus the CPU flash-attention kernel,
-    which the counter does not know). Unlike ``FlopCounterMode`` it tracks no modules (faster), and lets
-    higher-order ops through uncounted (``torch.cond`` is costed branch by branch in :func:`_replay`)."""
+    which the counter does not know) and the bytes every op moves. Unlike ``FlopCounterMode`` it tracks
+    no modules (faster), and lets higher-order ops through uncounted (``torch.cond`` is costed branch by
+    branch in :func:`_replay`)."""
 
     supports_higher_order_operators = True
 
     def __init__(self) -> None:
         super().__init__()
         self.total = 0
+        self.moved = 0
         aten = torch.ops.aten
         self.formulas = {
             **flop_registry,
@@ -56,11 +98,19 @@ class _FlopCounter(TorchDispatchMode):
         formula = self.formulas.get(getattr(func, "_overloadpacket", None))
         if formula is not None:
             self.total += int(formula(*args, **kwargs, out_val=out))
+        self.moved += _moved_bytes(func, args, kwargs, out)
         return out
+
+    def counts(self) -> tuple[int, int]:
+        return self.total, self.moved
 
 
 def fake_costs(
-    captured: CapturedGraph, nodes: list[fx.Node], optimizer: Optimizer, flop_rate: float
+    captured: CapturedGraph,
+    nodes: list[fx.Node],
+    optimizer: Optimizer,
+    flop_rate: float,
+    memory_bandwidth: float,
 ) -> GraphCosts:
     graph = captured.gm.graph
     training = any(
@@ -140,9 +190,8 @@ def fake_costs(
             except Exception:  # noqa: BLE001 - an op the fake run cannot replay is costed as free
                 uncosted.append(node.name)
                 replay = _Replay(
-                    0,
-                    0,
-                    0,
+                    (0, 0, 0),
+                    (0, 0, 0),
                     tuple(
                         (i, "new", evaluate(bytes_expr(leaf), values))
                         for i, leaf in enumerate(tree_flatten(value)[0])
@@ -170,26 +219,40 @@ def fake_costs(
                 )
                 if buffer is not None:  # None: a parameter or buffer of the model (state, not activation)
                     saves[buffer] = None
+            seconds = [
+                max(flops / flop_rate, moved / memory_bandwidth)
+                for flops, moved in zip(replay.flops, replay.moved, strict=True)
+            ]
             costs[node] = NodeCost(
-                flops=replay.flops,
-                backward_input_flops=replay.backward_input_flops,
-                backward_weight_flops=replay.backward_weight_flops,
-                forward_s=replay.flops / flop_rate,
-                backward_input_s=replay.backward_input_flops / flop_rate,
-                backward_weight_s=replay.backward_weight_flops / flop_rate,
+                flops=replay.flops[0],
+                backward_input_flops=replay.flops[1],
+                backward_weight_flops=replay.flops[2],
+                forward_s=seconds[0],
+                backward_input_s=seconds[1],
+                backward_weight_s=seconds[2],
+                moved_bytes=sum(replay.moved),
                 saves=tuple(saves),
                 **base,
             )
-    return GraphCosts(costs, buffer_bytes, buffer_names, state_bytes, optimizer, False, flop_rate, uncosted)
+    return GraphCosts(
+        costs,
+        buffer_bytes,
+        buffer_names,
+        state_bytes,
+        optimizer,
+        False,
+        flop_rate,
+        uncosted,
+        memory_bandwidth,
+    )
 
 
 @dataclass(frozen=True)
 class _Replay:
     """What re-running a node showed, in terms of its input leaves (see :func:`_input_leaves`)."""
 
-    flops: int
-    backward_input_flops: int
-    backward_weight_flops: int
+    flops: tuple[int, int, int]  # forward, input-gradient, weight-gradient
+    moved: tuple[int, int, int]  # bytes read and written, the same three
     outputs: tuple[
         tuple[int, str, int], ...
     ]  # (output leaf, "input", input leaf it views) or (leaf, "new", bytes)
@@ -252,7 +315,7 @@ def _replay(
         saved.append(t)
         return t
 
-    before = counter.total
+    before = counter.counts()
     with contextlib.ExitStack() as regions:
         for args_of_region in autocast:
             regions.enter_context(torch.amp.autocast(*args_of_region))
@@ -261,15 +324,16 @@ def _replay(
         if node.target is torch.ops.higher_order.cond:  # the more expensive branch, run as plain code
             runs = []
             for branch in args[1:3]:
-                start, first_saved = counter.total, len(saved)
+                first_saved = len(saved)
                 result = branch(*args[3])
-                runs.append((counter.total - start, result, saved[first_saved:]))
+                runs.append((_since(counter, before), result, saved[first_saved:]))
+                counter.total, counter.moved = before
                 del saved[first_saved:]
             spent, out, saved[:] = max(runs, key=lambda r: r[0])
-            counter.total = before + spent
+            counter.total, counter.moved = before[0] + spent[0], before[1] + spent[1]
         else:
             out = call_node(node, runner.gm, args, kwargs)
-    flops = counter.total - before
+    forward = _since(counter, before)
 
     outputs: list[tuple[int, str, int]] = []
     out_leaf: dict[StorageWeakRef, int] = {}
@@ -293,11 +357,22 @@ def _replay(
                 else ("temp", t.untyped_storage().nbytes())
             )
 
-    bwd_in = bwd_w = 0
-    if flops and grad_mode:
-        before = counter.total
+    bwd_in = bwd_w = (0, 0)
+    if any(forward) and grad_mode:
+        before = counter.counts()
         backward_to(out, activations, retain=True)
-        bwd_in = counter.total - before
+        bwd_in = _since(counter, before)
+        before = counter.counts()
         backward_to(out, params, retain=False)
-        bwd_w = counter.total - before - bwd_in
-    return _Replay(flops, bwd_in, bwd_w, tuple(outputs), tuple(kept.values()))
+        bwd_w = _since(counter, before)
+    return _Replay(
+        (forward[0], bwd_in[0], bwd_w[0]),
+        (forward[1], bwd_in[1], bwd_w[1]),
+        tuple(outputs),
+        tuple(kept.values()),
+    )
+
+
+def _since(counter: _FlopCounter, before: tuple[int, int]) -> tuple[int, int]:
+    """FLOPs and bytes moved since ``before`` (a :meth:`_FlopCounter.counts`)."""
+    return counter.total - before[0], counter.moved - before[1]

@@ -11,13 +11,18 @@ import torch.fx as fx
 
 from ..config import Optimizer
 
-__all__ = ["NOMINAL_FLOP_RATE", "OPTIMIZER_STATES", "GraphCosts", "NodeCost"]
+__all__ = ["NOMINAL_FLOP_RATE", "NOMINAL_MEMORY_BANDWIDTH", "OPTIMIZER_STATES", "GraphCosts", "NodeCost"]
 
 # Extra per-parameter copies each optimizer keeps (SGD counted with a momentum buffer: the worst case).
 OPTIMIZER_STATES: dict[Optimizer, int] = {"adamw": 2, "adam": 2, "sgd": 1, "none": 0}
 # FLOP/s that turns FLOPs into seconds without profiling: a nominal accelerator at a realistic fraction
 # of peak. Only ratios matter to the partitioner; the simulator compares it with link bandwidth.
 NOMINAL_FLOP_RATE = 100e12
+# Bytes/s of memory traffic on the same nominal accelerator (HBM3 at about 60% of 3.35 TB/s). A node's
+# estimated time is the roofline max(FLOPs / NOMINAL_FLOP_RATE, bytes moved / NOMINAL_MEMORY_BANDWIDTH):
+# norms, masks, rotary, softmax and the loss over a large vocabulary move memory and do few FLOPs, and a
+# matmul over few tokens is bound by reading its weight. 50 FLOPs per byte between the two.
+NOMINAL_MEMORY_BANDWIDTH = 2e12
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class NodeCost:
     out_bytes: int = 0
     out_bytes_expr: sympy.Expr = sympy.Integer(0)
     crossable: bool = True  # its value is a tensor; only tensors may cross a stage boundary
+    moved_bytes: int = 0  # bytes its ops read and write, forward + backward (views move none)
     saves: tuple[int, ...] = ()  # activation buffers (indices into GraphCosts.buffer_bytes) kept for backward
     measured: bool = False
 
@@ -54,6 +60,7 @@ class GraphCosts:
     profiled: bool
     flop_rate: float
     uncosted: list[str] = field(default_factory=list)  # nodes the fake run could not execute (0 FLOPs)
+    memory_bandwidth: float = NOMINAL_MEMORY_BANDWIDTH  # bytes/s the estimated times assume
 
     def with_times(self, times: Sequence[tuple[float, float, float]]) -> GraphCosts:
         """The same costs with measured (forward, backward-input, backward-weight) seconds per node, in the
@@ -73,6 +80,7 @@ class GraphCosts:
             True,
             self.flop_rate,
             self.uncosted,
+            self.memory_bandwidth,
         )
 
     def times(self) -> list[tuple[float, float, float]]:

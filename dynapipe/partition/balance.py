@@ -107,8 +107,9 @@ def fewest_bytes(
     chain: Chain, bound: float, memory: float, *, busy: bool = True
 ) -> tuple[float, list[int]] | None:
     """The fewest bytes crossing k-1 allowed cut positions with every stage within the limits, and the
-    positions; None if no such split exists. ``busy``: every stage must do some work (without it, a
-    stage holding only ``input_ids.view()`` would win by sending token ids instead of a hidden state)."""
+    positions; None if no such split exists. ``busy``: every stage must compute (hold a node with FLOPs;
+    without it, a stage holding only ``input_ids.view()`` would win by sending token ids instead of a
+    hidden state)."""
     allowed, k, n = chain.allowed, chain.k, len(chain.nodes)
     # A stage after a cut at q and up to a cut at allowed[a] needs lo[a] <= q <= up[a] (q = -1: the start)
     lo = [bisect.bisect_left(chain.prefix, chain.prefix[p + 1] - bound) - 1 for p in allowed]

@@ -91,9 +91,12 @@ class Chain:
         self.score = [self.cross[p] + _shared_depth(paths[p], paths[p + 1]) / 64 for p in range(n - 1)]
         self.layer_cuts = self._layer_cuts(captured)
         self.suffix_memory = self._suffix_memory()
-        self.last_busy, last = [], -1  # per position, the last position up to it that does work
-        for i, w in enumerate(weight):
-            last = i if w > 0 else last
+        # A stage must compute: hold a node with FLOPs (where the graph has any). A stage of one relu or
+        # mask takes time under the roofline, but all it does is relay its neighbours' tensors.
+        work = [x.flops > 0 for x in c] if any(x.flops for x in c) else [w > 0 for w in weight]
+        self.last_busy, last = [], -1  # per position, the last position up to it that computes
+        for i, busy in enumerate(work):
+            last = i if busy else last
             self.last_busy.append(last)
 
     # ---------------------------------------------------------------------------------- set-up
@@ -176,8 +179,8 @@ class Chain:
 
     def stage_costs(self, cuts: list[int]) -> list[StageCost]:
         """What the simulator needs of each stage of a split at chain positions ``cuts``: its F, I and W
-        seconds and the most bytes it sends to any one later stage (each value once to each stage that
-        reads it, as codegen sends skips: straight from producer to consumer)."""
+        seconds and the bytes it sends each later stage (each value once to each stage that reads it, as
+        codegen sends skips: straight from producer to consumer)."""
         ends = [*cuts, len(self.nodes) - 1]
         stage = [bisect.bisect_left(ends, i) for i in range(len(self.nodes))]
         last = len(ends) - 1
@@ -189,8 +192,17 @@ class Chain:
         out, start = [], 0
         for s, end in enumerate(ends):
             a, b = self.phase_prefix[start], self.phase_prefix[end + 1]
-            sent = max(sends[s].values(), default=0)
-            out.append(StageCost(b[0] - a[0], b[1] - a[1], b[2] - a[2], 0, int(sent)))
+            sent = {d: int(v) for d, v in sends[s].items()}
+            out.append(
+                StageCost(
+                    b[0] - a[0],
+                    b[1] - a[1],
+                    b[2] - a[2],
+                    send_bytes=max(sent.values(), default=0),
+                    index=s,
+                    sends=sent,
+                )
+            )
             start = end + 1
         return out
 

@@ -3,10 +3,10 @@
 The balance search (:mod:`.balance`) proposes splits: the fewest bytes at a few balance limits, from
 the best balance up to ``limit`` (the caller's: with one microbatch a step does not depend on balance
 at all, so :func:`dynapipe.plan.plan_pipeline` then keeps the partitioner's balance limit). From the
-one with the shortest step, a local search moves one cut at a time to an allowed position (1, 2, 4,
-... positions away, and a grid between its neighbours) while the step does not lengthen, to splits
-not tried before and within ``limit``: the fewest bytes is not the shortest step, as what a stage
-sends delays its neighbour only by what does not overlap. The split kept is the shortest step of all
+one with the shortest step, a best-first local search moves one cut at a time to an allowed position
+(1, 2, 4, ... positions away, and a grid between its neighbours) while the step does not lengthen
+(walking plateaus of equal steps), within ``limit``: the fewest bytes is not the shortest step, as
+what a stage sends delays its neighbour only by what does not overlap. The split kept is the shortest step of all
 those tried, except that steps within :data:`STEP_TOLERANCE` of it count as equal and the better
 balanced wins.
 """
@@ -14,6 +14,7 @@ balanced wins.
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 from collections.abc import Callable, Sequence
 
@@ -31,9 +32,11 @@ StepObjective = Callable[[list[StageCost]], float]
 STEP_TOLERANCE = 0.01
 # Balance limits (above the best) at which the fewest-bytes split is a candidate.
 _STEP_LIMITS = (0.0, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
-_MAX_ROUNDS = 50
+_MAX_EXPANSIONS = 50
 # Evenly spaced positions between a cut's neighbours that the local search tries.
 _GRID = 32
+# Steps this close are the same step (sums of the same times in another order).
+_SAME = 1e-9
 
 
 def shortest_step(
@@ -57,15 +60,23 @@ def shortest_step(
         found = fewest_bytes(chain, bound * (1 + share) * (1 + 1e-12), memory, busy=busy)
         if found is not None:
             score(found[1])
-    current = list(min(tried.items(), key=lambda item: item[1][0])[0])
-    for _ in range(_MAX_ROUNDS):
-        moved = False
-        for j in range(len(current)):
-            for split in _moves(chain, current, j, limit, memory, busy):
-                if tuple(split) not in tried and score(split) <= score(current):  # plateaus too
-                    current, moved = split, True
-        if not moved:
-            break
+    # Best-first from the shortest: expand a split (try every move of every cut) and queue the moves
+    # that do not lengthen the step, plateaus too (up to rounding: two splits of one step can differ in
+    # the last bit), so that a walk along equal steps reaches the move that shortens it.
+    start = min(tried, key=score)
+    queue = [(score(start), start)]
+    expanded: set[tuple[int, ...]] = set()
+    while queue and len(expanded) < _MAX_EXPANSIONS:
+        seconds, split = heapq.heappop(queue)
+        if split in expanded:
+            continue
+        expanded.add(split)
+        shortest = min(seconds for seconds, _ in tried.values())
+        for j in range(len(split)):
+            for move in _moves(chain, list(split), j, limit, memory, busy):
+                key = tuple(move)
+                if key not in expanded and score(key) <= shortest * (1 + _SAME):
+                    heapq.heappush(queue, (score(key), key))
     shortest = min(seconds for seconds, _ in tried.values())
     near = [
         (slowest, seconds, key)

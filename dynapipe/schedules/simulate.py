@@ -2,8 +2,10 @@
 
 The replay is event-driven: each rank runs its list in order; an action starts when its rank is free
 and its inputs have arrived -- a producer on the same rank when it finished, on another rank after
-``link_latency + send_bytes / link_bandwidth`` more. Sends never block and links never contend, which
-is the runtime's contract (asynchronous sends) and an optimistic model of a real network.
+``link_latency + bytes / link_bandwidth`` more, where ``bytes`` is what that edge carries
+(:meth:`StageCost.bytes_to`: a skip connection's mask is not charged as the hidden state next to it).
+Sends never block and links never contend, which is the runtime's contract (asynchronous sends) and an
+optimistic model of a real network: a transfer costs time only where its receiver waits for it.
 
 :class:`Timeline` is deliberately plain data (a list of events, seconds from step start) so the runtime
 records real steps in the same form and everything computed here -- makespan, bubble, in-flight
@@ -30,8 +32,8 @@ class StageCost:
 
     ``send_bytes`` is the most the stage sends to any one other stage (its output activation; its
     gradient travels back with the same size); ``sends`` maps each later stage to what this one sends
-    it (a tensor read by two later stages goes to each). A full backward ``B`` costs ``backward_input +
-    backward_weight``. The simulator reads the first five fields; the cost model fills the rest too
+    it (a tensor read by two later stages goes to each); the simulator charges each edge its own bytes
+    (:meth:`bytes_to`). A full backward ``B`` costs ``backward_input + backward_weight``. The simulator reads the first five fields; the cost model fills the rest too
     (``modules`` names the modules the stage covers, ``(part)`` marking one shared with another stage).
     """
 
@@ -72,6 +74,11 @@ class StageCost:
     @property
     def state_bytes(self) -> int:
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes
+
+    def bytes_to(self, stage: int) -> int:
+        """Bytes this stage sends ``stage`` (and gets back as gradients): ``sends[stage]``, or
+        ``send_bytes`` on every edge of a hand-made cost without ``sends``."""
+        return self.sends.get(stage, 0) if self.sends else self.send_bytes
 
     @property
     def next_bytes(self) -> int:
@@ -221,8 +228,9 @@ def simulate(
     def arrival(dep: Action, action: Action, finished: float) -> float:
         if rank_of[dep.stage] == rank_of[action.stage]:
             return finished
-        sender = dep.stage if dep.kind is Kind.F else action.stage  # whose output (or its gradient) moves
-        return finished + link_latency + per_stage[sender].send_bytes / link_bandwidth
+        # a value moves producer -> consumer, its gradient back over the same edge with the same size
+        producer, consumer = (dep.stage, action.stage) if dep.kind is Kind.F else (action.stage, dep.stage)
+        return finished + link_latency + per_stage[producer].bytes_to(consumer) / link_bandwidth
 
     finish: dict[Action, float] = {}
     free = dict.fromkeys(work, 0.0)
