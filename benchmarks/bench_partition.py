@@ -12,10 +12,11 @@ scored from prefix sums), and the bytes each boundary sends.
 
 llama3: a Llama with Llama-3-8B proportions (32 layers, hidden 256, intermediate 896, vocab 8000,
 sequence 256, batch 4; the head is about 2 layers of work), explain() with its defaults (one microbatch
-per stage -- 4 at 8 stages, all that batch 4 allows --, roofline estimate): imbalance, the best layer
-split's, predicted step; then, at 8 stages, the fewest-bytes
-split at each balance limit with its largest send and predicted step at 1 and 8 microbatches (what
-balance costs in bytes on this graph).
+per stage -- 4 at 8 stages, all that batch 4 allows --, roofline estimate): imbalance and predicted step
+of the default plan (the shortest step: with so few microbatches a heavier first stage is faster) and of
+``balance_slack=0.03`` (stages within 3% of the best balance), and the best layer split's imbalance; then,
+at 8 stages, the fewest-bytes split at each balance limit with its largest send and predicted step at 1
+and 8 microbatches (what balance costs in bytes on this graph).
 
 speed: a Llama of each size is captured (Dynamo, one microbatch), costed and partitioned into 8 stages;
 seconds for each step, and partition microseconds per graph node (flat means linear growth).
@@ -184,14 +185,22 @@ def llama3(stages: list[int]) -> None:
     model = t.LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 8000, (4, 256))
     print("llama3: Llama-3-8B proportions, explain() defaults (a microbatch per stage, estimate, 1f1b)")
-    print(f"{'use_cache':>9s} {'stages':>6s} {'dynapipe':>9s} {'layer split':>12s} {'predicted step':>15s}")
+    print("imbalance (slowest / mean stage) and predicted step, by default and with balance_slack=0.03")
+    print(
+        f"{'use_cache':>9s} {'stages':>6s} {'default':>8s} {'step':>9s} {'slack .03':>10s} {'step':>9s} "
+        f"{'layer split':>12s}"
+    )
     for use_cache in (True, False):
         inputs = dict(input_ids=ids, labels=ids, use_cache=use_cache)
         for n_stages in stages:
-            e = explain(model, inputs, n_stages=n_stages, n_microbatches=min(n_stages, 4))
+            m = min(n_stages, 4)
+            e = explain(model, inputs, n_stages=n_stages, n_microbatches=m)
+            b = explain(model, inputs, n_stages=n_stages, n_microbatches=m, balance_slack=0.03)
             layer = f"{e.layer_imbalance:.3f}" if e.layer_imbalance else "-"
-            step = e.predicted_step_s or 0.0
-            print(f"{use_cache!s:>9s} {n_stages:6d} {e.imbalance:9.3f} {layer:>12s} {step * 1e3:12.3f} ms")
+            print(
+                f"{use_cache!s:>9s} {n_stages:6d} {e.imbalance:8.3f} {(e.predicted_step_s or 0) * 1e3:6.3f} ms "
+                f"{b.imbalance:10.3f} {(b.predicted_step_s or 0) * 1e3:6.3f} ms {layer:>12s}"
+            )
     k = max(stages)
     captured = capture(model, dict(input_ids=ids, labels=ids, use_cache=False))
     costs = graph_costs(captured)

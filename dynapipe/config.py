@@ -29,6 +29,10 @@ class PipelineConfig:
     unsplittable: module names kept whole inside one stage by the automatic partitioner.
     max_stage_memory: bytes a stage may hold (parameters, gradients, optimizer state, activations in
         flight); the automatic partitioner treats it as a hard limit.
+    balance_slack: how much slower than the best-balanced split the automatic partitioner lets a stage
+        be (0.03: 3%). By default (None) it takes what shortens the schedule's predicted step: up to 25%
+        to send fewer bytes, and more where few microbatches make a heavier first stage faster. Set it
+        when equal stage times matter more than the estimate, e.g. stages that will run on other devices.
     profile: time every graph node on the device (rank 0, shared) instead of estimating time from FLOPs.
     optimizer: optimizer whose state the memory estimate counts: "adamw", "adam", "sgd" or "none".
     loss_reduction: how the per-microbatch losses combine into the step's loss: "mean" (as a loss
@@ -56,6 +60,7 @@ class PipelineConfig:
     split_points: tuple[str, ...] = ()
     unsplittable: tuple[str, ...] = ()
     max_stage_memory: int | None = None
+    balance_slack: float | None = None
     profile: bool = False
     optimizer: Optimizer = "adamw"
     loss_reduction: LossReduction = "mean"
@@ -110,6 +115,12 @@ class PipelineConfig:
             raise ConfigError(
                 f"loss_reduction must be one of {get_args(LossReduction)}, got {self.loss_reduction!r}"
             )
+        if self.balance_slack is not None and not (
+            isinstance(self.balance_slack, (int, float))
+            and not isinstance(self.balance_slack, bool)
+            and self.balance_slack >= 0
+        ):
+            raise ConfigError(f"balance_slack must be a number >= 0 (0.03: 3%), got {self.balance_slack!r}")
         if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
             raise ConfigError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
         if self.max_stage_memory is not None and not (

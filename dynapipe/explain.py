@@ -177,6 +177,7 @@ def explain(
     split_points: Sequence[str] = (),
     unsplittable: Sequence[str] = (),
     max_stage_memory: int | None = None,
+    balance_slack: float | None = None,
     profile: bool = False,
     optimizer: Optimizer = "adamw",
 ) -> Explanation:
@@ -195,6 +196,7 @@ def explain(
         split_points=tuple(split_points),
         unsplittable=tuple(unsplittable),
         max_stage_memory=max_stage_memory,
+        balance_slack=balance_slack,
         profile=profile,
         optimizer=optimizer,
     )

@@ -25,7 +25,13 @@ from .capture import CapturedGraph
 from .config import PipelineConfig
 from .cost import GraphCosts, graph_costs
 from .errors import ConfigError
-from .partition import StepObjective, assign_by_owners, assign_by_split_points, balanced_partition
+from .partition import (
+    BALANCE_SLACK,
+    StepObjective,
+    assign_by_owners,
+    assign_by_split_points,
+    balanced_partition,
+)
 from .schedules import ScheduleSpec, StageCost, Table, Timeline, placement_map, simulate, validate
 
 __all__ = [
@@ -44,9 +50,10 @@ CostSource = Callable[[CapturedGraph, PipelineConfig], GraphCosts]
 # LINK_LATENCY_S + bytes / LINK_BANDWIDTH (25 GB/s: PCIe 4/5 or a 200 Gb/s network; NVLink is faster).
 LINK_LATENCY_S = 20e-6
 LINK_BANDWIDTH = 25e9
-# With more than one microbatch the step depends on balance, so the step search may take splits up to
-# this much slower than the best balance when they send less; one microbatch's step is all the work
-# plus the transfers whatever the balance, so the search then keeps the partitioner's balance limit.
+# With more than one microbatch the step depends on balance, so by default the step search may take
+# splits up to this much slower than the best balance when their step is shorter; one microbatch's step
+# is all the work plus the transfers whatever the balance, so the search then keeps the partitioner's
+# balance limit. ``PipelineConfig.balance_slack`` replaces both.
 STEP_SLACK = 1.0
 
 
@@ -113,6 +120,10 @@ def plan_pipeline(
     if owned is not None and set(owned.values()) == set(range(n_stages)):  # else: cut anew, fetch weights
         return Plan(owned, in_flight, spec, n_ranks, None, kept_owners=True)
     node_costs = costs(captured, config)
+    if config.balance_slack is None:
+        slack, step_slack = BALANCE_SLACK, STEP_SLACK if captured.n_microbatches > 1 else None
+    else:
+        slack = step_slack = config.balance_slack
     part = balanced_partition(
         captured,
         n_stages,
@@ -122,7 +133,8 @@ def plan_pipeline(
         in_flight=max(in_flight),
         costs=node_costs,
         step=step_time(spec, n_ranks=n_ranks, n_stages=n_stages, n_microbatches=captured.n_microbatches),
-        step_slack=STEP_SLACK if captured.n_microbatches > 1 else None,
+        slack=slack,
+        step_slack=step_slack,
     )
     return Plan(part.stage_of, in_flight, spec, n_ranks, node_costs, part.layer_bottleneck_s)
 

@@ -16,7 +16,9 @@ import torch.nn as nn
 
 from dynapipe.config import PipelineConfig
 from dynapipe.cost import stage_costs
+from dynapipe.errors import ConfigError
 from dynapipe.explain import capture
+from dynapipe.partition.balance import min_bottleneck
 from dynapipe.partition.chain import Chain
 from dynapipe.plan import plan_pipeline, predict_step
 from dynapipe.schedules import get_schedule
@@ -84,3 +86,31 @@ def test_plan_is_within_two_percent_of_the_best_split(model, width, n_stages, sc
     planned, best, worst = _plan_and_best(model, width, n_stages, schedule)
     assert worst > 1.2 * best, "the graph is too even for the search to mean anything"
     assert planned <= 1.02 * best, f"planned step {planned:.3e} s, best of every split {best:.3e} s"
+
+
+@pytest.mark.parametrize(
+    ("model", "width"), [(Hourglass(), 1024), (Residual(), 512)], ids=["hourglass", "residual"]
+)
+def test_balance_slack_bounds_the_slowest_stage(model, width):
+    """By default the step decides, and with few microbatches a heavier first stage shortens it; with
+    ``balance_slack`` no stage may be slower than the best balance by more than that share."""
+    torch.manual_seed(0)
+    captured = capture(model, (torch.randn(BATCH, SEQ, width),), n_microbatches=N_MICRO)
+    spec = get_schedule("1f1b")
+
+    def slowest_over_best(balance_slack):
+        config = PipelineConfig(n_stages=4, n_microbatches=N_MICRO, balance_slack=balance_slack)
+        plan = plan_pipeline(captured, config, spec=spec, n_ranks=4, n_stages=4)
+        assert plan.costs is not None
+        chain = Chain(captured, plan.costs, (), 4, N_MICRO)
+        best = min_bottleneck(chain, float("inf"), chain.allowed)
+        return max(c.time_s for c in stage_costs(captured, plan.stage_of, costs=plan.costs)) / best
+
+    assert slowest_over_best(None) > 1.05  # the default trades balance for a shorter step here
+    assert slowest_over_best(0.02) <= 1.02 + 1e-9
+
+
+def test_balance_slack_is_validated() -> None:
+    for bad in (-0.1, "3%", True):
+        with pytest.raises(ConfigError, match="balance_slack must be a number >= 0"):
+            PipelineConfig(balance_slack=bad)

@@ -1,9 +1,10 @@
 """Graph -> stage assignment: by split points a person chose, or balanced automatically."""
 
-from .balanced import BalancedPartition, StepObjective, assign_balanced, balanced_partition
+from .balanced import BALANCE_SLACK, BalancedPartition, StepObjective, assign_balanced, balanced_partition
 from .manual import assign_by_owners, assign_by_split_points, layer_boundaries, pipe_split
 
 __all__ = [
+    "BALANCE_SLACK",
     "BalancedPartition",
     "StepObjective",
     "assign_balanced",

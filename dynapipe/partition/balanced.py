@@ -89,6 +89,7 @@ def balanced_partition(
     optimizer: kind of optimizer whose state counts against memory ("adamw", "adam", "sgd", "none").
     in_flight: microbatches whose activations a stage holds at its peak (default: all of them).
     costs: precomputed node costs (e.g. profiled on one rank and broadcast to the others).
+    slack: how much slower than the best balance a stage may be when that lets the cuts send fewer bytes.
     step: the step time of a split (per-stage costs -> seconds, e.g. a simulated step of the schedule
         that will run); the split it finds shortest among the fewest-bytes splits at a few balance limits
         wins over the fewest-bytes near-balanced one (see the module docstring).
@@ -134,7 +135,7 @@ def balanced_partition(
         else:
             lo = mid
     if step is not None and chain.timed:
-        step_limit = limit if step_slack is None else max(limit, bound * (1 + step_slack))
+        step_limit = limit if step_slack is None else bound * (1 + step_slack)
         cuts = shortest_step(chain, cuts, step, bound, step_limit, memory, busy)
     ideals, refined = refine(chain, cuts, memory)
     stage_of = {}

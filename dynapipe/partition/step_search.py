@@ -53,7 +53,8 @@ def shortest_step(
             tried[key] = (step(stages), max(c.forward + c.backward_input + c.backward_weight for c in stages))
         return tried[key][0]
 
-    score(cuts)
+    if _valid(chain, cuts, limit, memory, busy):
+        score(cuts)
     for share in _STEP_LIMITS:
         if bound * (1 + share) > limit:
             break
