@@ -6,10 +6,12 @@
 Each row trains a randomly initialised HuggingFace causal LM on local CPU processes (gloo), one per
 stage. The manual split is the best one at layer boundaries: every choice of ``n_stages - 1`` block
 starts is costed and simulated as explain() would (``plan.predict_step``), and the shortest taken,
-with the equal-layer split (what a person writes) run too when it differs. Every variant is compiled
-in the same processes on its own copy of the model, and their steps alternate (auto, manual, equal,
-auto, ...) so that load on the machine falls on all alike. Reported: median step time with min/max over
-the timed steps, and the ratio automatic / best manual (below 1: the automatic partition is faster).
+with the equal-layer split (what a person writes) run too when it differs, and the automatic plan
+with ``balance_slack=0.03`` (every stage within 3% of the best balance) when that plan differs from the
+default one. Every variant is compiled in the same processes on its own copy of the model, and their
+steps alternate (auto, balanced, manual, equal, auto, ...) so that load on the machine falls on all
+alike. Reported: median step time (min-max) over the timed steps, in ms, and the ratios automatic /
+best manual (below 1: the automatic partition is faster), each the median of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 import torch.multiprocessing as mp
 
 BATCH, SEQ, MICRO, LAYERS = 16, 64, 8, 8
+BALANCED = 0.03  # the automatic plan's balance_slack in the 'balanced' column
 
 
 def _model(name: str):
@@ -53,18 +56,22 @@ def _model(name: str):
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return GPT2LMHeadModel(config), "transformer.h"
 
 
-def _layer_splits(name: str, n_stages: int) -> tuple[list[str], list[str]]:
-    """The layer split with the shortest predicted step (every choice tried), and the equal one."""
+def _layer_splits(name: str, n_stages: int) -> tuple[list[str], list[str], bool]:
+    """The layer split with the shortest predicted step (every choice tried), the equal one, and whether
+    ``balance_slack=BALANCED`` changes the automatic plan."""
     import itertools
 
+    from dynapipe.config import PipelineConfig
     from dynapipe.cost import graph_costs, stage_costs
     from dynapipe.explain import capture
     from dynapipe.partition import assign_by_split_points
-    from dynapipe.plan import Plan, in_flight_per_stage, predict_step
+    from dynapipe.plan import Plan, in_flight_per_stage, plan_pipeline, predict_step
     from dynapipe.schedules import get_schedule
 
     model, layers = _model(name)
@@ -81,7 +88,18 @@ def _layer_splits(name: str, n_stages: int) -> tuple[list[str], list[str]]:
 
     choices = [[f"{layers}.{i}" for i in c] for c in itertools.combinations(range(1, LAYERS), n_stages - 1)]
     equal = [f"{layers}.{i * LAYERS // n_stages}" for i in range(1, n_stages)]
-    return min(choices, key=predicted), equal
+    automatic = [
+        plan_pipeline(
+            captured,
+            PipelineConfig(n_stages=n_stages, n_microbatches=MICRO, optimizer="sgd", balance_slack=slack),
+            spec=spec,
+            n_ranks=n_stages,
+            n_stages=n_stages,
+            costs=lambda *_: costs,
+        ).stage_of
+        for slack in (None, BALANCED)
+    ]
+    return min(choices, key=predicted), equal, automatic[0] != automatic[1]
 
 
 def _worker(rank: int, world: int, port: int, name: str, variants: dict, steps: int, queue) -> None:
@@ -95,11 +113,9 @@ def _worker(rank: int, world: int, port: int, name: str, variants: dict, steps: 
     torch.set_num_threads(1)
     ids = torch.randint(0, 16000, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     runs = {}
-    for variant, points in variants.items():  # each variant pipelines its own copy of the model
+    for variant, extra in variants.items():  # each variant pipelines its own copy of the model
         model, _ = _model(name)
-        options: dict = {"schedule": "1f1b", "n_microbatches": MICRO, "optimizer": "sgd"}
-        if points:
-            options["split_points"] = points
+        options: dict = {"schedule": "1f1b", "n_microbatches": MICRO, "optimizer": "sgd", **extra}
         step = torch.compile(
             lambda ids, model=model: model(input_ids=ids, labels=ids).loss,
             backend="dynapipe",
@@ -139,6 +155,11 @@ def _run(name: str, world: int, variants: dict, steps: int) -> dict[str, list[fl
     return times
 
 
+def _paired(times: list[float], baseline: list[float]) -> float:
+    """Median of the per-round ratios: the variants of a round ran back to back, under the same load."""
+    return statistics.median(t / b for t, b in zip(times, baseline, strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -151,8 +172,8 @@ def main() -> None:
         f"1F1B, batch {BATCH} x {SEQ} tokens, {MICRO} microbatches, {steps} timed steps each, alternating; ms"
     )
     print(
-        f"{'model':6s} {'stages':>6s} {'best layer split (min-max)':>27s} {'equal (min-max)':>20s} "
-        f"{'automatic (min-max)':>22s} {'auto/best':>10s}  best layer split"
+        f"{'model':6s} {'stages':>6s} {'best layer split':>22s} {'equal':>20s} {'automatic':>20s} "
+        f"{'balance_slack .03':>20s} {'auto/best':>10s} {'balanced/best':>14s}  best layer split"
     )
 
     def cell(ts: list[float] | None) -> str:
@@ -162,16 +183,21 @@ def main() -> None:
 
     for name in models:
         for n_stages in stages:
-            best, equal = _layer_splits(name, n_stages)
-            variants = {"auto": [], "best": best, **({"equal": equal} if equal != best else {})}
+            best, equal, differs = _layer_splits(name, n_stages)
+            variants = {
+                "auto": {},
+                **({"balanced": {"balance_slack": BALANCED}} if differs else {}),
+                "best": {"split_points": best},
+                **({"equal": {"split_points": equal}} if equal != best else {}),
+            }
             times = _run(name, n_stages, variants, steps)
-            manual = min(
-                statistics.median(times["best"]), statistics.median(times.get("equal") or times["best"])
-            )
-            ratio = statistics.median(times["auto"]) / manual
+            manual = min((times["best"], times.get("equal") or times["best"]), key=statistics.median)
+            ratio = _paired(times["auto"], manual)
+            balanced = _paired(times.get("balanced") or times["auto"], manual)
             print(
-                f"{name:6s} {n_stages:6d} {cell(times['best']):>27s} {cell(times.get('equal')):>20s} "
-                f"{cell(times['auto']):>22s} {ratio:10.3f}  {best}",
+                f"{name:6s} {n_stages:6d} {cell(times['best']):>22s} {cell(times.get('equal')):>20s} "
+                f"{cell(times['auto']):>20s} {cell(times.get('balanced')):>20s} {ratio:10.3f} "
+                f"{balanced:14.3f}  {best}",
                 flush=True,
             )
 
