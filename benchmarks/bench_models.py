@@ -62,9 +62,9 @@ def _model(name: str):
     return GPT2LMHeadModel(config), "transformer.h"
 
 
-def _layer_splits(name: str, n_stages: int) -> tuple[list[str], list[str], bool]:
-    """The layer split with the shortest predicted step (every choice tried), the equal one, and whether
-    ``balance_slack=BALANCED`` changes the automatic plan."""
+def _layer_splits(name: str, n_stages: int) -> tuple[list[str], list[str], bool, bool]:
+    """The layer split with the shortest predicted step (every choice tried), the equal one, whether the
+    automatic plan is that best split, and whether ``balance_slack=BALANCED`` changes the plan."""
     import itertools
 
     from dynapipe.config import PipelineConfig
@@ -99,7 +99,8 @@ def _layer_splits(name: str, n_stages: int) -> tuple[list[str], list[str], bool]
         ).stage_of
         for slack in (None, BALANCED)
     ]
-    return min(choices, key=predicted), equal, automatic[0] != automatic[1]
+    best = min(choices, key=predicted)
+    return best, equal, automatic[0] == assign_by_split_points(captured, best), automatic[0] != automatic[1]
 
 
 def _worker(rank: int, world: int, port: int, name: str, variants: dict, steps: int, queue) -> None:
@@ -183,7 +184,7 @@ def main() -> None:
 
     for name in models:
         for n_stages in stages:
-            best, equal, differs = _layer_splits(name, n_stages)
+            best, equal, same, differs = _layer_splits(name, n_stages)
             variants = {
                 "auto": {},
                 **({"balanced": {"balance_slack": BALANCED}} if differs else {}),
@@ -197,7 +198,7 @@ def main() -> None:
             print(
                 f"{name:6s} {n_stages:6d} {cell(times['best']):>22s} {cell(times.get('equal')):>20s} "
                 f"{cell(times['auto']):>20s} {cell(times.get('balanced')):>20s} {ratio:10.3f} "
-                f"{balanced:14.3f}  {best}",
+                f"{balanced:14.3f}  {best}{' (= automatic: the ratio is noise)' if same else ''}",
                 flush=True,
             )
 
