@@ -63,6 +63,10 @@ def capture(fn: Any, example_inputs: Any, *, n_microbatches: int = 1) -> Capture
     return capture_microbatch(_frame(fn, args, kwargs), n_microbatches=n_microbatches, batch_size=batch_size)
 
 
+# Above the best balance by this share, the table says why the automatic plan is uneven and how to even it.
+UNEVEN = 0.05
+
+
 @dataclass(frozen=True)
 class Explanation:
     """A partition and its per-stage costs; ``str()`` is the table."""
@@ -73,6 +77,7 @@ class Explanation:
     layer_imbalance: float | None = None  # the best split at layer boundaries, for comparison
     predicted: Timeline | None = None  # one simulated step of the plan's schedule
     lower_bound_s: float | None = None  # all the step's work spread evenly over the ranks
+    best_imbalance: float | None = None  # the best balance any split reaches, for comparison
 
     @classmethod
     def of(
@@ -80,15 +85,28 @@ class Explanation:
     ) -> Explanation:
         """The table of ``plan``, costed with the node costs it was made on (``costs`` for split points)."""
         node_costs = plan.costs or costs(captured, config)
-        layer_imbalance = None
         mean = sum(c.time_s for c in node_costs.nodes.values()) / len(plan.in_flight)
-        if plan.layer_bottleneck_s is not None and mean > 0 and plan.layer_bottleneck_s < float("inf"):
-            layer_imbalance = plan.layer_bottleneck_s / mean
+
+        def over_mean(bottleneck: float | None) -> float | None:
+            return (
+                bottleneck / mean
+                if bottleneck is not None and mean > 0 and bottleneck < float("inf")
+                else None
+            )
+
         stages = stage_costs(captured, plan.stage_of, costs=node_costs)
         m = captured.n_microbatches
         lower_bound = m * sum(s.time_s for s in stages) / plan.n_ranks
         predicted = predict_step(plan, stages, m)
-        return cls(plan.stage_of, stages, captured, layer_imbalance, predicted, lower_bound)
+        return cls(
+            plan.stage_of,
+            stages,
+            captured,
+            over_mean(plan.layer_bottleneck_s),
+            predicted,
+            lower_bound,
+            over_mean(plan.bottleneck_s),
+        )
 
     @property
     def predicted_step_s(self) -> float | None:
@@ -123,8 +141,12 @@ class Explanation:
         ]
         lines.insert(1, "-" * len(lines[0]))
         foot = f"imbalance (slowest / mean stage time): {self.imbalance:.3f}"
+        if self.best_imbalance is not None:
+            foot += f"; best possible: {self.best_imbalance:.3f}"
         if self.layer_imbalance is not None:
             foot += f"; best split at layer boundaries: {self.layer_imbalance:.3f}"
+        if self.best_imbalance is not None and self.imbalance > self.best_imbalance * (1 + UNEVEN):
+            foot += " (uneven for a shorter predicted step; balance_slack=0.03 keeps stages even)"
         per_mb = (
             f"per microbatch of {self.captured.microbatch_size}; FLOPs and time are forward + backward; "
             f"costed at {self.captured.shapes.representative(self.captured.input_sources)} (the same stages "

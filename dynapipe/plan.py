@@ -67,6 +67,7 @@ class Plan:
     n_ranks: int
     costs: GraphCosts | None  # the node costs the automatic partition used (None for split points)
     layer_bottleneck_s: float | None = None  # the best split at layer boundaries (automatic only)
+    bottleneck_s: float | None = None  # the best balance of any split (automatic only)
     kept_owners: bool = False  # the stages are those that own the tensors (an earlier pipeline's)
 
 
@@ -136,7 +137,15 @@ def plan_pipeline(
         slack=slack,
         step_slack=step_slack,
     )
-    return Plan(part.stage_of, in_flight, spec, n_ranks, node_costs, part.layer_bottleneck_s)
+    return Plan(
+        part.stage_of,
+        in_flight,
+        spec,
+        n_ranks,
+        node_costs,
+        part.layer_bottleneck_s,
+        bottleneck_s=part.bottleneck_s,
+    )
 
 
 def step_time(spec: ScheduleSpec, *, n_ranks: int, n_stages: int, n_microbatches: int) -> StepObjective:

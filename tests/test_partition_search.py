@@ -17,7 +17,7 @@ import torch.nn as nn
 from dynapipe.config import PipelineConfig
 from dynapipe.cost import stage_costs
 from dynapipe.errors import ConfigError
-from dynapipe.explain import capture
+from dynapipe.explain import Explanation, capture
 from dynapipe.partition.balance import min_bottleneck
 from dynapipe.partition.chain import Chain
 from dynapipe.plan import plan_pipeline, predict_step
@@ -102,6 +102,8 @@ def test_balance_slack_bounds_the_slowest_stage(model, width):
         config = PipelineConfig(n_stages=4, n_microbatches=N_MICRO, balance_slack=balance_slack)
         plan = plan_pipeline(captured, config, spec=spec, n_ranks=4, n_stages=4)
         assert plan.costs is not None
+        shown = str(Explanation.of(captured, plan, config))
+        assert ("balance_slack=0.03 keeps stages even" in shown) == (balance_slack is None), shown
         chain = Chain(captured, plan.costs, (), 4, N_MICRO)
         best = min_bottleneck(chain, float("inf"), chain.allowed)
         return max(c.time_s for c in stage_costs(captured, plan.stage_of, costs=plan.costs)) / best
