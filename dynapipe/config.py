@@ -33,6 +33,7 @@ class PipelineConfig:
         be (0.03: 3%). By default (None) it takes what shortens the schedule's predicted step: up to 25%
         to send fewer bytes, and more where few microbatches make a heavier first stage faster. Set it
         when equal stage times matter more than the estimate, e.g. stages that will run on other devices.
+        Automatic partition only: with split points it is an error.
     profile: time every graph node on the device (rank 0, shared) instead of estimating time from FLOPs.
     optimizer: optimizer whose state the memory estimate counts: "adamw", "adam", "sgd" or "none".
     loss_reduction: how the per-microbatch losses combine into the step's loss: "mean" (as a loss

@@ -110,6 +110,12 @@ def plan_pipeline(
     in_flight = in_flight_per_stage(
         spec, n_ranks=n_ranks, n_stages=n_stages, n_microbatches=captured.n_microbatches
     )
+    if points and config.balance_slack is not None:
+        raise ConfigError(
+            "balance_slack shapes the automatic partition, but the stages are given by "
+            + ("pipe_split() markers" if markers else "split_points")
+            + "; drop balance_slack or the split points"
+        )
     if points or n_stages == 1:
         if len(points) + 1 != n_stages:
             raise ConfigError(

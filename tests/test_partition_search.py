@@ -116,3 +116,9 @@ def test_balance_slack_is_validated() -> None:
     for bad in (-0.1, "3%", True):
         with pytest.raises(ConfigError, match="balance_slack must be a number >= 0"):
             PipelineConfig(balance_slack=bad)
+    captured = capture(Residual(), (torch.randn(BATCH, SEQ, 512),), n_microbatches=N_MICRO)
+    config = PipelineConfig(n_stages=2, split_points=["downs.2"], balance_slack=0.03)
+    with pytest.raises(
+        ConfigError, match="balance_slack shapes the automatic partition, but the stages are given"
+    ):
+        plan_pipeline(captured, config, spec=get_schedule("1f1b"), n_ranks=2, n_stages=2)
