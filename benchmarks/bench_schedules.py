@@ -50,6 +50,7 @@ from dynapipe.schedules import (
     StageCost,
     Timeline,
     get_schedule,
+    lower,
     placement_map,
     simulate,
     stage_graph,
@@ -423,7 +424,7 @@ def setup_dynapipe(row: Row, settings: Settings, x: torch.Tensor, y: torch.Tenso
     compiled = torch.compile(model, backend="dynapipe", options=options)
 
     def timeline() -> list:
-        return [(e.rank, e.action, e.start, e.end) for e in last[0].timeline.events]
+        return [(e.rank, e.name, e.kind, e.start, e.end) for e in last[0].timeline.events]
 
     return Runner(
         lambda: compiled(x, y).backward(),
@@ -517,7 +518,8 @@ def setup_floor(row: Row, settings: Settings, x: torch.Tensor, y: torch.Tensor) 
     table = spec.build(n_ranks=row.p, n_stages=n, n_microbatches=row.m)
     rank_of = placement_map(spec.placement, n_ranks=row.p, n_stages=n)
     graph = stage_graph(n)
-    lowered = validate(table, row.p, n, row.m, rank_of)
+    lowered = lower(table, row.p, n, rank_of)
+    validate(lowered, row.p, n, row.m, rank_of)
 
     def tag(kind: Kind, src: int, dst: int, mb: int) -> int:
         return ((int(kind in (Kind.SEND_B, Kind.RECV_B)) * n + src) * n + dst) * row.m + mb
@@ -683,10 +685,10 @@ def _spread(values: list[float], scale: float = 1e3, digits: int = 1) -> str:
 
 
 def _compute_events(events: list) -> list[tuple[int, Action, float, float]]:
-    """The compute actions of a recorded step (its sends, receives and named steps left out)."""
+    """The compute actions of a recorded step (its sends, receives and the step's own work left out)."""
     out = []
-    for rank, label, start, end in events:
-        if label[0].isdigit() and (a := Action.parse(label)).kind.is_compute:
+    for rank, name, kind, start, end in events:
+        if kind == "action" and (a := Action.parse(name)).kind.is_compute:
             out.append((rank, a, start, end))
     return out
 

@@ -1,6 +1,9 @@
 """dynapipe: pipeline-parallel training and inference through ``torch.compile(model, backend="dynapipe")``."""
 
+from .build import StepReport
+from .capture import pipe_split
 from .config import PipelineConfig
+from .empty import empty_init
 from .errors import (
     CaptureError,
     ConfigError,
@@ -11,10 +14,8 @@ from .errors import (
     ScheduleError,
 )
 from .explain import Explanation, explain
-from .init import empty_init
 from .launch import launch
-from .partition import pipe_split
-from .runtime import StepReport, clip_grad_norm_
+from .runtime import clip_grad_norm_
 from .runtime.checkpoint import load_checkpoint, save_checkpoint
 from .schedules import Timeline
 

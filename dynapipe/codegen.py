@@ -32,25 +32,24 @@ a ``PartitionError`` naming both nodes.
 from __future__ import annotations
 
 import hashlib
-import inspect
-import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from .capture import (
+from .errors import PartitionError
+from .graph import (
     CapturedGraph,
+    SymbolicShape,
     autocast_regions,
     grad_modes,
     is_autocast_node,
     is_size_node,
     settle_getitems,
+    written_in_place,
 )
-from .errors import PartitionError
-from .shapes import SymbolicShape
 
-__all__ = ["Boundary", "StagePlan", "build_stages", "partition_digest", "written_in_place"]
+__all__ = ["Boundary", "StagePlan", "build_stages", "partition_digest"]
 
 
 @dataclass(frozen=True)
@@ -74,9 +73,9 @@ class StagePlan:
     receives: list[Boundary]
     sends: list[Boundary]
     state_names: dict[str, str] = field(default_factory=dict)  # attribute -> qualified name in the model
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.module.parameters())
+    # per entry of ``inputs``: whether the stage reads the input's data, not only its size (a stage that
+    # reads another layer's PipelineCache length holds none of that layer's cache)
+    reads_data: list[bool] = field(default_factory=list)
 
 
 def _size_nodes_read(graph: fx.Graph, nodes: list[fx.Node]) -> list[fx.Node]:
@@ -102,49 +101,6 @@ def _check_order(graph: fx.Graph, stage_of: dict[fx.Node, int]) -> None:
                     f"node {user.name} (stage {stage_of[user]}) reads {node.name} from the later stage "
                     f"{stage_of[node]}; stages must follow the graph's order"
                 )
-
-
-# ``x += y`` and ``x[i] = y`` (``operator``'s other names that end in "_", like ``and_``, compute new values)
-_INPLACE_OPERATORS = frozenset(
-    getattr(operator, name)
-    for name in (
-        "iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imatmul", "imod", "imul", "ior", "ipow",
-        "irshift", "isub", "itruediv", "ixor", "setitem", "delitem",
-    )
-)  # fmt: skip
-_INPLACE_DUNDERS = frozenset(f"__{op.__name__}__" for op in _INPLACE_OPERATORS)  # Tensor.__iadd__ ...
-
-
-def _nodes_in(value: fx.node.Argument) -> list[fx.Node]:
-    found: list[fx.Node] = []
-    fx.map_arg(value, found.append)
-    return found
-
-
-def written_in_place(node: fx.Node) -> list[fx.Node]:
-    """The nodes whose tensors ``node`` may modify in place. Conservative: a name that reads as in-place
-    counts (``x.add_()``, ``torch.relu_(x)``, ``F.relu(x, inplace=True)``, ``x += y``, ``x[i] = y``)."""
-    if node.op not in ("call_function", "call_method"):
-        return []
-    target = node.target
-    first = _nodes_in(node.args[:1])  # the tensor (or, for _foreach_ ops, the tensors) an in-place op writes
-    schema = getattr(target, "_schema", None)
-    if schema is not None:  # an operator overload says so itself
-        return node.all_input_nodes if schema.is_mutable else []
-    name = target if isinstance(target, str) else getattr(target, "__name__", "")
-    if getattr(operator, name, None) is target:
-        return first if target in _INPLACE_OPERATORS else []
-    if name in _INPLACE_DUNDERS or (name.endswith("_") and not name.endswith("__")):
-        return first
-    inplace = node.kwargs.get("inplace") is True
-    if not inplace and callable(target):  # F.dropout(x, p, training, inplace), as nn.Dropout calls it
-        try:
-            inplace = (
-                inspect.signature(target).bind(*node.args, **node.kwargs).arguments.get("inplace") is True
-            )
-        except (TypeError, ValueError):  # a builtin without a signature, or not these arguments
-            pass
-    return first if inplace else _nodes_in(node.kwargs.get("out"))
 
 
 def _storage(node: fx.Node) -> int | None:
@@ -335,7 +291,8 @@ def build_stages(captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages
             for t in (n.target for n in new.find_nodes(op="get_attr"))
             if t in captured.state_names
         }
-        plans.append(StagePlan(s, module, inputs, receives, sends, names))
+        reads_data = [any(not is_size_node(u) for u in env[placeholders[i]].users) for i in inputs]
+        plans.append(StagePlan(s, module, inputs, receives, sends, names, reads_data))
     return plans
 
 

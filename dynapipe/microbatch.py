@@ -8,13 +8,14 @@ Outputs: 0-dim tensors are reduced (mean or sum, as the loss is), others are con
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .empty import is_empty
 from .errors import ConfigError
-from .init import is_empty
 
 __all__ = ["infer_batch_size", "merge_outputs", "split_inputs", "split_value"]
 
@@ -62,7 +63,7 @@ def split_value(value: Any, n_microbatches: int, batch_size: int, index: int) ->
     return tree_map(pick, value)
 
 
-def split_inputs(values: tuple[Any, ...], n_microbatches: int, batch_size: int) -> list[list[Any]]:
+def split_inputs(values: Sequence[Any], n_microbatches: int, batch_size: int) -> list[list[Any]]:
     """The graph inputs of each microbatch: the same as ``split_value`` on each value, for flat values (a
     graph's inputs), with one ``split`` per tensor instead of a pytree walk per value and microbatch."""
     size = batch_size // n_microbatches

@@ -23,6 +23,7 @@ from dynapipe.schedules import (
     TimelineEvent,
     format_schedule,
     get_schedule,
+    in_flight_per_stage,
     load_schedule,
     lower,
     normalize_table,
@@ -110,7 +111,8 @@ def _torch_order(name: str, p: int, m: int):
 def test_builtin_validates_lowers_and_round_trips(name, p, m):
     spec = SCHEDULES[name]
     table, n = _build(name, p, m)
-    lowered = validate(table, p, n, m, spec.placement)
+    lowered = lower(table, p, n, spec.placement)
+    validate(lowered, p, n, m, spec.placement)
 
     compute = [a for acts in table.values() for a in acts if a is not None]
     assert len(compute) == len(set(compute)) == n * m * (3 if spec.splits_backward else 2)
@@ -134,7 +136,11 @@ def test_builtin_validates_lowers_and_round_trips(name, p, m):
 
     assert parse_schedule(format_schedule(table)) == table
     assert parse_schedule(format_schedule(lowered)) == lowered
-    validate(lowered, p, n, m, spec.placement)  # an already-lowered table is replayed as written
+    if crossing:  # a compute-only table that must talk across ranks is refused, not lowered here
+        with pytest.raises(ScheduleError, match=r"has no sends or receives.*lower\(\) returns"):
+            validate(table, p, n, m, spec.placement)
+    else:
+        validate(table, p, n, m, spec.placement)
 
 
 @pytest.mark.parametrize("name", ["gpipe", "1f1b"])
@@ -148,15 +154,46 @@ def test_fill_drain_and_1f1b_match_textbook_step_time(name, p, m):
 
 
 @pytest.mark.parametrize("p,m", list(itertools.product(RANKS, MICROBATCHES)))
-def test_peak_inflight_activations(p, m):
-    assert _run("gpipe", p, m).peak_inflight_activations == dict.fromkeys(range(p), m)
-    one_f_one_b = _run("1f1b", p, m).peak_inflight_activations
+def test_peak_in_flight_activations(p, m):
+    assert _run("gpipe", p, m).peak_in_flight_activations == dict.fromkeys(range(p), m)
+    one_f_one_b = _run("1f1b", p, m).peak_in_flight_activations
     assert one_f_one_b == {r: min(p - r, m) for r in range(p)}
-    zb = _run("zb-h1", p, m).peak_inflight_activations
+    zb = _run("zb-h1", p, m).peak_in_flight_activations
     assert zb[0] == min(p, m) <= p
     assert max(zb.values()) == max(one_f_one_b.values())  # ZB-H1 never exceeds 1F1B's peak
-    zbv = _run("zbv", p, m).peak_inflight_activations
+    zbv = _run("zbv", p, m).peak_in_flight_activations
     assert max(zbv.values()) <= 2 * p  # 2p half-size chunks = 1F1B's p whole stages
+
+
+@pytest.mark.parametrize("name,p,m", list(_grid()))
+def test_in_flight_per_stage_is_the_simulated_count(name, p, m):
+    """Counted off each rank's list, without timing: the same peaks a simulated step holds per stage."""
+    table, n = _build(name, p, m)
+    rank_of = placement_map(SCHEDULES[name].placement, n_ranks=p, n_stages=n)
+    timeline = simulate(table, StageCost(1, 1, 1), n_ranks=p, n_stages=n, placement=rank_of)
+    simulated = {s: timeline.in_flight_activations({s: 1})[rank_of[s]] for s in range(n)}
+    counted = in_flight_per_stage(table, rank_of)
+    assert counted == simulated
+    assert all(1 <= k <= m for k in counted.values())
+    if name == "gpipe":
+        assert counted == dict.fromkeys(range(n), m)
+
+
+def test_in_flight_per_stage_holds_activations_until_the_weight_gradient():
+    rank_of = {0: 0}
+    split = parse_schedule("rank 0: 0F0 0F1 0I0 0I1 0W0 0W1")
+    assert in_flight_per_stage(split, rank_of) == {0: 2}
+    assert in_flight_per_stage(parse_schedule("rank 0: 0F0 0I0 0W0 0F1 0I1 0W1"), rank_of) == {0: 1}
+    assert in_flight_per_stage(parse_schedule("rank 0: 0F0 0B0 0F1 0B1"), rank_of) == {0: 1}
+
+
+def test_simulate_raises_where_a_table_cannot_complete():
+    kwargs = dict(n_ranks=2, n_stages=2, placement="loop")
+    crossed = parse_schedule("rank 0: 0F0 0B0 0F1 0B1\nrank 1: 1F1 1B1 1F0 1B0")
+    with pytest.raises(ScheduleError, match=r"rank 0 waits at 0B0 for 1B0; rank 1 waits at 1F1 for 0F1"):
+        simulate(crossed, UNIFORM, **kwargs)
+    with pytest.raises(ScheduleError, match=r"rank 1 waits at 1F1 for 0F1"):
+        simulate(parse_schedule("rank 0: 0F0 0B0\nrank 1: 1F0 1B0 1F1 1B1"), UNIFORM, **kwargs)
 
 
 @pytest.mark.parametrize("p,m", [(p, m) for p, m in itertools.product(RANKS, MICROBATCHES) if p > 1])
@@ -193,8 +230,8 @@ def test_interleaved_warm_up_hides_link_latency(p, m):
         assert ours == pytest.approx(3 * m + (p - 1) * 3 / 2 + 2 * (2 * p - 1) * latency)
         if (theirs := _torch_order("interleaved-1f1b", p, m)) is not None:
             assert ours <= _run("interleaved-1f1b", p, m, table=theirs, latency=latency).makespan + 1e-9
-    inflight = _run("interleaved-1f1b", p, m).peak_inflight_activations
-    assert inflight == {r: min(p + 2 * (p - 1 - r) + 1, 2 * m) for r in range(p)}
+    in_flight = _run("interleaved-1f1b", p, m).peak_in_flight_activations
+    assert in_flight == {r: min(p + 2 * (p - 1 - r) + 1, 2 * m) for r in range(p)}
 
 
 @pytest.mark.parametrize(
@@ -213,7 +250,7 @@ def test_zbv_no_slower_than_torch_under_link_latency(p, m):
             kwargs = dict(n_ranks=p, n_stages=2 * p, placement="v", link_latency=latency)
             assert simulate(ours, cost, **kwargs).makespan <= simulate(theirs, cost, **kwargs).makespan + 1e-9
         # in-flight counts depend on each rank's order only, not on timing: still at most 2p chunks
-        assert max(_run("zbv", p, m, latency=latency).peak_inflight_activations.values()) <= 2 * p
+        assert max(_run("zbv", p, m, latency=latency).peak_in_flight_activations.values()) <= 2 * p
 
 
 @pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"])
@@ -221,7 +258,7 @@ def test_zbv_no_slower_than_torch_under_link_latency(p, m):
 def test_split_last_backward_sends_the_gradient_before_the_weight_work(name, p, m):
     table, n = _build(name, p, m)
     split = split_last_backward(table)
-    validate(split, p, n, m, SCHEDULES[name].placement)
+    validate(lower(split, p, n, SCHEDULES[name].placement), p, n, m, SCHEDULES[name].placement)
     weight_work = [a for acts in split.values() for a in acts if a.kind is Kind.W]
     if SCHEDULES[name].splits_backward:
         assert split == table
@@ -277,7 +314,8 @@ def test_skip_connection_edges_are_lowered_and_timed():
     # rank 0: stages 0, 1, 2; rank 1: stage 3; a skip 0 -> 3 crosses ranks next to the chain edge 2 -> 3
     placement = {0: 0, 1: 0, 2: 0, 3: 1}
     table = parse_schedule("rank 0: 0F0 1F0 2F0 2B0 1B0 0B0\nrank 1: 3F0 3B0")
-    lowered = validate(table, 2, 4, 1, placement, edges=[(0, 3)])
+    lowered = lower(table, 2, 4, placement, edges=[(0, 3)])
+    validate(lowered, 2, 4, 1, placement, edges=[(0, 3)])
     assert format_schedule({1: lowered[1]}).split() == (
         "rank 1: 3RECV_F0<-0 3RECV_F0<-2 3F0 3B0 3SEND_B0->0 3SEND_B0->2".split()
     )
@@ -287,7 +325,7 @@ def test_skip_connection_edges_are_lowered_and_timed():
     slow_skip = [StageCost(1.0, 1.0, 0.0, send_bytes=b) for b in (4e6, 0, 0, 0)]
     kwargs = dict(n_ranks=2, n_stages=4, placement=placement, link_bandwidth=1e6)
     chain, skip = simulate(table, slow_skip, **kwargs), simulate(table, slow_skip, **kwargs, edges=[(0, 3)])
-    chain_start, skip_start = ({e.action: e.start for e in t.events} for t in (chain, skip))
+    chain_start, skip_start = ({e.name: e.start for e in t.events} for t in (chain, skip))
     assert chain_start["3F0"] == 3.0  # after 2F0
     assert skip_start["3F0"] == 5.0  # 0F0 ends at 1.0, plus 4e6 bytes at 1e6 B/s
     with pytest.raises(ScheduleError, match=r"edge \(3, 1\) must satisfy 0 <= producer < consumer"):
@@ -304,7 +342,7 @@ def test_each_edge_is_charged_its_own_bytes():
         StageCost(1.0, 1.0, 0.0, index=2),
     ]
     kwargs = dict(n_ranks=3, n_stages=3, placement="loop", link_bandwidth=1e6, edges=[(0, 2)])
-    start = {e.action: e.start for e in simulate(table, costs, **kwargs).events}
+    start = {e.name: e.start for e in simulate(table, costs, **kwargs).events}
     assert start["1F0"] == pytest.approx(1.001)  # 1000 bytes, not the 4e6 the skip carries
     assert start["2F0"] == pytest.approx(5.0)  # the skip: 0F0 ends at 1.0, plus 4e6 bytes at 1e6 B/s
     assert start["1B0"] == pytest.approx(7.001)  # 2B0 ends at 7.0; its gradient to stage 1 is 1000 bytes
@@ -316,7 +354,7 @@ def test_link_latency_and_timeline_exports():
     timeline = simulate(
         table, StageCost(1.0, 0.5, 0.5), n_ranks=2, n_stages=2, placement="loop", link_latency=0.5
     )
-    assert [(e.rank, e.action, e.start, e.end) for e in timeline.events] == [
+    assert [(e.rank, e.name, e.start, e.end) for e in timeline.events] == [
         (0, "0F0", 0.0, 1.0),
         (1, "1F0", 1.5, 2.5),
         (1, "1B0", 2.5, 3.5),
@@ -329,13 +367,29 @@ def test_link_latency_and_timeline_exports():
     assert [(e["pid"], e["name"], e["ts"], e["dur"]) for e in slices][-1] == (0, "0B0", 4e6, 1e6)
     assert {e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"} == {"rank 0", "rank 1"}
 
-    # the runtime records one rank at a time, with comm events mixed in: metrics cover just that rank
+    # the runtime records one rank at a time, with comm events and the step's own work mixed in:
+    # metrics cover just that rank's compute actions
     recorded = Timeline([e for e in timeline.events if e.rank == 1])
     recorded.events.insert(0, TimelineEvent(1, "1RECV_F0<-0", 0.0, 1.5))
+    recorded.events.append(TimelineEvent(1, "wait for sends", 3.5, 4.0, kind="step"))
     assert recorded.ranks == [1]
     assert recorded.busy_time(1) == 2.0
-    assert recorded.peak_inflight_activations == {1: 1}
-    assert recorded.bubble_fraction == pytest.approx(1 - 2 / 3.5)
+    assert recorded.peak_in_flight_activations == {1: 1}
+    assert recorded.bubble_fraction == pytest.approx(1 - 2 / 4.0)
+    assert [e.action for e in recorded.events] == [
+        Action.parse("1RECV_F0<-0"), Action.parse("1F0"), Action.parse("1B0"), None
+    ]  # fmt: skip
+    kinds = {
+        e["name"]: (e["cat"], e["args"]["kind"])
+        for e in recorded.to_chrome_trace()["traceEvents"]
+        if e["ph"] == "X"
+    }
+    assert kinds == {
+        "1RECV_F0<-0": ("comm", "action"), "1F0": ("F", "action"), "1B0": ("B", "action"),
+        "wait for sends": ("step", "step"),
+    }  # fmt: skip
+    with pytest.raises(ScheduleError, match=r"'wait for sends' on rank 1 is no action.*kind='step'"):
+        TimelineEvent(1, "wait for sends", 0.0, 1.0)
 
 
 # --- bad schedules ----------------------------------------------------------------------------------
@@ -379,8 +433,11 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_schedules_name_the_action_and_rank(case):
     text, m, message = BAD[case]
+    table = parse_schedule(text)
+    if case == "deadlock":  # only a lowered table is replayed; the others fail before the replay
+        table = lower(table, 2, 2, "loop")
     with pytest.raises(ScheduleError, match=message):
-        validate(parse_schedule(text), 2, 2, m, "loop")
+        validate(table, 2, 2, m, "loop")
 
 
 def test_local_order_across_stages_of_one_rank():
@@ -406,9 +463,11 @@ def test_hand_lowered_tables_are_checked_as_written():
 
 def test_forward_only_tables():
     table = {r: [Action(r, Kind.F, k) for k in range(4)] for r in range(2)}
-    assert validate(table, 2, 2, 4, "loop", forward_only=True)[1][0] == Action.parse("1RECV_F0<-0")
+    lowered = lower(table, 2, 2, "loop")
+    assert lowered[1][0] == Action.parse("1RECV_F0<-0")
+    assert validate(lowered, 2, 2, 4, "loop", forward_only=True) is None
     with pytest.raises(ScheduleError, match=r"0F0 on rank 0 has no backward"):
-        validate(table, 2, 2, 4, "loop")
+        validate(lowered, 2, 2, 4, "loop")
 
 
 # --- user schedules ---------------------------------------------------------------------------------
@@ -423,7 +482,7 @@ rank 1: -   1F0 1B0 1F1 1B1 1F2 1B2
 def test_user_schedule_as_text_and_csv(tmp_path):
     table = parse_schedule(USER_TEXT)
     assert table[0][5] is None and table[1][0] is None
-    validate(table, 2, 2, 3, "loop")
+    validate(lower(table, 2, 2, "loop"), 2, 2, 3, "loop")
 
     csv_path = tmp_path / "mine.csv"
     csv_path.write_text("rank 0,0F0,0F1,0B0,0F2,0B1,,0B2\nrank 1,,1F0,1B0,1F1,1B1,1F2,1B2,,\n")
@@ -441,7 +500,7 @@ def test_user_schedule_as_text_and_csv(tmp_path):
         spec = get_schedule(given)
         built = spec.build(n_ranks=2, n_stages=2, n_microbatches=3)
         assert built == table
-        validate(built, 2, 2, 3, spec.placement)
+        validate(lower(built, 2, 2, spec.placement), 2, 2, 3, spec.placement)
     assert get_schedule(csv_path).placement == {0: 0, 1: 1}
 
 
@@ -453,7 +512,7 @@ def test_user_schedule_as_callable_and_builtin_names():
     spec = get_schedule(reversed_gpipe)
     assert (spec.name, spec.placement, spec.splits_backward) == ("reversed_gpipe", "loop", None)
     table = spec.build(n_ranks=3, n_stages=3, n_microbatches=4)
-    validate(table, 3, 3, 4, spec.placement)
+    validate(lower(table, 3, 3, spec.placement), 3, 3, 4, spec.placement)
     assert simulate(table, UNIFORM, n_ranks=3, n_stages=3, placement="loop").makespan == pytest.approx(6 * 3)
 
     assert get_schedule("ZB_H1") is SCHEDULES["zb-h1"]
@@ -489,7 +548,8 @@ def test_reduce_sits_right_before_each_stages_last_weight_work(name):
     p, m = 2, 4
     table, n = _build(name, p, m)
     placement = SCHEDULES[name].placement
-    lowered = validate(split_last_backward(table), p, n, m, placement, reduce_stages=range(n))
+    lowered = lower(split_last_backward(table), p, n, placement, reduce_stages=range(n))
+    validate(lowered, p, n, m, placement)
     for rank, acts in lowered.items():
         compute = [a for a in acts if a.kind.is_compute]
         for stage in {a.stage for a in compute}:
@@ -518,7 +578,8 @@ def test_nccl_tables_issue_every_pair_in_one_order_and_cannot_deadlock(name, dp,
         edges = [(0, n - 1)] if skip else None
         table = split_last_backward(table) if dp else table
         reduce = range(n) if dp else ()
-        lowered = validate(table, p, n, m, spec.placement, edges, in_issue_order=True, reduce_stages=reduce)
+        lowered = lower(table, p, n, spec.placement, edges, in_issue_order=True, reduce_stages=reduce)
+        validate(lowered, p, n, m, spec.placement, edges, in_issue_order=True)
         rank_of = placement_map(spec.placement, n_ranks=p, n_stages=n)
         sent: dict[tuple[int, int], list] = {}
         received: dict[tuple[int, int], list] = {}

@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
-from ..capture import CapturedGraph, autocast_regions, grad_modes
 from ..config import Optimizer
+from ..graph import CapturedGraph, autocast_regions, grad_modes
 from .records import OPTIMIZER_STATES, GraphCosts, NodeCost
 from .runner import Runner, backward_to, call_node
 from .sizes import bytes_expr, concrete, evaluate, has_tensor, hint, shape_values

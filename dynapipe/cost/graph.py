@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..capture import CapturedGraph, compute_nodes
 from ..config import Optimizer
+from ..graph import CapturedGraph, compute_nodes
 from .fake import fake_costs
 from .profile import graph_device, measure
 from .records import NOMINAL_FLOP_RATE, NOMINAL_MEMORY_BANDWIDTH, GraphCosts

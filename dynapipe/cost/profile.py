@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
-from ..capture import CapturedGraph, grad_modes
+from ..graph import CapturedGraph, grad_modes
 from .records import NodeCost
 from .runner import Runner, backward_to, call_node
 from .sizes import concrete, has_tensor

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..capture import CapturedGraph
+from ..graph import CapturedGraph
 from .sizes import hint
 
 __all__ = ["Runner", "backward_to", "call_node", "differentiable"]

@@ -6,11 +6,8 @@ from collections.abc import Mapping
 
 import torch.fx as fx
 
-from ..capture import CapturedGraph, settle_getitems
-from ..config import Optimizer
-from ..module_paths import module_counts, modules_of
+from ..graph import CapturedGraph, module_counts, modules_of, settle_getitems
 from ..schedules.simulate import StageCost
-from .graph import graph_costs
 from .records import GraphCosts
 
 __all__ = ["stage_costs"]
@@ -19,13 +16,11 @@ __all__ = ["stage_costs"]
 def stage_costs(
     captured: CapturedGraph,
     stage_of: Mapping[fx.Node, int],
-    *,
-    costs: GraphCosts | None = None,
-    optimizer: Optimizer = "adamw",
+    costs: GraphCosts,
 ) -> list[StageCost]:
-    """One :class:`StageCost` per stage of the assignment ``stage_of`` (compute node -> stage)."""
+    """One :class:`StageCost` per stage of the assignment ``stage_of`` (compute node -> stage), summed
+    from the node costs the plan was made on."""
     graph = captured.gm.graph
-    costs = costs or graph_costs(captured, optimizer=optimizer)
     stage_of = settle_getitems(graph, stage_of)
     n_stages = max(stage_of.values(), default=0) + 1
     last = n_stages - 1

@@ -19,10 +19,9 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 
-from ..capture import CapturedGraph, compute_nodes, is_autocast_node, unpacked_by
 from ..cost import GraphCosts
 from ..errors import ConfigError
-from ..module_paths import prefixes
+from ..graph import CapturedGraph, compute_nodes, is_autocast_node, prefixes, unpacked_by
 from ..schedules import StageCost
 from .manual import _inside, layer_boundaries
 

@@ -8,11 +8,10 @@ from collections.abc import Mapping
 
 import torch.fx as fx
 
-from ..capture import CapturedGraph, compute_nodes
 from ..errors import ConfigError, PartitionError
-from ..markers import pipe_split
+from ..graph import CapturedGraph, compute_nodes
 
-__all__ = ["pipe_split", "assign_by_owners", "assign_by_split_points", "layer_boundaries"]
+__all__ = ["assign_by_owners", "assign_by_split_points", "layer_boundaries"]
 
 
 def _inside(path: str, name: str) -> bool:

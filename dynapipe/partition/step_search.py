@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from ..schedules import StageCost
-from .balance import fewest_bytes
+from .bottleneck import fewest_bytes
 from .chain import Chain
 
 __all__ = ["STEP_TOLERANCE", "StepObjective", "shortest_step"]

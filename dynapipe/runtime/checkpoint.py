@@ -1,9 +1,7 @@
-"""Where each rank's weights come from, and checkpoints of a pipelined model in the model's own names.
+"""Checkpoints of a pipelined model in the model's own names.
 
-**Filling.** A rank fills the empty tensors its stages read that no rank holds yet (built under
-:func:`dynapipe.empty_init`): from the folder of a :func:`load_checkpoint` made before the first call,
-else from ``options["checkpoint"]``, else with the modules' own initialisers. A tensor that holds memory
-anywhere is never filled again, so a second pipeline over the model never reloads over trained weights.
+**Loading.** :func:`load_checkpoint` before the first call records the folder (:func:`pending_load`);
+the pipeline's build fills each rank's stages from it (``dynapipe.build.models``).
 
 **Saving.** Each tensor is written by the lowest rank holding its current value (a tied weight once, one
 data-parallel replica), as safetensors under the names of ``model.state_dict()``, with an index as
@@ -31,16 +29,13 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from ..capture import FrameCall
-from ..config import PipelineConfig
+from ..empty import is_empty
 from ..errors import ConfigError
-from ..init import allocate, initialise, is_empty
-from ..names import reachable_modules, root_modules
 from ..weights import INDEX, WeightsFolder, model_names
 from .comm import Comm
 from .state import holds_current
 
-__all__ = ["check_models", "fill_state", "load_checkpoint", "save_checkpoint"]
+__all__ = ["load_checkpoint", "load_optimizer_state", "pending_load", "save_checkpoint"]
 
 OPTIMIZER_INDEX = "optimizer.index.json"
 OPTIMIZER_GROUPS = "optimizer-groups.pt"
@@ -64,65 +59,9 @@ def _forget(key: int, _: weakref.ref) -> None:
     _PENDING.pop(key, None)
 
 
-def _pending(model: torch.nn.Module) -> _Source | None:
+def pending_load(model: torch.nn.Module) -> _Source | None:
     entry = _PENDING.get(id(model))
     return entry[1] if entry is not None and entry[0]() is model else None
-
-
-def check_models(frame: FrameCall, config: PipelineConfig) -> list[torch.nn.Module]:
-    """The models the compiled call reaches, after the checks that must fail on every rank at once."""
-    roots = [
-        m
-        for _, m in root_modules(reachable_modules(frame.arguments, frame.code, frame.closure, frame.globals))
-    ]
-    for root in roots:
-        meta = [n for n, t in root.state_dict(keep_vars=True).items() if t.is_meta]
-        if meta:
-            raise ConfigError(
-                f"{type(root).__name__} has {len(meta)} tensor(s) on the meta device (e.g. {meta[0]!r}), which hold "
-                "no values a pipeline could run; build the model under `with dynapipe.empty_init():` instead of "
-                "torch.device('meta') / init_empty_weights, so each rank fills only its own stages"
-            )
-    empty = any(is_empty(t) for root in roots for t in root.parameters())
-    if config.profile and empty:
-        raise ConfigError(
-            "profile=True times every node with the real weights, but the model was built under "
-            "dynapipe.empty_init() and holds none yet; drop profile=True (the cost model estimates times) or "
-            "build the model eagerly"
-        )
-    if config.checkpoint is not None:
-        owners = [r for r in roots if any(True for _ in r.parameters())]
-        if len(owners) != 1:
-            raise ConfigError(
-                f"options['checkpoint'] holds one model's weights, but the compiled call reaches {len(owners)} "
-                f"models with parameters ({[type(r).__name__ for r in owners]}); call "
-                "dynapipe.load_checkpoint(path, model) for each before the first step instead"
-            )
-        WeightsFolder.open(config.checkpoint).check(owners[0])
-    return roots
-
-
-def fill_state(roots: list[torch.nn.Module], checkpoint: str | None, tensors: list[torch.Tensor]) -> None:
-    """Give ``tensors`` (empty, read by this rank's stages, held by no rank) their first values."""
-    for root in roots:
-        names = model_names(root)
-        mine = [t for t in tensors if id(t) in names]
-        if not mine:
-            continue
-        source = _pending(root)
-        folder = source.folder if source else WeightsFolder.open(checkpoint) if checkpoint else None
-        if folder is None:
-            initialise(mine, [root])
-            continue
-        for t in mine:
-            allocate(t)
-        folder.read_into([(names[id(t)], t) for t in mine])
-        optimizer = source.optimizer() if source and source.optimizer else None
-        if optimizer is not None:
-            _load_optimizer_state(folder.path, optimizer, {names[id(t)][0]: t for t in mine})
-    leftover = {id(t) for t in tensors} - {k for root in roots for k in model_names(root)}
-    if leftover:
-        initialise([t for t in tensors if id(t) in leftover], roots)  # raises, naming the tensors
 
 
 def save_checkpoint(
@@ -212,7 +151,7 @@ def load_checkpoint(
     folder.read_into([(names[id(t)], t) for t in held])
     if optimizer is not None:
         _load_optimizer_groups(folder.path, optimizer)
-        _load_optimizer_state(folder.path, optimizer, {names[id(t)][0]: t for t in held})
+        load_optimizer_state(folder.path, optimizer, {names[id(t)][0]: t for t in held})
     if len(held) < len(tensors):
         _PENDING[id(model)] = (
             weakref.ref(model, partial(_forget, id(model))),
@@ -253,7 +192,7 @@ def _load_optimizer_groups(path: str, optimizer: torch.optim.Optimizer) -> None:
         group.update(saved)
 
 
-def _load_optimizer_state(
+def load_optimizer_state(
     path: str, optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor]
 ) -> None:
     """Optimizer state of ``params`` (name -> parameter), reading only the files that hold them."""

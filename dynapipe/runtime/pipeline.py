@@ -21,16 +21,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..codegen import StagePlan
 from ..errors import ConfigError, PipelineError
+from ..graph import Sizes, SymbolicShape
 from ..microbatch import merge_outputs, split_inputs
 from ..schedules import Action, Timeline
-from ..shapes import SymbolicShape
 from .comm import Comm
 from .executor import Executor, device_of
 from .grad_norm import register_pipeline_params
-from .layout import Layout
-from .state import refresh_state, state_readers
+from .mesh import PipelineMesh
+from .state import allocate_read_inputs, refresh_state, state_readers
 
-__all__ = ["Pipeline", "StepReport"]
+__all__ = ["OutputSpec", "Pipeline", "StepRecord"]
 
 _SERIALS = itertools.count()  # pipelines are built in the same order on every rank
 
@@ -79,15 +79,14 @@ class _NoGradient(torch.autograd.Function):
 
 
 @dataclass(frozen=True)
-class StepReport:
-    """What one call did on this rank, handed to ``options["on_step"]``."""
+class StepRecord:
+    """What one call did on this rank (``dynapipe.StepReport`` adds the plan)."""
 
     rank: int
     train: bool
-    timeline: Timeline  # every action this rank ran (and the step's named prologue/epilogue), seconds from its start
-    peak_inflight: dict[int, int]  # stage -> most microbatches whose activations were alive at once
+    timeline: Timeline  # the table's actions and the step's named work (event.kind), seconds from its start
+    peak_in_flight: dict[int, int]  # stage -> most microbatches whose activations were alive at once
     stages: dict[int, StagePlan]  # this rank's stages (``stages[i].module.code`` is readable)
-    plan: Any = None  # the partition that runs, as a dynapipe.explain.Explanation (print it for the table)
     actions: list[Action | None] = field(default_factory=list)  # this rank's lowered table, as it ran
 
 
@@ -101,54 +100,54 @@ class OutputSpec:
 
 @dataclass
 class Pipeline:
-    plans: list[StagePlan]
+    """One rank's part of a pipeline; :meth:`run` is the one entry per step."""
+
+    stages: list[StagePlan]  # every stage (all ranks hold the same list); only local ones run here
     rank_of_stage: dict[int, int]  # global rank holding each stage, in this rank's data-parallel replica
     actions: list[Action | None]  # this rank's lowered training table, as validate() proved it
     inference_actions: list[Action | None]  # and its lowered forward-only table
     comm: Comm
-    layout: Layout
+    mesh: PipelineMesh
     input_sources: list[str]  # Dynamo source of each graph input (``L['x']``), read by the caller
-    batch_size: int
     n_microbatches: int
     outputs: list[OutputSpec]
     loss_index: int | None
     loss_reduction: str
     tied: list[tuple[torch.nn.Parameter, dist.ProcessGroup, str]] = field(default_factory=list)
-    on_step: Callable[[StepReport], None] | None = None
-    plan: Any = None  # handed to on_step (see StepReport.plan)
+    on_step: Callable[[StepRecord], None] | None = None
     ddp_comm_hook: Callable | None = None
 
     def __post_init__(self) -> None:
         self.rank = dist.get_rank()
         self.local_stages = sorted(s for s, r in self.rank_of_stage.items() if r == self.rank)
-        self.last_rank = self.rank_of_stage[len(self.plans) - 1]
+        self.last_rank = self.rank_of_stage[len(self.stages) - 1]
         self.params = [
-            p for s in self.local_stages for p in self.plans[s].module.parameters() if p.requires_grad
+            p for s in self.local_stages for p in self.stages[s].module.parameters() if p.requires_grad
         ]
         self.params = list({id(p): p for p in self.params}.values())
         scale = 1.0 / self.n_microbatches if self.loss_reduction == "mean" else 1.0
         reducers = {}
-        if self.layout.dp_degree > 1:
+        if self.mesh.dp_degree > 1:
             for s in self.local_stages:
-                if any(p.requires_grad for p in self.plans[s].module.parameters()):
+                if any(p.requires_grad for p in self.stages[s].module.parameters()):
                     # a parameter whose every use the stage detaches gets no gradient; DDP must then look
                     # for such parameters at every step, or it waits for them and its bucket never completes
                     reducers[s] = DistributedDataParallel(
-                        self.plans[s].module,
-                        process_group=self.layout.dp_group,
+                        self.stages[s].module,
+                        process_group=self.mesh.dp_group,
                         forward_sync_buffers=False,
-                        find_unused_parameters=bool(_params_without_gradient(self.plans[s].module)),
+                        find_unused_parameters=bool(_params_without_gradient(self.stages[s].module)),
                     )
                     if self.ddp_comm_hook is not None:
-                        reducers[s].register_comm_hook(self.layout.dp_group, self.ddp_comm_hook)
+                        reducers[s].register_comm_hook(self.mesh.dp_group, self.ddp_comm_hook)
         not_counted = {
             id(p) for p, group, _ in self.tied if min(dist.get_process_group_ranks(group)) != self.rank
         }
-        register_pipeline_params(self.params, self.layout.pp_group, not_counted)
+        register_pipeline_params(self.params, self.mesh.pp_group, not_counted)
         self.serial = next(_SERIALS)
-        self.state_readers = state_readers(self.plans, self.rank_of_stage)
+        self.state_readers = state_readers(self.stages, self.rank_of_stage)
         self.executor = Executor(
-            self.plans,
+            self.stages,
             self.rank_of_stage,
             self.comm,
             self.n_microbatches,
@@ -158,15 +157,21 @@ class Pipeline:
             gpu_timeline=self.on_step is not None,
         )
 
-    def __call__(self, *values: Any) -> tuple[Any, ...]:
-        """Run one step on the full-batch values of the graph inputs."""
+    def agree(self, values: dict[str, str], what: str) -> None:
+        """Fail on every rank, naming the difference, unless every rank of the pipeline has ``values``."""
+        self.comm.agree(values, what)
+
+    def run(self, values: list[Any], *, sizes: Sizes, batch_size: int) -> tuple[Any, ...]:
+        """Run one step on the full-batch ``values`` of the graph inputs, whose size symbols are ``sizes``
+        (receive and output buffers take their shapes at them) and batch size ``batch_size``."""
         for v in values:
             if isinstance(v, torch.Tensor) and v.requires_grad:
                 raise ConfigError(
                     "an input of the pipelined call requires grad; dynapipe returns gradients for parameters "
                     "only. Detach the input, or make it an nn.Parameter of the model."
                 )
-        inputs = split_inputs(values, self.n_microbatches, self.batch_size)
+        allocate_read_inputs(self.stages, self.local_stages, values)  # a PipelineCache's own layers
+        inputs = split_inputs(values, self.n_microbatches, batch_size)
         train = torch.is_grad_enabled()
         if train and self.loss_index is None:
             raise ConfigError(
@@ -178,7 +183,7 @@ class Pipeline:
         held = {p: p.grad for p in self.params}
         for p in self.params:
             p.grad = None
-        delivery = _OutputDelivery(self, device_of(inputs))
+        delivery = _OutputDelivery(self, device_of(inputs), sizes)
         outputs: list[torch.Tensor] = []
         prologue = [
             # after another pipeline over this model: fetch the values it left on other ranks
@@ -189,7 +194,7 @@ class Pipeline:
         if train and self.tied:
             epilogue.insert(0, ("all-reduce shared gradients", self._reduce_tied))
         try:
-            self.executor.run(table, inputs, train, delivery.send, prologue, epilogue)
+            step = self.executor.run(table, inputs, sizes, train, delivery.send, prologue, epilogue)
             grads = [p.grad for p in self.params]
         except Exception as err:
             if not isinstance(err, PipelineError):  # this rank's own error: its peers will name it
@@ -199,16 +204,9 @@ class Pipeline:
             for p, g in held.items():
                 p.grad = g
         if self.on_step is not None:
+            stages = {s: self.stages[s] for s in self.local_stages}
             self.on_step(
-                StepReport(
-                    self.rank,
-                    train,
-                    self.executor.timeline,
-                    dict(self.executor.peak_inflight),
-                    {s: self.plans[s] for s in self.local_stages},
-                    self.plan,
-                    list(table),
-                )
+                StepRecord(self.rank, train, step.timeline(), step.peak_in_flight, stages, list(table))
             )
         if train:
             anchor = torch.zeros((), requires_grad=True)
@@ -254,11 +252,12 @@ class _OutputDelivery:
     microbatch's forward, so the outputs travel while the backward drains and no rank waits for them
     at the end of the step."""
 
-    def __init__(self, pipeline: Pipeline, device: torch.device) -> None:
+    def __init__(self, pipeline: Pipeline, device: torch.device, sizes: Sizes) -> None:
         self.pipeline = pipeline
+        self.sizes = sizes
         self.merged: list[torch.Tensor] | None = None
         self.others = sorted(set(pipeline.rank_of_stage.values()) - {pipeline.last_rank})
-        self.tag = pipeline.executor.free_tag
+        self.tag = pipeline.executor.routes.free_tag
         self.device = device
         self.posted: list[tuple[torch.Tensor, dist.Work]] = []
 
@@ -266,7 +265,7 @@ class _OutputDelivery:
         p = self.pipeline
         if p.rank != p.last_rank:
             for k, spec in enumerate(p.outputs):
-                buffer = torch.empty(spec.shape.at(p.executor.sizes), dtype=spec.dtype, device=self.device)
+                buffer = torch.empty(spec.shape.at(self.sizes), dtype=spec.dtype, device=self.device)
                 self.posted.append((buffer, p.comm.irecv(buffer, p.last_rank, self.tag + k)))
 
     def send(self, results: dict[int, tuple]) -> None:
@@ -289,8 +288,8 @@ class _OutputDelivery:
             for k, (buffer, work) in enumerate(self.posted):
                 p.comm.wait(work, f"receiving output {k} of the step from rank {p.last_rank}", p.last_rank)
                 merged.append(buffer)
-        if p.loss_index is not None and p.layout.dp_degree > 1:  # the global loss: mean over replicas
+        if p.loss_index is not None and p.mesh.dp_degree > 1:  # the global loss: mean over replicas
             loss = merged[p.loss_index]
-            p.comm.all_reduce(loss, p.layout.dp_group, "the loss over data-parallel replicas")
-            loss /= p.layout.dp_degree
+            p.comm.all_reduce(loss, p.mesh.dp_group, "the loss over data-parallel replicas")
+            loss /= p.mesh.dp_degree
         return merged

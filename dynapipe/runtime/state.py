@@ -20,10 +20,9 @@ from functools import partial
 
 import torch
 
-from ..capture import is_size_node
 from ..codegen import StagePlan
+from ..empty import allocate, is_empty, storage_bytes
 from ..errors import DynapipeError, PipelineError
-from ..init import allocate, is_empty, storage_bytes
 from .comm import Comm
 
 __all__ = [
@@ -39,7 +38,7 @@ __all__ = [
 # id(tensor) -> (weak reference, the pipeline that read it last, the ranks whose stages read it there)
 _LAST_READERS: dict[int, tuple[weakref.ref, int, frozenset[int]]] = {}
 _LAST_PIPELINE: int | None = None  # the pipeline that ran last, over any tensors
-# id(tensor) -> (weak reference, the stages that own it, the stage -> pipeline rank layout they are for):
+# id(tensor) -> (weak reference, the stages that own it, the stage -> pipeline rank tuple they are for):
 # set by the first pipeline over a tensor, so later ones keep each module on the rank that owns it
 _OWNERS: dict[int, tuple[weakref.ref, frozenset[int], tuple[int, ...]]] = {}
 
@@ -65,7 +64,7 @@ def release(t: torch.Tensor) -> None:
         t.data = empty
 
 
-def record_owners(plans: list[StagePlan], layout: tuple[int, ...]) -> None:
+def record_owners(plans: list[StagePlan], stage_ranks: tuple[int, ...]) -> None:
     """Remember which stages own each tensor, for tensors no earlier pipeline owns (first one wins)."""
     stages: dict[int, tuple[torch.Tensor, set[int]]] = {}
     for s, plan in enumerate(plans):
@@ -74,15 +73,15 @@ def record_owners(plans: list[StagePlan], layout: tuple[int, ...]) -> None:
     for key, (t, owned) in stages.items():
         entry = _OWNERS.get(key)
         if entry is None or entry[0]() is not t:
-            _OWNERS[key] = (weakref.ref(t, partial(_drop_owner, key)), frozenset(owned), layout)
+            _OWNERS[key] = (weakref.ref(t, partial(_drop_owner, key)), frozenset(owned), stage_ranks)
 
 
-def owner_stages(tensors: list[torch.Tensor], layout: tuple[int, ...]) -> dict[int, frozenset[int]]:
-    """The owning stages of those ``tensors`` an earlier pipeline with the same stage layout owns."""
+def owner_stages(tensors: list[torch.Tensor], stage_ranks: tuple[int, ...]) -> dict[int, frozenset[int]]:
+    """The owning stages of those ``tensors`` an earlier pipeline with the same stage -> rank tuple owns."""
     out = {}
     for t in tensors:
         entry = _OWNERS.get(id(t))
-        if entry is not None and entry[0]() is t and entry[2] == layout:
+        if entry is not None and entry[0]() is t and entry[2] == stage_ranks:
             out[id(t)] = entry[1]
     return out
 
@@ -205,9 +204,6 @@ def allocate_read_inputs(plans: list[StagePlan], local_stages: list[int], values
     """Give memory (zeros) to the call's input tensors that were built without any and that this rank's
     stages read: a ``PipelineCache``'s keys and values, so each rank holds only its own layers' cache."""
     for s in local_stages:
-        placeholders = plans[s].module.graph.find_nodes(op="placeholder")
-        for i, node in zip(plans[s].inputs, placeholders, strict=False):
-            # a stage that reads only an input's size (another layer's cache length) holds none of it
-            reads_data = any(not is_size_node(user) for user in node.users)
+        for i, reads_data in zip(plans[s].inputs, plans[s].reads_data, strict=True):
             if reads_data and isinstance(values[i], torch.Tensor) and is_empty(values[i]):
                 allocate(values[i])

@@ -1,9 +1,11 @@
 """Pipeline schedules as data: generate, lower, validate and simulate per-rank action tables.
 
     table = get_schedule("1f1b").build(n_ranks=4, n_stages=4, n_microbatches=8)
-    lowered = validate(table, 4, 4, 8, "loop")          # raises ScheduleError, else adds SEND/RECV
+    lowered = lower(table, 4, 4, "loop")                # adds SEND/RECV (and REDUCE for reduce_stages)
+    validate(lowered, 4, 4, 8, "loop")                  # raises ScheduleError unless it runs to the end
     timeline = simulate(table, StageCost(forward=1.0, backward_input=1.0, backward_weight=1.0),
                         n_ranks=4, n_stages=4, placement="loop")
+    in_flight_per_stage(table, placement_map("loop", n_ranks=4, n_stages=4))  # {stage: peak microbatches}
 
 Pure Python: nothing here imports torch.
 """
@@ -30,6 +32,7 @@ from .builtin import (
     zb_h1,
     zbv,
 )
+from .in_flight import in_flight_per_stage
 from .lowering import lower
 from .placement import Placement, StageGraph, infer_placement, placement_map, stage_graph, stage_to_rank
 from .simulate import StageCost, Timeline, TimelineEvent, simulate
@@ -53,6 +56,7 @@ __all__ = [
     "format_schedule",
     "get_schedule",
     "gpipe",
+    "in_flight_per_stage",
     "infer_placement",
     "interleaved_1f1b",
     "load_schedule",

@@ -41,23 +41,17 @@ def list_schedule(
     cost = dict(zip((Kind.F, Kind.I, Kind.W), durations, strict=True))
     always_i = {(s, k): Kind.I for s in rank_of for k in range(m)}  # every backward here is split
 
-    def ready(action: Action, now: float) -> bool:
-        return all(finished.get(dep, float("inf")) <= now for dep in inputs_of(action, graph, always_i))
-
     def pick(rank: int, now: float) -> Action | None:
-        stages = local[rank]
-        candidates = [Action(s, kind, next_mb[s, kind]) for s in stages for kind in (Kind.I, Kind.F, Kind.W)]
-        candidates = [a for a in candidates if a.mb < m and ready(a, now)]
-        grads = sorted((a for a in candidates if a.kind is Kind.I), key=lambda a: (a.mb, -a.stage))
-        if grads:
-            return grads[0]
-        forwards = sorted((a for a in candidates if a.kind is Kind.F), key=lambda a: (-a.stage, a.mb))
-        for action in forwards:
-            reserve = len(stages) - 1 - stages.index(action.stage)
-            if held[rank] < cap - reserve:
-                return action
-        weights = sorted((a for a in candidates if a.kind is Kind.W), key=lambda a: (a.mb, a.stage))
-        return weights[0] if weights else None
+        candidates = [
+            Action(s, kind, next_mb[s, kind]) for s in local[rank] for kind in (Kind.I, Kind.F, Kind.W)
+        ]
+        ready = [
+            a
+            for a in candidates
+            if a.mb < m
+            and all(finished.get(dep, float("inf")) <= now for dep in inputs_of(a, graph, always_i))
+        ]
+        return _pick(ready, local[rank], held[rank], cap)
 
     now, total = 0.0, 3 * m * len(rank_of)
     while len(finished) < total:
@@ -85,3 +79,17 @@ def list_schedule(
             break
         now = min(busy_until[r] for r in running)
     return table
+
+
+def _pick(ready: list[Action], stages: list[int], held: int, cap: int) -> Action | None:
+    """The policy of the module docstring, among one rank's ``ready`` actions."""
+    grads = sorted((a for a in ready if a.kind is Kind.I), key=lambda a: (a.mb, -a.stage))
+    if grads:
+        return grads[0]
+    forwards = sorted((a for a in ready if a.kind is Kind.F), key=lambda a: (-a.stage, a.mb))
+    for action in forwards:
+        reserve = len(stages) - 1 - stages.index(action.stage)
+        if held < cap - reserve:
+            return action
+    weights = sorted((a for a in ready if a.kind is Kind.W), key=lambda a: (a.mb, a.stage))
+    return weights[0] if weights else None

@@ -32,13 +32,14 @@ With data parallelism, ``sREDUCEk`` before the last weight-gradient work of stag
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
-from .actions import Action, Kind, ScheduleError, Table
+from .actions import Action, Kind, ScheduleError, Table, normalize_table
 from .placement import Placement, StageGraph, placement_map
 from .placement import stage_graph as _chain_plus
+from .replay import replay
 
-__all__ = ["comm_after", "comm_before", "last_weight_work", "lower", "mark_reductions", "message_of"]
+__all__ = ["comm_after", "comm_before", "last_weight_work", "lower", "message_of"]
 
 
 def comm_before(action: Action, graph: StageGraph, rank_of: dict[int, int]) -> list[Action]:
@@ -88,13 +89,13 @@ def last_weight_work(table: Table) -> dict[int, Action]:
 
 
 def lower(
-    table: Table,
+    table: Mapping[int, Sequence[Action | str | None]],
     n_ranks: int,
     n_stages: int,
     placement: Placement,
-    stage_graph: StageGraph | None = None,
-    *,
     edges: Iterable[tuple[int, int]] | None = None,
+    *,
+    stage_graph: StageGraph | None = None,
     reduce_stages: Iterable[int] = (),
     receive_ahead: int | None = 1,
     in_issue_order: bool = False,
@@ -103,64 +104,62 @@ def lower(
     before the last weight-gradient work of every stage in ``reduce_stages`` (data parallelism). A receive
     is posted ``receive_ahead`` compute actions before the one that waits for it (0: right before it;
     None: every receive of the step at its start); with ``in_issue_order`` (NCCL) in the global order of
-    the module docstring instead.
+    the module docstring instead. Nothing is checked here: :func:`~dynapipe.schedules.validate` proves
+    the result.
 
     The stage graph is ``stage_graph`` if given (the runtime passes the real stage DAG), else the chain
     ``s -> s+1`` plus ``edges``.
     """
+    table = normalize_table(table)
     graph = stage_graph if stage_graph is not None else _chain_plus(n_stages, edges)
     rank_of = placement_map(placement, n_ranks=n_ranks, n_stages=n_stages)
-    for rank, actions in sorted(table.items()):
+    for rank, actions in table.items():
         for action in actions:
             if action is not None and not action.kind.is_compute:
                 raise ScheduleError(
                     f"{action} on rank {rank}: the table is already lowered; pass the compute-only table"
                 )
-    if in_issue_order:
-        order = _send_order(table, graph, rank_of)
-        if order is not None:  # else it cannot run at all: validate() names the cycle
-            ordered = {
-                r: _in_send_order(actions, order, graph, rank_of) for r, actions in sorted(table.items())
-            }
-            return mark_reductions(ordered, reduce_stages)
-    lowered: Table = {}
-    for rank, actions in sorted(table.items()):
-        compute = [a for a in actions if a is not None]
-        posts: dict[int, list[Action]] = {}  # compute index -> receives posted right before it
-        for k, action in enumerate(compute):
-            at = 0 if receive_ahead is None else max(k - receive_ahead, 0)
-            posts.setdefault(at, []).extend(comm_before(action, graph, rank_of))
-        out: list[Action | None] = []
-        k = 0
-        for action in actions:
-            if action is None:
-                out.append(None)
-                continue
-            out += [*posts.get(k, []), action, *comm_after(action, graph, rank_of)]
-            k += 1
-        lowered[rank] = out
-    return mark_reductions(lowered, reduce_stages)
+    order = _send_order(table, graph, rank_of) if in_issue_order else None
+    if order is not None:
+        lowered = {r: _in_send_order(actions, order, graph, rank_of) for r, actions in table.items()}
+    else:  # gloo, or a table that cannot run at all (validate() names the cycle)
+        lowered = {r: _posted_ahead(actions, receive_ahead, graph, rank_of) for r, actions in table.items()}
+    return _mark_reductions(lowered, reduce_stages)
+
+
+def _posted_ahead(
+    actions: list[Action | None], receive_ahead: int | None, graph: StageGraph, rank_of: dict[int, int]
+) -> list[Action | None]:
+    """One rank's lowered list with each receive ``receive_ahead`` compute actions early (None: at the start)."""
+    posts: dict[int, list[Action]] = {}  # compute index -> receives posted right before it
+    for k, compute in enumerate(a for a in actions if a is not None):
+        at = 0 if receive_ahead is None else max(k - receive_ahead, 0)
+        posts.setdefault(at, []).extend(comm_before(compute, graph, rank_of))
+    out: list[Action | None] = []
+    k = 0
+    for action in actions:
+        if action is None:
+            out.append(None)
+            continue
+        out += [*posts.get(k, []), action, *comm_after(action, graph, rank_of)]
+        k += 1
+    return out
 
 
 def _send_order(table: Table, graph: StageGraph, rank_of: dict[int, int]) -> dict[tuple, int] | None:
     """Each message's place in the order a replay of the compute table sends them (every rank runs its
     actions in turn, as far as the messages sent so far allow); None if the replay gets stuck."""
     order: dict[tuple, int] = {}
+
+    def advance(rank: int, action: Action) -> bool:
+        if any(message_of(r) not in order for r in comm_before(action, graph, rank_of)):
+            return False
+        for send in comm_after(action, graph, rank_of):
+            order[message_of(send)] = len(order)
+        return True
+
     compute = {r: [a for a in acts if a is not None] for r, acts in table.items()}
-    pos = dict.fromkeys(compute, 0)
-    moved = True
-    while moved:
-        moved = False
-        for rank, actions in compute.items():
-            while pos[rank] < len(actions):
-                action = actions[pos[rank]]
-                if any(message_of(r) not in order for r in comm_before(action, graph, rank_of)):
-                    break
-                for send in comm_after(action, graph, rank_of):
-                    order[message_of(send)] = len(order)
-                pos[rank] += 1
-                moved = True
-    return order if all(pos[r] == len(acts) for r, acts in compute.items()) else None
+    return None if replay(compute, advance) else order
 
 
 def _in_send_order(
@@ -193,11 +192,10 @@ def _in_send_order(
     return out
 
 
-def mark_reductions(table: Table, stages: Iterable[int]) -> Table:
+def _mark_reductions(table: Table, stages: Iterable[int]) -> Table:
     """``table`` with ``sREDUCEk`` right before the last weight-gradient work ``sBk``/``sWk`` of every stage
-    in ``stages`` that has no REDUCE yet (a hand-lowered table may place its own)."""
-    marked = {a.stage for acts in table.values() for a in acts if a is not None and a.kind is Kind.REDUCE}
-    before = {a for s, a in last_weight_work(table).items() if s in set(stages) - marked}
+    in ``stages``."""
+    before = {a for s, a in last_weight_work(table).items() if s in set(stages)}
     if not before:
         return table
     return {

@@ -14,13 +14,16 @@ activations, Chrome trace -- works on measured runs too.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .actions import Action, Kind, ScheduleError, normalize_table
 from .placement import Placement, StageGraph, backward_kinds, inputs_of, placement_map
 from .placement import stage_graph as _chain_plus
+from .replay import replay
 
 __all__ = ["StageCost", "Timeline", "TimelineEvent", "simulate"]
 
@@ -92,21 +95,49 @@ class StageCost:
 
 @dataclass(frozen=True)
 class TimelineEvent:
-    """One action on one rank: ``action`` in text form (``"2F0"``, ``"2SEND_F0->3"``), seconds from step start."""
+    """One span of one rank, seconds from step start. ``kind`` says what ``name`` is, so no reader guesses:
+    ``"action"``, an action of the table in text form (``"2F0"``, ``"2SEND_F0->3"``); ``"step"``, a named
+    piece of the step's own work outside the table (``"refresh shared state"``, ``"wait for sends"``)."""
 
     rank: int
-    action: str
+    name: str
     start: float
     end: float
+    kind: Literal["action", "step"] = "action"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("action", "step"):
+            raise ScheduleError(
+                f"timeline event {self.name!r}: kind is {self.kind!r}; use 'action' or 'step'"
+            )
+        _ = self.action  # an action's name must parse: fail where the event is made, not where it is read
+
+    @functools.cached_property
+    def action(self) -> Action | None:
+        """The parsed action of an ``"action"`` event; None for a ``"step"``."""
+        if self.kind == "step":
+            return None
+        try:
+            return Action.parse(self.name)
+        except ScheduleError:
+            raise ScheduleError(
+                f"timeline event {self.name!r} on rank {self.rank} is no action of a table; record it "
+                "with kind='step'"
+            ) from None
 
 
 def _compute_action(event: TimelineEvent) -> Action | None:
-    """The compute action an event ran, or None for communication and anything the runtime added."""
-    try:
-        action = Action.parse(event.action)
-    except ScheduleError:
-        return None
-    return action if action.kind.is_compute else None
+    """The compute action an event ran; None for communication and the step's own work."""
+    action = event.action
+    return action if action is not None and action.kind.is_compute else None
+
+
+def _category(event: TimelineEvent) -> str:
+    """A trace slice's category: the compute kind (``F``, ``B``, ``I``, ``W``), ``comm`` or ``step``."""
+    action = event.action
+    if action is None:
+        return "step"
+    return action.kind.value if action.kind.is_compute else "comm"
 
 
 @dataclass
@@ -140,7 +171,7 @@ class Timeline:
         span = self.makespan * len(self.ranks)
         return 0.0 if span == 0 else 1.0 - sum(self.busy_time(r) for r in self.ranks) / span
 
-    def inflight_activations(self, weight: Mapping[int, float] | None = None) -> dict[int, float]:
+    def in_flight_activations(self, weight: Mapping[int, float] | None = None) -> dict[int, float]:
         """Peak per rank of activations held: a (stage, mb) counts from its F's start until its B or W
         ends. ``weight`` maps stage -> bytes to get bytes instead of a count."""
         peaks: dict[int, float] = {}
@@ -164,24 +195,26 @@ class Timeline:
         return peaks
 
     @property
-    def peak_inflight_activations(self) -> dict[int, int]:
-        """Peak number of (stage, mb) activations each rank held (see :meth:`inflight_activations`)."""
-        return {rank: int(n) for rank, n in self.inflight_activations().items()}
+    def peak_in_flight_activations(self) -> dict[int, int]:
+        """Peak number of (stage, mb) activations each rank held (see :meth:`in_flight_activations`)."""
+        return {rank: int(n) for rank, n in self.in_flight_activations().items()}
 
     def to_chrome_trace(self) -> dict:
-        """chrome://tracing / Perfetto JSON: one process per rank, one slice per action (microseconds)."""
+        """chrome://tracing / Perfetto JSON: one process per rank, one slice per event (microseconds); its
+        category is the compute kind, ``comm`` or ``step``, and ``args.kind`` the event's kind."""
         meta = [
             {"name": "process_name", "ph": "M", "pid": r, "args": {"name": f"rank {r}"}} for r in self.ranks
         ]
         slices = [
             {
-                "name": e.action,
-                "cat": (a.kind.value if (a := _compute_action(e)) else "comm"),
+                "name": e.name,
+                "cat": _category(e),
                 "ph": "X",
                 "pid": e.rank,
                 "tid": 0,
                 "ts": e.start * 1e6,
                 "dur": (e.end - e.start) * 1e6,
+                "args": {"kind": e.kind},
             }
             for e in self.events
         ]
@@ -215,6 +248,7 @@ def simulate(
     stage_graph: StageGraph | None = None,
 ) -> Timeline:
     """The timeline of one step of ``table`` (compute-only or lowered; comms are modelled by the link).
+    Raises :class:`ScheduleError` if the table cannot complete.
 
     ``costs`` is one :class:`StageCost` for all stages, a list, or a ``{stage: cost}`` dict.
     """
@@ -224,6 +258,9 @@ def simulate(
     rank_of = placement_map(placement, n_ranks=n_ranks, n_stages=n_stages)
     kinds = backward_kinds(table)
     work = {r: [a for a in table.get(r, []) if a is not None and a.kind.is_compute] for r in range(n_ranks)}
+    outside = [a for acts in work.values() for a in acts if not 0 <= a.stage < n_stages]
+    if outside:
+        raise ScheduleError(f"{outside[0]}: stage {outside[0].stage} is outside 0..{n_stages - 1}")
 
     def arrival(dep: Action, action: Action, finished: float) -> float:
         if rank_of[dep.stage] == rank_of[action.stage]:
@@ -234,28 +271,31 @@ def simulate(
 
     finish: dict[Action, float] = {}
     free = dict.fromkeys(work, 0.0)
-    pos = dict.fromkeys(work, 0)
     events: list[TimelineEvent] = []
-    moved = True
-    while moved:
-        moved = False
-        for rank, actions in work.items():
-            while pos[rank] < len(actions):
-                action = actions[pos[rank]]
-                deps = inputs_of(action, graph, kinds)
-                if any(d not in finish for d in deps):
-                    break
-                start = max([free[rank], *(arrival(d, action, finish[d]) for d in deps)])
-                end = start + per_stage[action.stage].duration(action.kind)
-                finish[action] = free[rank] = end
-                events.append(TimelineEvent(rank=rank, action=str(action), start=start, end=end))
-                pos[rank] += 1
-                moved = True
-    if any(pos[r] < len(acts) for r, acts in work.items()):
-        stuck = {r: str(acts[pos[r]]) for r, acts in work.items() if pos[r] < len(acts)}
+
+    def advance(rank: int, action: Action) -> bool:
+        deps = inputs_of(action, graph, kinds)
+        if any(d not in finish for d in deps):
+            return False
+        start = max([free[rank], *(arrival(d, action, finish[d]) for d in deps)])
+        end = start + per_stage[action.stage].duration(action.kind)
+        finish[action] = free[rank] = end
+        events.append(TimelineEvent(rank, str(action), start, end))
+        return True
+
+    stuck = replay(work, advance)
+    if stuck:
+        waits = [
+            f"rank {r} waits at {_waiting(work[r][at], graph, kinds, finish)}" for r, at in stuck.items()
+        ]
         raise ScheduleError(
-            f"simulation cannot go on: ranks wait at {stuck} for actions that never run; "
-            "validate() names the missing action or the deadlock cycle"
+            f"simulation cannot go on: {'; '.join(waits)}, which never run; validate() names the missing "
+            "action or the deadlock cycle"
         )
     events.sort(key=lambda e: (e.start, e.rank))
     return Timeline(events=events, n_ranks=n_ranks)
+
+
+def _waiting(action: Action, graph: StageGraph, kinds: Mapping, finish: Mapping[Action, float]) -> str:
+    """``"1F1 for 0F1"``: an action the replay stopped at and the inputs it still lacks."""
+    return f"{action} for {', '.join(str(d) for d in inputs_of(action, graph, kinds) if d not in finish)}"

@@ -1,4 +1,5 @@
-"""Prove a schedule complete and deadlock-free before anything runs.
+"""Prove a lowered schedule complete and deadlock-free before anything runs; it is checked as given,
+never changed (:func:`~dynapipe.schedules.lower` makes it).
 
 Checks, in order, each stopping at the first offence and naming the action and its rank:
 
@@ -7,7 +8,8 @@ Checks, in order, each stopping at the first offence and naming the action and i
 3. same-rank order: F after its producers' F, B/I after its own F and its consumers' B/I, W after its I;
 4. completeness: each (stage, microbatch) has one F and one B, or one I and one W (F only when
    ``forward_only``); a REDUCE, if any, sits right before its stage's last weight-gradient work;
-5. deadlock freedom: replay the lowered table as the runtime runs it. Over gloo (tags match a send to
+5. the table is lowered (it has sends and receives wherever a stage feeds one on another rank);
+6. deadlock freedom: replay the table as the runtime runs it (:mod:`.replay`). Over gloo (tags match a send to
    its receive whenever both are posted) a receive is posted where the table says and waited for by the
    compute action that needs it, and sends never block. With ``in_issue_order`` (NCCL) the sends and
    receives between two compute actions are one group on the rank's communication stream, which runs
@@ -26,15 +28,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from .actions import Action, Kind, ScheduleError, Table, normalize_table
-from .lowering import comm_before, last_weight_work, lower, mark_reductions, message_of
+from .lowering import comm_before, last_weight_work, message_of
 from .placement import Placement, StageGraph, backward_kinds, inputs_of, placement_map
 from .placement import stage_graph as _chain_plus
+from .replay import replay
 
 __all__ = ["ScheduleError", "validate"]
 
+_SENDS = (Kind.SEND_F, Kind.SEND_B)
+
 
 def validate(
-    table: Mapping[int, Sequence[Action | str | None]],
+    lowered: Mapping[int, Sequence[Action | str | None]],
     n_ranks: int,
     n_stages: int,
     n_microbatches: int,
@@ -43,24 +48,34 @@ def validate(
     *,
     stage_graph: StageGraph | None = None,
     forward_only: bool = False,
-    reduce_stages: Iterable[int] = (),
-    receive_ahead: int | None = 1,
     in_issue_order: bool = False,
-) -> Table:
-    """Raise :class:`ScheduleError` unless ``table`` runs to completion; return its lowered form, the
-    table the runtime executes.
+) -> None:
+    """Raise :class:`ScheduleError` unless ``lowered`` runs to completion as written.
 
-    ``table`` may be compute-only (it is lowered here, with a REDUCE for each of ``reduce_stages`` and
-    receives posted ``receive_ahead`` compute actions early: see :func:`~dynapipe.schedules.lower`) or
-    already lowered (its own sends, receives and REDUCEs are replayed as written). ``forward_only``
-    accepts inference tables, which have no backward. ``in_issue_order`` replays it as NCCL runs it
-    (see the module docstring) rather than as gloo does.
+    ``lowered`` is what the runtime executes: the output of :func:`~dynapipe.schedules.lower` or a
+    hand-lowered table (its sends, receives and REDUCEs are replayed as they stand). A table whose
+    stages talk across ranks but that has no sends or receives is refused: ``lower()`` it first.
+    ``forward_only`` accepts inference tables, which have no backward. ``in_issue_order`` replays it as
+    NCCL runs it (see the module docstring) rather than as gloo does.
     """
-    table = normalize_table(table)
+    table = normalize_table(lowered)
     graph = stage_graph if stage_graph is not None else _chain_plus(n_stages, edges)
     rank_of = placement_map(placement, n_ranks=n_ranks, n_stages=n_stages)
     where = f"placement {placement!r}" if isinstance(placement, str) else "the given placement"
+    _check_ranks(table, n_ranks)
+    _check_actions(table, n_stages, n_microbatches, graph, rank_of, where, forward_only)
+    compute = {r: [a for a in acts if a is not None and a.kind.is_compute] for r, acts in table.items()}
+    _check_local_order(compute, graph, rank_of)
+    _check_complete(compute, n_stages, n_microbatches, rank_of, forward_only)
+    _check_lowered(table, graph, rank_of)
+    _check_reduce(table)
+    _replay(table, graph, rank_of, backward_kinds(table))
+    if in_issue_order:
+        _check_issue_order(table, rank_of)
+        _replay_in_issue_order(table, graph, rank_of)
 
+
+def _check_ranks(table: Table, n_ranks: int) -> None:
     missing = [r for r in range(n_ranks) if r not in table]
     extra = [r for r in table if not 0 <= r < n_ranks]
     if missing or extra:
@@ -69,31 +84,18 @@ def validate(
         )
         raise ScheduleError(f"schedule has lists for ranks {sorted(table)} but n_ranks is {n_ranks}: {fix}")
 
-    _check_actions(table, n_stages, n_microbatches, graph, rank_of, where, forward_only)
-    compute = {r: [a for a in acts if a is not None and a.kind.is_compute] for r, acts in table.items()}
-    _check_local_order(compute, graph, rank_of)
-    _check_complete(compute, n_stages, n_microbatches, rank_of, forward_only)
 
-    lowered_given = any(a is not None and not a.kind.is_compute for acts in table.values() for a in acts)
-    if lowered_given:
-        lowered = mark_reductions(table, reduce_stages)
-    else:
-        lowered = lower(
-            table,
-            n_ranks,
-            n_stages,
-            rank_of,
-            graph,
-            reduce_stages=reduce_stages,
-            receive_ahead=receive_ahead,
-            in_issue_order=in_issue_order,
+def _check_lowered(table: Table, graph: StageGraph, rank_of: dict[int, int]) -> None:
+    """A compute-only table whose stages exchange tensors across ranks cannot run: it was not lowered."""
+    if any(a is not None and a.kind.is_p2p for acts in table.values() for a in acts):
+        return
+    crossing = [(p, c) for c in range(graph.n_stages) for p in graph.producers[c] if rank_of[p] != rank_of[c]]
+    if crossing:
+        p, c = crossing[0]
+        raise ScheduleError(
+            f"the table has no sends or receives, but stage {p} (rank {rank_of[p]}) feeds stage {c} "
+            f"(rank {rank_of[c]}); validate the table lower() returns for it, not the compute-only one"
         )
-    _check_reduce(lowered)
-    _replay(lowered, graph, rank_of, backward_kinds(table))
-    if in_issue_order:
-        _check_issue_order(lowered, rank_of)
-        _replay_in_issue_order(lowered, graph, rank_of)
-    return lowered
 
 
 def _check_actions(table, n_stages, n_mb, graph, rank_of, where, forward_only) -> None:
@@ -207,53 +209,43 @@ def _check_reduce(lowered: Table) -> None:
 def _replay(lowered: Table, graph: StageGraph, rank_of: dict[int, int], kinds) -> None:
     """Run every rank until all finish or none can move: a compute action waits for the messages it
     needs, whose receives must be posted before it; sends never block."""
-    pos = dict.fromkeys(lowered, 0)
     sent: set[tuple] = set()
     posted: dict[int, set[tuple]] = {r: set() for r in lowered}
     done: set[Action] = set()
-    moved = True
-    while moved:
-        moved = False
-        for rank, actions in lowered.items():
-            while pos[rank] < len(actions):
-                action = actions[pos[rank]]
-                if action is None or action.kind is Kind.REDUCE:
-                    pass
-                elif action.kind.is_compute:
-                    needs = [message_of(recv) for recv in comm_before(action, graph, rank_of)]
-                    for recv, message in zip(comm_before(action, graph, rank_of), needs, strict=True):
-                        if message not in posted[rank]:
-                            raise ScheduleError(
-                                f"{action} on rank {rank} needs {recv} before it; add it or use lower()"
-                            )
-                    if not all(message in sent for message in needs):
-                        break  # a message not sent yet: this rank waits
-                    done.add(action)
-                elif action.kind in (Kind.SEND_F, Kind.SEND_B):
-                    kind = (
-                        Kind.F if action.kind is Kind.SEND_F else kinds.get((action.stage, action.mb), Kind.B)
-                    )
-                    source = Action(action.stage, kind, action.mb)
-                    if source not in done:
-                        raise ScheduleError(
-                            f"{action} on rank {rank} sends before {source} has run; move it after"
-                        )
-                    sent.add(message_of(action))
-                else:
-                    posted[rank].add(message_of(action))
-                pos[rank] += 1
-                moved = True
-    if all(pos[r] == len(acts) for r, acts in lowered.items()):
-        return
-    raise ScheduleError(_deadlock_report(lowered, pos, rank_of, kinds, graph, sent))
+
+    def advance(rank: int, action: Action | None) -> bool:
+        if action is None or action.kind is Kind.REDUCE:
+            return True
+        if action.kind in _SENDS:
+            kind = Kind.F if action.kind is Kind.SEND_F else kinds.get((action.stage, action.mb), Kind.B)
+            source = Action(action.stage, kind, action.mb)
+            if source not in done:
+                raise ScheduleError(f"{action} on rank {rank} sends before {source} has run; move it after")
+            sent.add(message_of(action))
+            return True
+        if action.kind.is_p2p:
+            posted[rank].add(message_of(action))
+            return True
+        receives = comm_before(action, graph, rank_of)
+        for recv in receives:
+            if message_of(recv) not in posted[rank]:
+                raise ScheduleError(f"{action} on rank {rank} needs {recv} before it; add it or use lower()")
+        if not all(message_of(recv) in sent for recv in receives):
+            return False  # a message not sent yet: this rank waits
+        done.add(action)
+        return True
+
+    stuck = replay(lowered, advance)
+    if stuck:
+        raise ScheduleError(_deadlock_report(lowered, stuck, rank_of, kinds, graph, sent))
 
 
 def _deadlock_report(
-    lowered: Table, pos: dict[int, int], rank_of: dict[int, int], kinds, graph: StageGraph, sent: set
+    lowered: Table, stuck: dict[int, int], rank_of: dict[int, int], kinds, graph: StageGraph, sent: set
 ) -> str:
     def waiting(rank: int) -> tuple[Action, Action, Action, int]:
         """(the receive not yet satisfied, the action that sends it, the action waiting, its sender)."""
-        needed_by = lowered[rank][pos[rank]]
+        needed_by = lowered[rank][stuck[rank]]
         assert needed_by is not None and needed_by.kind.is_compute  # the replay stops only at computes
         recv = next(r for r in comm_before(needed_by, graph, rank_of) if message_of(r) not in sent)
         assert recv.peer is not None
@@ -264,11 +256,11 @@ def _deadlock_report(
         recv, source, needed_by, sender = waiting(rank)
         return f"{needed_by} on rank {rank} waits at {recv} for {source} from rank {sender}"
 
-    start = min(r for r, acts in lowered.items() if pos[r] < len(acts))
+    start = min(stuck)
     chain = [start]
     while True:
         sender = waiting(chain[-1])[3]
-        if pos[sender] == len(lowered[sender]):
+        if sender not in stuck:
             recv, source = waiting(chain[-1])[:2]
             send = Action(
                 source.stage, Kind.SEND_F if recv.kind is Kind.RECV_F else Kind.SEND_B, recv.mb, recv.stage
@@ -313,70 +305,72 @@ def _check_issue_order(lowered: Table, rank_of: dict[int, int]) -> None:
                 )
 
 
-def _replay_in_issue_order(lowered: Table, graph: StageGraph, rank_of: dict[int, int]) -> None:
-    """Replay ``lowered`` on NCCL's two streams per rank: compute actions in order on one, groups (the
-    sends and receives between two compute actions, as the runtime issues them) in order on the other."""
-    items: dict[int, list[Action | tuple[Action, ...]]] = {}  # per rank: compute actions and groups
+def _streams(
+    lowered: Table,
+) -> tuple[dict[int, list[Action]], dict[int, list[tuple[int, tuple[Action, ...]]]]]:
+    """Per rank, its compute actions and its groups as the runtime issues them: the sends and receives
+    between two compute actions (or a REDUCE), each with the number of compute actions before it."""
+    computes: dict[int, list[Action]] = {}
+    groups: dict[int, list[tuple[int, tuple[Action, ...]]]] = {}
     for rank, actions in lowered.items():
-        out: list[Action | tuple[Action, ...]] = []
+        computes[rank], groups[rank] = [], []
         held: list[Action] = []
         for a in [*actions, None]:
             if a is not None and a.kind.is_p2p:
                 held.append(a)
                 continue
             if held and (a is None or a.kind is Kind.REDUCE or a.kind.is_compute):
-                out.append(tuple(held))  # the runtime issues a group at the next non-p2p action
+                groups[rank].append((len(computes[rank]), tuple(held)))
                 held = []
             if a is not None and a.kind.is_compute:
-                out.append(a)
-        items[rank] = out
-    group_of: dict[tuple, tuple[int, int]] = {}  # (side, message) -> (rank, item index of its group)
-    for rank, its in items.items():
-        for k, item in enumerate(its):
-            for a in item if isinstance(item, tuple) else ():
-                sending = a.kind in (Kind.SEND_F, Kind.SEND_B)
-                group_of[("send" if sending else "recv", message_of(a))] = (rank, k)
-    compute_at = dict.fromkeys(items, 0)  # per rank: index of the next compute action (or past the end)
-    group_at = dict.fromkeys(items, 0)  # per rank: index of the next group not yet ended
-    started = dict.fromkeys(items, -1)  # per rank: the furthest group its stream has reached
+                computes[rank].append(a)
+    return computes, groups
 
-    def skip(rank: int, pos: int, to_group: bool) -> int:
-        its = items[rank]
-        while pos < len(its) and isinstance(its[pos], tuple) != to_group:
-            pos += 1
-        return pos
 
-    moved = True
-    while moved:
-        moved = False
-        for rank, its in items.items():
-            k = group_at[rank] = skip(rank, group_at[rank], True)
-            compute_at[rank] = skip(rank, compute_at[rank], False)
-            if k < len(its) and started[rank] < k and compute_at[rank] > k:  # computes before it are done
-                started[rank], moved = k, True
-            if k < len(its) and started[rank] == k:
-                group = its[k]
-                assert isinstance(group, tuple)
-                others = [
-                    group_of.get(("recv" if a.kind in (Kind.SEND_F, Kind.SEND_B) else "send", message_of(a)))
-                    for a in group
-                ]
-                if all(o is not None and started[o[0]] >= o[1] for o in others):
-                    group_at[rank], moved = k + 1, True
-            c = compute_at[rank]
-            if c < len(its):
-                action = its[c]
-                assert isinstance(action, Action)
-                needs = [group_of.get(("recv", message_of(r))) for r in comm_before(action, graph, rank_of)]
-                if all(n is not None and skip(n[0], group_at[n[0]], True) > n[1] for n in needs):
-                    compute_at[rank], moved = c + 1, True
+def _replay_in_issue_order(lowered: Table, graph: StageGraph, rank_of: dict[int, int]) -> None:
+    """Replay ``lowered`` on NCCL's two streams per rank, each a lane of the one replay loop: compute
+    actions in order on one; on the other, each group starts once the compute actions before it are done
+    and ends once the group with the other side of each of its operations has started."""
+    computes, groups = _streams(lowered)
+    group_of = {  # (side, message) -> (rank, index of its group)
+        ("send" if a.kind in _SENDS else "recv", message_of(a)): (rank, k)
+        for rank, its in groups.items()
+        for k, (_, group) in enumerate(its)
+        for a in group
+    }
+    done = dict.fromkeys(computes, 0)  # per rank: compute actions finished
+    started: set[tuple[int, int]] = set()  # (rank, group index)
+    ended: set[tuple[int, int]] = set()
+    lanes: dict[tuple[int, int], list] = {}
+    for rank in lowered:
+        lanes[rank, 0] = computes[rank]
+        lanes[rank, 1] = [(step, k) for k in range(len(groups[rank])) for step in ("start", "end")]
+
+    def advance(lane: tuple[int, int], item) -> bool:
+        rank, stream = lane
+        if stream == 0:
+            needs = [group_of.get(("recv", message_of(r))) for r in comm_before(item, graph, rank_of)]
+            ready = all(n in ended for n in needs)
+            done[rank] += ready
+            return ready
+        step, k = item
+        before, group = groups[rank][k]
+        if step == "start":
+            ready = done[rank] >= before
+        else:
+            other_side = (("recv" if a.kind in _SENDS else "send", message_of(a)) for a in group)
+            ready = all(group_of.get(side) in started for side in other_side)
+        if ready:
+            (started if step == "start" else ended).add((rank, k))
+        return ready
+
+    stuck = replay(lanes, advance)
     lines = []
-    for rank, its in sorted(items.items()):
-        if compute_at[rank] < len(its):
-            lines.append(f"rank {rank} waits to compute {its[compute_at[rank]]}")
-        if group_at[rank] < len(its):
-            group = its[group_at[rank]]
-            assert isinstance(group, tuple)
+    for (rank, stream), at in sorted(stuck.items()):
+        if stream == 0:
+            lines.append(f"rank {rank} waits to compute {computes[rank][at]}")
+        else:
+            group = groups[rank][lanes[rank, 1][at][1]][1]
             lines.append(f"rank {rank}'s sends and receives wait at [{' '.join(map(str, group))}]")
     if lines:
         raise ScheduleError(

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..units import format_bytes
+from ..formatting import format_bytes
 from ._svg import COLORS, Canvas, format_seconds, text_width, wrap
 
 if TYPE_CHECKING:

@@ -61,7 +61,7 @@ def write_chrome_trace(timeline: Timeline, path: str | Path) -> None:
 
 def _parse(event: TimelineEvent) -> Action | None:
     try:
-        return Action.parse(event.action)
+        return Action.parse(event.name)
     except ScheduleError:
         return None
 
@@ -177,14 +177,14 @@ def timeline_svg(
                     fill=COLORS["comm"],
                     class_="comm",
                     data_rank=rank,
-                    data_action=event.action,
-                    tooltip=f"rank {rank}: {event.action}, {times}",
+                    data_action=event.name,
+                    tooltip=f"rank {rank}: {event.name}, {times}",
                 )
                 continue
             chunk = chunks[rank].index(action.stage)
             color = lighten(COLORS[action.kind.value], 0.5 * chunk / max(1, n_chunks - 1))
             tip = (
-                f"rank {rank}: {event.action} = {KIND_NAMES[action.kind]} of microbatch {action.mb} "
+                f"rank {rank}: {event.name} = {KIND_NAMES[action.kind]} of microbatch {action.mb} "
                 f"on stage {action.stage}, {times}"
             )
             svg.element(
@@ -198,7 +198,7 @@ def timeline_svg(
                 stroke_width=0.8,
                 class_=f"op op-{action.kind.value}",
                 data_rank=rank,
-                data_action=event.action,
+                data_action=event.name,
                 data_stage=action.stage,
                 data_mb=action.mb,
                 data_start=repr(event.start),

@@ -26,7 +26,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .errors import CaptureError
+from ..errors import CaptureError
 
 __all__ = ["batch_symbols", "check_guards", "check_no_batch_slicing", "check_no_batch_squeeze"]
 

@@ -18,29 +18,33 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch.fx as fx
 
-from .capture import CapturedGraph
-from .config import PipelineConfig
-from .cost import GraphCosts, graph_costs
-from .errors import ConfigError
-from .partition import (
+from ..config import PipelineConfig
+from ..cost import GraphCosts, graph_costs
+from ..errors import ConfigError
+from ..graph import CapturedGraph
+from ..partition import (
     BALANCE_SLACK,
     StepObjective,
     assign_by_owners,
     assign_by_split_points,
     balanced_partition,
 )
-from .schedules import ScheduleSpec, StageCost, Table, Timeline, placement_map, simulate, validate
+from ..schedules import ScheduleError, ScheduleSpec, StageCost, Table, Timeline, placement_map, simulate
 
 __all__ = [
     "LINK_BANDWIDTH",
     "LINK_LATENCY_S",
+    "CostSource",
     "Plan",
     "in_flight_per_stage",
+    "local_costs",
     "plan_pipeline",
     "predict_step",
+    "stage_count",
     "step_time",
 ]
 
@@ -65,7 +69,8 @@ class Plan:
     in_flight: tuple[int, ...]  # per stage: microbatches whose activations the schedule holds at once
     spec: ScheduleSpec  # the schedule the plan is for, on n_ranks ranks
     n_ranks: int
-    costs: GraphCosts | None  # the node costs the automatic partition used (None for split points)
+    table: Table  # the schedule's compute-only training table, built once for this plan
+    costs: GraphCosts | None  # the node costs the plan was made on (None: split points, none asked for)
     layer_bottleneck_s: float | None = None  # the best split at layer boundaries (automatic only)
     bottleneck_s: float | None = None  # the best balance of any split (automatic only)
     kept_owners: bool = False  # the stages are those that own the tensors (an earlier pipeline's)
@@ -76,17 +81,13 @@ def local_costs(captured: CapturedGraph, config: PipelineConfig) -> GraphCosts:
     return graph_costs(captured, optimizer=config.optimizer, profile=config.profile)
 
 
-def in_flight_per_stage(
-    spec: ScheduleSpec, *, n_ranks: int, n_stages: int, n_microbatches: int
-) -> tuple[int, ...]:
-    """Peak microbatches whose activations each stage holds under ``spec``, read off a simulated step."""
-    table = spec.build(n_ranks=n_ranks, n_stages=n_stages, n_microbatches=n_microbatches)
-    validate(table, n_ranks, n_stages, n_microbatches, spec.placement)  # a bad table is named here
+def in_flight_per_stage(table: Table, spec: ScheduleSpec, *, n_ranks: int, n_stages: int) -> tuple[int, ...]:
+    """Peak microbatches whose activations each stage holds under ``table``, read off a simulated step."""
     timeline = simulate(
         table, StageCost(1.0, 1.0, 1.0), n_ranks=n_ranks, n_stages=n_stages, placement=spec.placement
     )
     rank_of = placement_map(spec.placement, n_ranks=n_ranks, n_stages=n_stages)
-    return tuple(int(timeline.inflight_activations({s: 1})[rank_of[s]]) for s in range(n_stages))
+    return tuple(int(timeline.in_flight_activations({s: 1})[rank_of[s]]) for s in range(n_stages))
 
 
 def plan_pipeline(
@@ -98,18 +99,20 @@ def plan_pipeline(
     n_stages: int,
     costs: CostSource = local_costs,
     owners: Mapping[int, frozenset[int]] | None = None,
+    with_costs: bool = False,
 ) -> Plan:
     """Stage of every compute node: ``pipe_split()`` markers, else ``split_points``, else the stages that
     already own the model's tensors (``owners``, from an earlier pipeline over the same model: a later one
     must not pull other ranks' weights in), else the balanced partition on the node costs ``costs``
-    returns (the backend passes rank 0's profile, shared)."""
+    returns (the backend passes rank 0's profile, shared). The plan carries those costs, and with
+    ``with_costs`` it carries them for split points too (to explain the plan)."""
     markers = captured.split_markers
     if markers and config.split_points:
         raise ConfigError("the model calls pipe_split() and split_points is set too; use one of the two")
     points: list[str] | list[int] = markers or list(config.split_points)
-    in_flight = in_flight_per_stage(
-        spec, n_ranks=n_ranks, n_stages=n_stages, n_microbatches=captured.n_microbatches
-    )
+    table = spec.build(n_ranks=n_ranks, n_stages=n_stages, n_microbatches=captured.n_microbatches)
+    in_flight = in_flight_per_stage(table, spec, n_ranks=n_ranks, n_stages=n_stages)
+    plan = partial(Plan, in_flight=in_flight, spec=spec, n_ranks=n_ranks, table=table)
     if points and config.balance_slack is not None:
         raise ConfigError(
             "balance_slack shapes the automatic partition, but the stages are given by "
@@ -122,10 +125,11 @@ def plan_pipeline(
                 f"{len(points)} split points make {len(points) + 1} stages, but the pipeline needs {n_stages}; "
                 f"give {n_stages - 1} split points"
             )
-        return Plan(assign_by_split_points(captured, points), in_flight, spec, n_ranks, None)
+        given = assign_by_split_points(captured, points)
+        return plan(stage_of=given, costs=costs(captured, config) if with_costs else None)
     owned = assign_by_owners(captured, owners) if owners else None
     if owned is not None and set(owned.values()) == set(range(n_stages)):  # else: cut anew, fetch weights
-        return Plan(owned, in_flight, spec, n_ranks, None, kept_owners=True)
+        return plan(stage_of=owned, costs=costs(captured, config) if with_costs else None, kept_owners=True)
     node_costs = costs(captured, config)
     if config.balance_slack is None:
         slack, step_slack = BALANCE_SLACK, STEP_SLACK if captured.n_microbatches > 1 else None
@@ -134,36 +138,30 @@ def plan_pipeline(
     part = balanced_partition(
         captured,
         n_stages,
+        costs=node_costs,
         unsplittable=config.unsplittable,
         max_stage_memory=config.max_stage_memory,
-        optimizer=config.optimizer,
         in_flight=max(in_flight),
-        costs=node_costs,
-        step=step_time(spec, n_ranks=n_ranks, n_stages=n_stages, n_microbatches=captured.n_microbatches),
+        step=step_time(table, spec, n_ranks),
         slack=slack,
         step_slack=step_slack,
     )
-    return Plan(
-        part.stage_of,
-        in_flight,
-        spec,
-        n_ranks,
-        node_costs,
-        part.layer_bottleneck_s,
+    return plan(
+        stage_of=part.stage_of,
+        costs=node_costs,
+        layer_bottleneck_s=part.layer_bottleneck_s,
         bottleneck_s=part.bottleneck_s,
     )
 
 
-def step_time(spec: ScheduleSpec, *, n_ranks: int, n_stages: int, n_microbatches: int) -> StepObjective:
-    """The partitioner's objective: one simulated step of ``spec`` over a split's per-stage costs."""
-    table = spec.build(n_ranks=n_ranks, n_stages=n_stages, n_microbatches=n_microbatches)
+def step_time(table: Table, spec: ScheduleSpec, n_ranks: int) -> StepObjective:
+    """The partitioner's objective: one simulated step of ``table`` over a split's per-stage costs."""
     return lambda costs: _simulate(table, spec, n_ranks, costs).makespan
 
 
-def predict_step(plan: Plan, stages: Sequence[StageCost], n_microbatches: int) -> Timeline:
+def predict_step(plan: Plan, stages: Sequence[StageCost]) -> Timeline:
     """One simulated training step of ``plan``'s schedule over its per-stage costs and the default link."""
-    table = plan.spec.build(n_ranks=plan.n_ranks, n_stages=len(stages), n_microbatches=n_microbatches)
-    return _simulate(table, plan.spec, plan.n_ranks, stages)
+    return _simulate(plan.table, plan.spec, plan.n_ranks, stages)
 
 
 def _simulate(table: Table, spec: ScheduleSpec, n_ranks: int, costs: Sequence[StageCost]) -> Timeline:
@@ -180,3 +178,41 @@ def _simulate(table: Table, spec: ScheduleSpec, n_ranks: int, costs: Sequence[St
         link_bandwidth=LINK_BANDWIDTH,
         edges=edges,
     )
+
+
+def stage_count(config: PipelineConfig, spec: ScheduleSpec, world: int) -> int:
+    """Stages to cut; ``world`` is the number of pipeline ranks (world size / dp_degree)."""
+    n_stages = config.n_stages or (len(config.split_points) + 1 if config.split_points else None)
+    v = config.virtual_stages
+    if n_stages is None:
+        try:
+            return spec.n_stages(world, stages_per_rank=v)
+        except ScheduleError as err:
+            raise ConfigError(f"virtual_stages={v}: {err}") from err
+    if v is not None and n_stages != v * world:
+        given = (
+            f"n_stages={config.n_stages}" if config.n_stages else f"{len(config.split_points)} split_points"
+        )
+        raise ConfigError(
+            f"virtual_stages={v} on {world} pipeline ranks makes {v * world} stages, but {given} make "
+            f"{n_stages}; drop virtual_stages (it is then inferred as stages / ranks) or give "
+            f"{v * world - 1} split_points"
+        )
+    if n_stages % world and world % n_stages:
+        raise ConfigError(
+            f"world size ({world}) is not a multiple of the stage count ({n_stages}); launch "
+            f"{n_stages} processes (one per stage) or set n_stages / split_points for {world} stages"
+        )
+    if n_stages < world:
+        raise ConfigError(
+            f"the pipeline has {world} ranks (world size / dp_degree), {world // n_stages} x the stage count "
+            f"({n_stages}); set dp_degree={world // n_stages} for data parallelism, launch fewer processes, or "
+            f"make {world} stages (n_stages={world} or {world - 1} split_points)"
+        )
+    if n_stages > world and spec.stages_per_rank not in (None, n_stages // world):
+        raise ConfigError(
+            f"{n_stages} stages on {world} pipeline ranks means {n_stages // world} stages per rank, but schedule "
+            f"{spec.name!r} runs {spec.stages_per_rank}; use schedule='interleaved-1f1b' (any number per rank)"
+            f"{' or zbv (2 per rank)' if n_stages == 2 * world else ''}, or make {world} stages"
+        )
+    return n_stages

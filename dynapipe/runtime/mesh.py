@@ -18,11 +18,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..codegen import StagePlan
 from ..errors import ConfigError
 
-__all__ = ["Layout", "build_layout", "tied_groups"]
+__all__ = ["PipelineMesh", "build_mesh", "tied_groups"]
 
 
 @dataclass(frozen=True)
-class Layout:
+class PipelineMesh:
+    """This rank's place in the pp x dp grid of ranks, with the groups of its pipeline and its replicas."""
+
     grid: list[list[int]]  # grid[pp_index][dp_index] = global rank
     pp_index: int
     dp_index: int
@@ -43,9 +45,9 @@ class Layout:
         return self.grid[pp_index][self.dp_index]
 
 
-def build_layout(
+def build_mesh(
     device: torch.device, *, dp_degree: int, mesh: DeviceMesh | None, timeout_s: float
-) -> Layout:
+) -> PipelineMesh:
     world = dist.get_world_size()
     if mesh is not None:
         if tuple(mesh.mesh_dim_names or ()) != ("pp", "dp"):
@@ -61,11 +63,11 @@ def build_layout(
             "processes"
         )
     if dp_degree == 1 and mesh is None:
-        return Layout([[r] for r in range(world)], dist.get_rank(), 0, None, None, None)
+        return PipelineMesh([[r] for r in range(world)], dist.get_rank(), 0, None, None, None)
     if mesh is None:
         mesh = _mesh_with_timeout(device, world // dp_degree, dp_degree, timeout_s)
     grid = mesh.mesh.tolist()
-    return Layout(
+    return PipelineMesh(
         grid,
         mesh.get_local_rank("pp"),
         mesh.get_local_rank("dp"),
@@ -94,7 +96,7 @@ def _mesh_with_timeout(device: torch.device, n_pp: int, dp: int, timeout_s: floa
 
 
 def tied_groups(
-    plans: list[StagePlan], pp_of_stage: dict[int, int], layout: Layout, timeout_s: float
+    plans: list[StagePlan], pp_of_stage: dict[int, int], mesh: PipelineMesh, timeout_s: float
 ) -> list[tuple[torch.nn.Parameter, Any, str]]:
     """Parameters read by stages at several pipeline positions, each with a group over just those ranks
     of this replica. Every rank creates every group, in the same order, as ``new_group`` requires."""
@@ -111,11 +113,11 @@ def tied_groups(
         pps = tuple(sorted(positions[pid]))
         if len(pps) < 2:
             continue
-        for dp_index in range(layout.dp_degree):
-            ranks = tuple(layout.grid[pp][dp_index] for pp in pps)
+        for dp_index in range(mesh.dp_degree):
+            ranks = tuple(mesh.grid[pp][dp_index] for pp in pps)
             if ranks not in groups:
                 groups[ranks] = dist.new_group(list(ranks), timeout=timedelta(seconds=timeout_s))
-        mine = tuple(layout.global_rank(pp) for pp in pps)
+        mine = tuple(mesh.global_rank(pp) for pp in pps)
         if dist.get_rank() in mine:
             tied.append((param, groups[mine], name))
     return tied

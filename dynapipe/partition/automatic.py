@@ -8,7 +8,7 @@ How the cuts are chosen, one file per step:
 
 1. :mod:`.chain` -- compute nodes in cut order, the bytes live across each position, where a cut is
    not allowed (a non-tensor live, an ``unsplittable`` module, a ``no_grad`` region, a getitem);
-2. :mod:`.balance` -- the smallest slowest-stage time, then the fewest bytes crossing among
+2. :mod:`.bottleneck` -- the smallest slowest-stage time, then the fewest bytes crossing among
    near-balanced splits;
 3. :mod:`.step_search` -- given a step objective (the simulated step of the schedule that will run),
    the shortest step among those splits and their neighbours, balance breaking near-ties;
@@ -25,20 +25,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch.fx as fx
 
-from ..capture import CapturedGraph, compute_nodes
-from ..config import Optimizer
-from ..cost import GraphCosts, graph_costs
+from ..cost import GraphCosts
 from ..errors import PartitionError
-from .balance import fewest_bytes, greedy, memory_error, min_bottleneck
+from ..graph import CapturedGraph, compute_nodes
+from .bottleneck import fewest_bytes, greedy, memory_error, min_bottleneck
 from .chain import Chain
 from .mincut import refine
 from .step_search import StepObjective, shortest_step
 
-__all__ = ["BALANCE_SLACK", "BalancedPartition", "StepObjective", "assign_balanced", "balanced_partition"]
+__all__ = ["BALANCE_SLACK", "BalancedPartition", "StepObjective", "balanced_partition"]
 
 # Stages may be this much slower than the best balance if that lets the cuts send fewer bytes.
 BALANCE_SLACK = 0.25
@@ -60,35 +58,25 @@ class BalancedPartition:
     refined: bool  # whether min-cut refinement moved the cuts off the chain order
 
 
-def assign_balanced(captured: CapturedGraph, n_stages: int, **options: Any) -> dict[fx.Node, int]:
-    """Stage of every compute node of ``captured``, balanced over ``n_stages``: the assignment of
-    :func:`balanced_partition` (same keyword options), without the numbers it was chosen on."""
-    return balanced_partition(captured, n_stages, **options).stage_of
-
-
 def balanced_partition(
     captured: CapturedGraph,
     n_stages: int,
     *,
+    costs: GraphCosts,
     unsplittable: Sequence[str] = (),
     max_stage_memory: int | None = None,
-    profile: bool = False,
-    optimizer: Optimizer = "adamw",
     in_flight: int | None = None,
-    costs: GraphCosts | None = None,
     slack: float = BALANCE_SLACK,
     step: StepObjective | None = None,
     step_slack: float | None = None,
 ) -> BalancedPartition:
     """The balanced stage of every compute node (see the module docstring), with the bottlenecks found.
 
+    costs: the node costs (estimated or profiled; the optimizer's state counts against memory there).
     unsplittable: module names (as in ``named_modules()``) kept inside one stage.
     max_stage_memory: hard limit in bytes on a stage's parameters + gradients + optimizer state +
         ``in_flight`` microbatches of saved activations.
-    profile: time every node on the real device instead of estimating time from FLOPs.
-    optimizer: kind of optimizer whose state counts against memory ("adamw", "adam", "sgd", "none").
     in_flight: microbatches whose activations a stage holds at its peak (default: all of them).
-    costs: precomputed node costs (e.g. profiled on one rank and broadcast to the others).
     slack: how much slower than the best balance a stage may be when that lets the cuts send fewer bytes.
     step: the step time of a split (per-stage costs -> seconds, e.g. a simulated step of the schedule
         that will run); the split it finds shortest among the fewest-bytes splits at a few balance limits
@@ -97,7 +85,6 @@ def balanced_partition(
         the fewest bytes (``slack``, and never worse than the best split at layer boundaries). Give a
         slack only where the step depends on balance (more than one microbatch).
     """
-    costs = costs or graph_costs(captured, optimizer=optimizer, profile=profile)
     chain = Chain(captured, costs, unsplittable, n_stages, in_flight or captured.n_microbatches)
     if n_stages == 1:
         return BalancedPartition(dict.fromkeys(chain.nodes, 0), (), chain.prefix[-1], None, False)

@@ -21,7 +21,7 @@ import bisect
 import math
 from collections import deque
 
-from ..units import format_bytes
+from ..formatting import format_bytes
 from .chain import Chain
 
 __all__ = ["fewest_bytes", "greedy", "memory_error", "min_bottleneck"]

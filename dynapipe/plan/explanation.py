@@ -1,0 +1,134 @@
+"""A plan as a table: per-stage costs, the predicted step of its schedule, and the imbalance.
+
+``explain()`` returns one; the backend hands one to ``on_step`` (``StepReport.plan``) for the plan that
+runs, built from the same node costs the plan was made on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from ..cost import stage_costs
+from ..formatting import format_bytes, format_seconds
+from ..graph import CapturedGraph
+from ..schedules import StageCost, Timeline
+from .planner import LINK_BANDWIDTH, LINK_LATENCY_S, Plan, predict_step
+
+__all__ = ["Explanation"]
+
+
+# Above the best balance by this share, the table says why the automatic plan is uneven and how to even it.
+UNEVEN = 0.05
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """A partition and its per-stage costs; ``str()`` is the table."""
+
+    stage_of: dict[fx.Node, int]
+    stages: list[StageCost]
+    captured: CapturedGraph
+    layer_imbalance: float | None = None  # the best split at layer boundaries, for comparison
+    predicted: Timeline | None = None  # one simulated step of the plan's schedule
+    lower_bound_s: float | None = None  # all the step's work spread evenly over the ranks
+    best_imbalance: float | None = None  # the best balance any split reaches, for comparison
+
+    @classmethod
+    def of(cls, captured: CapturedGraph, plan: Plan) -> Explanation:
+        """The table of ``plan``, costed with the node costs it was made on (``plan.costs``)."""
+        if plan.costs is None:
+            raise ValueError("plan_pipeline(..., with_costs=True) makes a plan that can be explained")
+        mean = sum(c.time_s for c in plan.costs.nodes.values()) / len(plan.in_flight)
+
+        def over_mean(bottleneck: float | None) -> float | None:
+            return (
+                bottleneck / mean
+                if bottleneck is not None and mean > 0 and bottleneck < float("inf")
+                else None
+            )
+
+        stages = stage_costs(captured, plan.stage_of, plan.costs)
+        m = captured.n_microbatches
+        lower_bound = m * sum(s.time_s for s in stages) / plan.n_ranks
+        return cls(
+            plan.stage_of,
+            stages,
+            captured,
+            over_mean(plan.layer_bottleneck_s),
+            predict_step(plan, stages),
+            lower_bound,
+            over_mean(plan.bottleneck_s),
+        )
+
+    @property
+    def predicted_step_s(self) -> float | None:
+        """The simulated step time of the plan's schedule (None for a hand-made Explanation)."""
+        return self.predicted.makespan if self.predicted is not None else None
+
+    @property
+    def imbalance(self) -> float:
+        """Slowest stage time over mean stage time (1.0 is perfect balance)."""
+        times = [s.time_s for s in self.stages]
+        mean = sum(times) / len(times)
+        return max(times) / mean if mean > 0 else 1.0
+
+    def table(self) -> str:
+        head = ("stage", "FLOPs", "time", "params", "activations", "sends next", "modules")
+        rows = [head]
+        for s in self.stages:
+            rows.append(
+                (
+                    str(s.index),
+                    f"{s.flops:.3e}",
+                    format_seconds(s.time_s),
+                    format_bytes(s.param_bytes),
+                    format_bytes(s.activation_bytes),
+                    format_bytes(s.next_bytes),
+                    ", ".join(s.modules),
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
+        lines = [
+            "  ".join(c.rjust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows
+        ]
+        lines.insert(1, "-" * len(lines[0]))
+        foot = f"imbalance (slowest / mean stage time): {self.imbalance:.3f}"
+        if self.best_imbalance is not None:
+            foot += f"; best possible: {self.best_imbalance:.3f}"
+        if self.layer_imbalance is not None:
+            foot += f"; best split at layer boundaries: {self.layer_imbalance:.3f}"
+        if self.best_imbalance is not None and self.imbalance > self.best_imbalance * (1 + UNEVEN):
+            foot += " (uneven for a shorter predicted step; balance_slack=0.03 keeps stages even)"
+        per_mb = (
+            f"per microbatch of {self.captured.microbatch_size}; FLOPs and time are forward + backward; "
+            f"costed at {self.captured.shapes.representative(self.captured.input_sources)} (the same stages "
+            "run at every sequence length)"
+        )
+        return "\n".join([*lines, foot, per_mb, *self._step_lines()])
+
+    def beside(self, measured: Timeline) -> str:
+        """The predicted step beside a measured one (e.g. the ranks' ``StepReport.timeline`` merged, from
+        ``on_step``). Times from FLOPs assume the nominal FLOP rate: compare shapes and bubbles, or
+        plan with ``profile=True`` to compare seconds."""
+        if self.predicted is None:
+            return f"measured step {format_seconds(measured.makespan)}, bubble {measured.bubble_fraction:.1%}"
+        return (
+            f"predicted step {format_seconds(self.predicted.makespan)}, bubble {self.predicted.bubble_fraction:.1%}; "
+            f"measured {format_seconds(measured.makespan)}, bubble {measured.bubble_fraction:.1%}"
+        )
+
+    def _step_lines(self) -> list[str]:
+        if self.predicted is None or self.lower_bound_s is None:
+            return []
+        step = self.predicted.makespan
+        ratio = f"{step / self.lower_bound_s:.3f}x" if self.lower_bound_s > 0 else "-"
+        return [
+            f"predicted step ({self.captured.n_microbatches} microbatches, {len(self.predicted.ranks)} ranks, "
+            f"link {LINK_LATENCY_S * 1e6:.0f} us + bytes / {LINK_BANDWIDTH / 1e9:.0f} GB/s): {format_seconds(step)}; "
+            f"bubble {self.predicted.bubble_fraction:.1%}; lower bound (all work / ranks) "
+            f"{format_seconds(self.lower_bound_s)}, the plan takes {ratio} of it"
+        ]
+
+    def __str__(self) -> str:
+        return self.table()
