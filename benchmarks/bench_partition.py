@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from dynapipe.capture import compute_nodes
+from dynapipe.graph import compute_nodes
 from dynapipe.cost import graph_costs, stage_costs
 from dynapipe.explain import capture
 from dynapipe.partition import balanced_partition, layer_boundaries
@@ -167,7 +167,7 @@ def llama3(stages: list[int]) -> None:
     import transformers as t
 
     from dynapipe import explain
-    from dynapipe.partition.balance import fewest_bytes, min_bottleneck
+    from dynapipe.partition.bottleneck import fewest_bytes, min_bottleneck
     from dynapipe.partition.chain import Chain
     from dynapipe.plan import step_time
     from dynapipe.schedules import get_schedule

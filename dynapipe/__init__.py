@@ -1,6 +1,6 @@
 """dynapipe: pipeline-parallel training and inference through ``torch.compile(model, backend="dynapipe")``."""
 
-from .build import StepReport
+from .builder import StepReport
 from .capture import pipe_split
 from .config import PipelineConfig
 from .empty import empty_init

@@ -2,7 +2,7 @@
 
 Dynamo calls :func:`dynapipe_backend` with the graph it traced at the full batch size. The backend keeps
 the Python frame Dynamo compiled and returns a callable; the first time that callable runs (outside
-Dynamo's compile, where errors read cleanly) it builds the pipeline (:func:`dynapipe.build.build_pipeline`:
+Dynamo's compile, where errors read cleanly) it builds the pipeline (:func:`dynapipe.builder.build_pipeline`:
 capture, plan, codegen, tables, state placement). Later calls reuse it at any sizes the capture allows (another sequence length, a smaller
 last batch): the stage graphs are symbolic in the sizes, so only the values of the size symbols change.
 
@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch._dynamo.source import DictGetItemSource, GetItemSource, LocalSource
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unflatten
 
-from .build import build_pipeline, input_shapes
+from .builder import build_pipeline, input_shapes
 from .capture import FrameCall, frame_being_compiled, ignore_logging_in_graphs
 from .config import PipelineConfig
 from .errors import CaptureError, DynapipeError

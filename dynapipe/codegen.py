@@ -204,96 +204,104 @@ def build_stages(captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages
     graph = captured.gm.graph
     stage_of = settle_getitems(graph, stage_of)  # a copy: the caller's assignment stays as it was
     _check_order(graph, stage_of)
-    last = n_stages - 1
-    output = graph.find_nodes(op="output")[0]
-    placeholders = list(graph.find_nodes(op="placeholder"))
     used = {s for n, s in stage_of.items() if not is_autocast_node(n)}
     if used != set(range(n_stages)):
         missing = sorted(set(range(n_stages)) - used)
         raise PartitionError(
             f"stages {missing} received no graph nodes; use fewer stages or other split points"
         )
+    cut = _Cut(captured, stage_of, n_stages)
+    return [cut.stage(s) for s in range(n_stages)]
 
-    def stage_reading(user: fx.Node) -> int:
-        return last if user is output else stage_of[user]
 
-    consumers: dict[fx.Node, set[int]] = {}
-    for node in graph.nodes:
-        if node in stage_of and not is_autocast_node(node):  # autocast regions re-open in every stage
-            later = {stage_reading(u) for u in node.users} - {stage_of[node]}
-            if later:
-                consumers[node] = later
+def _boundaries(captured: CapturedGraph, stage_of: dict[fx.Node, int], last: int) -> dict[fx.Node, Boundary]:
+    """Every value a later stage reads (the graph's outputs count as read by the last stage)."""
     boundaries: dict[fx.Node, Boundary] = {}
-    for node, cons in consumers.items():
+    for node in captured.gm.graph.nodes:
+        if node not in stage_of or is_autocast_node(node):  # autocast regions re-open in every stage
+            continue
+        later = sorted({last if u.op == "output" else stage_of[u] for u in node.users} - {stage_of[node]})
+        if not later:
+            continue
         value = node.meta.get("example_value")
         if not isinstance(value, torch.Tensor):
             raise PartitionError(
-                f"{node.name} ({type(value).__name__}) would cross from stage {stage_of[node]} to {sorted(cons)}; "
+                f"{node.name} ({type(value).__name__}) would cross from stage {stage_of[node]} to {later}; "
                 "only tensors can cross stages: move the split point"
             )
+        shape = captured.shapes.shape_of(value)
         boundaries[node] = Boundary(
-            node.name,
-            stage_of[node],
-            tuple(sorted(cons)),
-            captured.shapes.shape_of(value),
-            value.dtype,
-            bool(value.requires_grad),
+            node.name, stage_of[node], tuple(later), shape, value.dtype, bool(value.requires_grad)
         )
-    written = _in_place_writes(graph, stage_of)
+    return boundaries
 
-    modes = grad_modes(graph)
-    regions = autocast_regions(graph)
-    by_name = {n.name: n for n in graph.nodes}
-    plans = []
-    for s in range(n_stages):
+
+class _Cut:
+    """What every stage of one cut shares: the graph, the boundaries, and the state each node runs under."""
+
+    def __init__(self, captured: CapturedGraph, stage_of: dict[fx.Node, int], n_stages: int) -> None:
+        self.captured, self.stage_of, self.last = captured, stage_of, n_stages - 1
+        self.graph = graph = captured.gm.graph
+        self.output = graph.find_nodes(op="output")[0]
+        self.placeholders = list(graph.find_nodes(op="placeholder"))
+        self.boundaries = _boundaries(captured, stage_of, self.last)
+        self.written = _in_place_writes(graph, stage_of)
+        self.modes = grad_modes(graph)
+        self.regions = autocast_regions(graph)
+
+    def stage(self, s: int) -> StagePlan:
+        """Stage ``s`` as a GraphModule with its calling convention (see the module docstring)."""
+        graph, stage_of, last = self.graph, self.stage_of, self.last
         body = [n for n in graph.nodes if stage_of.get(n) == s and not is_autocast_node(n)]
-        sizes = _size_nodes_read(graph, body + ([output] if s == last else []))
-        reads = {a for n in body + sizes + ([output] if s == last else []) for a in n.all_input_nodes}
-        inputs = [i for i, p in enumerate(placeholders) if p in reads]
-        receives = [boundaries[n] for n in graph.nodes if n in reads and n in boundaries and stage_of[n] < s]
-        sends = [b for n, b in boundaries.items() if b.producer == s]
+        ends = [self.output] if s == last else []
+        sizes = _size_nodes_read(graph, body + ends)
+        reads = {a for n in body + sizes + ends for a in n.all_input_nodes}
+        inputs = [i for i, p in enumerate(self.placeholders) if p in reads]
+        received = [n for n in graph.nodes if n in reads and n in self.boundaries and stage_of[n] < s]
         new = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
-        for i in inputs:
-            env[placeholders[i]] = new.placeholder(placeholders[i].name)
-            env[placeholders[i]].meta = dict(placeholders[i].meta)
-        for b in receives:
-            env[by_name[b.name]] = new.placeholder(b.name)
-            env[by_name[b.name]].meta = dict(by_name[b.name].meta)
+        for node in [self.placeholders[i] for i in inputs] + received:
+            env[node] = new.placeholder(node.name)
+            env[node].meta = dict(node.meta)
         # A received boundary the stage writes to in place (or through a view) is copied first: the runtime
         # makes it an autograd leaf, which an in-place op may not touch, and between stages of one rank it
         # shares storage with the producer's output. User inputs are not leaves: never copied.
-        for b in receives:
-            node = by_name[b.name]
-            if node in written.get(s, ()):
-                env[node] = new.create_node("call_method", "clone", (env[node],), name=f"{b.name}_clone")
+        for node in received:
+            if node in self.written.get(s, ()):
+                env[node] = new.create_node("call_method", "clone", (env[node],), name=f"{node.name}_clone")
                 env[node].meta = dict(node.meta)
         for attr in [n for n in graph.find_nodes(op="get_attr") if n in reads]:
             env[attr] = new.node_copy(attr)
         for size in sizes:
             env[size] = new.node_copy(size, lambda n: env[n])
+        self._copy_body(new, env, body)
+        sends = [b for b in self.boundaries.values() if b.producer == s]
+        if s == last:
+            new.output(fx.map_arg(self.output.args[0], lambda n: env[n]))
+        else:
+            by_name = {n.name: n for n in self.boundaries}
+            new.output(tuple(env[by_name[b.name]] for b in sends))
+        module = fx.GraphModule(self.captured.gm, new, class_name=f"Stage{s}")
+        state_names = self.captured.state_names
+        names = {
+            t: state_names[t] for t in (n.target for n in new.find_nodes(op="get_attr")) if t in state_names
+        }
+        reads_data = [any(not is_size_node(u) for u in env[self.placeholders[i]].users) for i in inputs]
+        receives = [self.boundaries[n] for n in received]
+        return StagePlan(s, module, inputs, receives, sends, names, reads_data)
+
+    def _copy_body(self, new: fx.Graph, env: dict[fx.Node, fx.Node], body: list[fx.Node]) -> None:
+        """The stage's nodes, under the grad mode and autocast regions they ran under, none left behind."""
+        modes = self.modes
         if body and modes[body[0]] != torch.is_grad_enabled():
             new.call_function(torch._C._set_grad_enabled, (modes[body[0]],))
         entered: list[fx.Node] = []
         for node in body:
-            _enter_regions(new, env, entered, regions[node])
+            _enter_regions(new, env, entered, self.regions[node])
             env[node] = new.node_copy(node, lambda n: env[n])
         _enter_regions(new, env, entered, ())
         if body and modes.get(body[-1].next, modes[body[-1]]) != torch.is_grad_enabled():
             new.call_function(torch._C._set_grad_enabled, (torch.is_grad_enabled(),))
-        if s == last:
-            new.output(fx.map_arg(output.args[0], lambda n: env[n]))
-        else:
-            new.output(tuple(env[by_name[b.name]] for b in sends))
-        module = fx.GraphModule(captured.gm, new, class_name=f"Stage{s}")
-        names = {
-            t: captured.state_names[t]
-            for t in (n.target for n in new.find_nodes(op="get_attr"))
-            if t in captured.state_names
-        }
-        reads_data = [any(not is_size_node(u) for u in env[placeholders[i]].users) for i in inputs]
-        plans.append(StagePlan(s, module, inputs, receives, sends, names, reads_data))
-    return plans
 
 
 def partition_digest(plans: list[StagePlan]) -> str:

@@ -95,7 +95,7 @@ class PipelineConfig:
     def from_options(cls, options: dict[str, Any] | None) -> PipelineConfig:
         """The config of a ``torch.compile(..., options={...})`` dict; unknown keys are an error."""
         options = dict(options or {})
-        valid = sorted(f.name for f in dataclasses.fields(cls) if not f.name.startswith("_"))
+        valid = sorted(f.name for f in dataclasses.fields(cls))
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ConfigError(f"unknown dynapipe option(s) {unknown}; valid options are {valid}")

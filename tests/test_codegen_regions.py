@@ -13,13 +13,14 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from fixtures import assign_balanced
 from harness import run_distributed
 
-from dynapipe.capture import compute_nodes
 from dynapipe.codegen import build_stages
 from dynapipe.errors import PartitionError
 from dynapipe.explain import capture
-from dynapipe.partition import assign_balanced, assign_by_split_points
+from dynapipe.graph import compute_nodes
+from dynapipe.partition import assign_by_split_points
 
 BATCH = 8
 # bf16 keeps 8 bits of mantissa; microbatching changes what the matmuls round, so compare at its precision

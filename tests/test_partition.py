@@ -19,14 +19,15 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
+from fixtures import assign_balanced, costs_of, stage_records
 
 from dynapipe.codegen import build_stages
-from dynapipe.cost import graph_costs, stage_costs
+from dynapipe.cost import graph_costs
 from dynapipe.errors import ConfigError, PartitionError
 from dynapipe.explain import capture, explain
-from dynapipe.partition import assign_balanced, assign_by_split_points, balanced_partition, layer_boundaries
+from dynapipe.graph import Sizes
+from dynapipe.partition import assign_by_split_points, balanced_partition, layer_boundaries
 from dynapipe.partition.chain import Chain
-from dynapipe.shapes import Sizes
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.hf
@@ -121,7 +122,7 @@ def _best_layer_split(captured, n_stages: int) -> float:
     blocks = layer_boundaries(captured)
     assert len(blocks) == LAYERS
     return min(
-        _imbalance(stage_costs(captured, assign_by_split_points(captured, list(points))))
+        _imbalance(stage_records(captured, assign_by_split_points(captured, list(points))))
         for points in itertools.combinations(blocks, n_stages - 1)
     )
 
@@ -141,7 +142,7 @@ def _run_stages(captured, stage_of, n_stages, inputs):
 def test_balance_beats_best_layer_split(hf, n_stages):
     kind, captured = hf
     stage_of = assign_balanced(captured, n_stages)
-    ours, layers = _imbalance(stage_costs(captured, stage_of)), _best_layer_split(captured, n_stages)
+    ours, layers = _imbalance(stage_records(captured, stage_of)), _best_layer_split(captured, n_stages)
     print(
         f"\n{kind:6s} {LAYERS} layers, {n_stages} stages: dynapipe {ours:.3f}  best layer split {layers:.3f}"
     )
@@ -202,7 +203,7 @@ def test_deterministic_across_captures_and_processes():
     code = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_partition import _capture
-        from dynapipe.partition import assign_balanced
+        from fixtures import assign_balanced
         print([(n.name, s) for n, s in assign_balanced(_capture("llama", 2), 4).items()])
     """)
     env = dict(os.environ, PYTHONHASHSEED="12345")
@@ -222,12 +223,12 @@ def test_max_stage_memory_error_names_smallest_feasible_value(llama):
     with pytest.raises(PartitionError, match=r"smallest feasible value is (\d+) bytes") as info:
         assign_balanced(llama, 4, max_stage_memory=1)
     smallest = int(re.search(r"smallest feasible value is (\d+) bytes", str(info.value)).group(1))
-    records = stage_costs(llama, assign_balanced(llama, 4, max_stage_memory=smallest))
+    records = stage_records(llama, assign_balanced(llama, 4, max_stage_memory=smallest))
     assert max(r.memory_bytes(N_MICRO) for r in records) <= smallest
     with pytest.raises(PartitionError, match=f"smallest feasible value is {smallest} bytes"):
         assign_balanced(llama, 4, max_stage_memory=smallest - 1)
     # a binding limit changes the split: the unconstrained one needs more on its fullest stage
-    free = stage_costs(llama, assign_balanced(llama, 4))
+    free = stage_records(llama, assign_balanced(llama, 4))
     assert max(r.memory_bytes(N_MICRO) for r in free) > smallest
     state = sum(b for b, _, _ in graph_costs(llama).state_bytes.values())
     assert smallest >= state * 4 / 4  # parameters, gradients and two Adam moments, over four stages
@@ -248,7 +249,7 @@ def test_unsplittable_keeps_modules_whole(llama):
     assert split_modules(free), "the unconstrained 8-stage split of 8 layers + head cuts inside some layer"
     whole = assign_balanced(llama, 8, unsplittable=layers)
     assert split_modules(whole) == []
-    assert _imbalance(stage_costs(llama, whole)) <= _best_layer_split(llama, 8) + 1e-9
+    assert _imbalance(stage_records(llama, whole)) <= _best_layer_split(llama, 8) + 1e-9
     with pytest.raises(ConfigError, match="did you mean"):
         assign_balanced(llama, 2, unsplittable=["model.layer.3"])
 
@@ -279,7 +280,7 @@ def test_min_cut_moves_work_to_where_it_is_read():
     x, w = torch.randn(8, 512), torch.randn(8, 512)
     captured = capture(_LateRead(d=512), (x, w), n_microbatches=2)
     for n_stages in (2, 3):
-        part = balanced_partition(captured, n_stages)
+        part = balanced_partition(captured, n_stages, costs=costs_of(captured))
         assert part.refined  # in graph order, scale would cross every cut
         plans, out = _run_stages(captured, part.stage_of, n_stages, [x[:4], w[:4]])
         assert [len(p.sends) for p in plans[:-1]] == [1] * (n_stages - 1)  # just the running activation
@@ -320,7 +321,7 @@ def test_torch_cond_is_costed_and_kept_whole():
     captured = capture(_Gated(), (x,), n_microbatches=2)
     (cond,) = [n for n in captured.gm.graph.nodes if n.target is torch.ops.higher_order.cond]
     cost = graph_costs(captured).nodes[cond]
-    assert cost.flops == 2 * 4 * 32 * 32 and cost.backward_weight_flops == cost.flops  # one branch's linear
+    assert cost.forward_flops == 2 * 4 * 32 * 32 and cost.backward_weight_flops == cost.forward_flops  # one branch's linear
     for n_stages in (2, 3, 4):
         stage_of = assign_balanced(captured, n_stages)
         assert {stage_of[u] for u in cond.users} == {stage_of[cond]}
@@ -338,20 +339,20 @@ def test_cost_model_counts_flops_state_and_saved_activations():
     costs = graph_costs(captured, optimizer="adamw")
     by_name = {n.name: c for n, c in costs.nodes.items()}
     first, second = (c for n, c in costs.nodes.items() if n.target is torch._C._nn.linear)
-    assert (first.flops, first.backward_input_flops, first.backward_weight_flops) == (
+    assert (first.forward_flops, first.backward_input_flops, first.backward_weight_flops) == (
         2 * 4 * 32 * 64,
         0,
         2 * 4 * 32 * 64,
     )
-    assert (second.flops, second.backward_input_flops, second.backward_weight_flops) == (2 * 4 * 64 * 32,) * 3
+    assert (second.forward_flops, second.backward_input_flops, second.backward_weight_flops) == (2 * 4 * 64 * 32,) * 3
     assert first.out_bytes == 4 * 64 * 4 and first.out_bytes_expr.free_symbols  # symbolic in the batch
     params = sum(p.numel() * 4 for p in model.parameters())
-    (record,) = stage_costs(captured, dict.fromkeys(costs.nodes, 0), costs=costs)
+    (record,) = stage_records(captured, dict.fromkeys(costs.nodes, 0), costs=costs)
     assert (record.param_bytes, record.grad_bytes, record.optimizer_bytes) == (params, params, 2 * params)
     # saved for backward: the input (first linear), the ReLU output (ReLU and second linear: once)
     assert record.activation_bytes == 4 * 32 * 4 + 4 * 64 * 4, by_name
-    assert record.forward == pytest.approx(sum(c.forward_s for c in costs.nodes.values()))
-    sgd = stage_costs(captured, dict.fromkeys(costs.nodes, 0), costs=graph_costs(captured, optimizer="sgd"))
+    assert record.forward == pytest.approx(sum(c.forward for c in costs.nodes.values()))
+    sgd = stage_records(captured, dict.fromkeys(costs.nodes, 0), costs=graph_costs(captured, optimizer="sgd"))
     assert sgd[0].optimizer_bytes == params
 
 
@@ -360,7 +361,7 @@ def test_attention_backward_flops_come_from_the_counter(llama):
     sdpa = [c for n, c in costs.nodes.items() if n.target is torch._C._nn.scaled_dot_product_attention]
     assert len(sdpa) == LAYERS
     assert all(
-        c.flops > 0 and c.backward_input_flops == 2.5 * c.flops and c.backward_weight_flops == 0 for c in sdpa
+        c.forward_flops > 0 and c.backward_input_flops == 2.5 * c.forward_flops and c.backward_weight_flops == 0 for c in sdpa
     )
 
 
@@ -372,7 +373,7 @@ def test_profiled_costs_feed_the_partitioner():
     linears = [c for n, c in costs.nodes.items() if n.target is torch._C._nn.linear]
     # each half of the backward is measured as a difference of timings, so under load one half may be 0
     assert all(
-        c.measured and c.forward_s > 0 and c.backward_input_s + c.backward_weight_s > 0 for c in linears
+        c.measured and c.forward > 0 and c.backward_input + c.backward_weight > 0 for c in linears
     )
     stage_of = assign_balanced(captured, 3, costs=costs)
     assert set(stage_of.values()) == {0, 1, 2}
@@ -397,9 +398,7 @@ def test_explain_reports_every_stage():
         s.flops > 0 and s.time_s > 0 and s.param_bytes > 0 and s.activation_bytes > 0 for s in result.stages
     )
     costs = graph_costs(result.captured)
-    assert first.flops + last.flops == sum(
-        c.flops + c.backward_input_flops + c.backward_weight_flops for c in costs.nodes.values()
-    )
+    assert first.flops + last.flops == sum(c.flops for c in costs.nodes.values())  # each: F + I + W
     times = [s.time_s for s in result.stages]
     assert result.imbalance == pytest.approx(max(times) / (sum(times) / 2))
     assert result.layer_imbalance is not None and result.imbalance <= result.layer_imbalance + 1e-9
@@ -425,7 +424,7 @@ def test_explain_reports_every_stage():
 
 
 def test_balanced_partition_reports_bounds(llama):
-    part = balanced_partition(llama, 4)
+    part = balanced_partition(llama, 4, costs=costs_of(llama))
     total = sum(c.time_s for c in graph_costs(llama).nodes.values())
     assert part.bottleneck_s >= total / 4 and part.layer_bottleneck_s >= part.bottleneck_s
     assert len(part.cuts) == 3
@@ -487,11 +486,12 @@ def test_explain_default_plan_is_the_backends():
     [("1f1b", 4, (4, 3, 2, 1)), ("gpipe", 4, (8, 8, 8, 8)), ("1f1b", 2, (2, 1))],
 )
 def test_activations_in_flight_come_from_the_schedule(schedule, n_stages, expected):
-    from dynapipe.plan import in_flight_per_stage
+    from dynapipe.plan.planner import in_flight_per_stage
     from dynapipe.schedules import get_schedule
 
     spec = get_schedule(schedule)
-    assert in_flight_per_stage(spec, n_ranks=n_stages, n_stages=n_stages, n_microbatches=8) == expected
+    table = spec.build(n_ranks=n_stages, n_stages=n_stages, n_microbatches=8)
+    assert in_flight_per_stage(table, spec, n_ranks=n_stages, n_stages=n_stages) == expected
 
 
 def test_step_objective_picks_among_near_balanced_splits(llama):
@@ -502,15 +502,15 @@ def test_step_objective_picks_among_near_balanced_splits(llama):
     def bottleneck(costs):
         return max(c.forward + c.backward_input + c.backward_weight for c in costs)
 
-    default = _imbalance(stage_costs(llama, assign_balanced(llama, 4)))
-    balanced = balanced_partition(llama, 4, step=bottleneck)
-    assert _imbalance(stage_costs(llama, balanced.stage_of)) < default - 0.02
+    default = _imbalance(stage_records(llama, assign_balanced(llama, 4)))
+    balanced = balanced_partition(llama, 4, costs=costs_of(llama), step=bottleneck)
+    assert _imbalance(stage_records(llama, balanced.stage_of)) < default - 0.02
 
     def sent(stages):
         return sum(c.send_bytes for c in stages)
 
     # compared before min-cut refinement, on the chain splits the objective saw
     chain = Chain(llama, graph_costs(llama), (), 4, N_MICRO)
-    by_bytes = chain.stage_costs(list(balanced_partition(llama, 4, step=sent).cuts))
-    fewest = chain.stage_costs(list(balanced_partition(llama, 4).cuts))
+    by_bytes = chain.stage_records(list(balanced_partition(llama, 4, costs=costs_of(llama), step=sent).cuts))
+    fewest = chain.stage_records(list(balanced_partition(llama, 4, costs=costs_of(llama)).cuts))
     assert sent(by_bytes) == sent(fewest) and _imbalance(by_bytes) <= _imbalance(fewest) + 1e-9

@@ -10,11 +10,11 @@ import re
 
 import pytest
 import torch
+from fixtures import assign_balanced, stage_records
 
-from dynapipe.cost import graph_costs, stage_costs
+from dynapipe.cost import graph_costs
 from dynapipe.errors import PartitionError
 from dynapipe.explain import capture
-from dynapipe.partition import assign_balanced
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.hf
@@ -46,7 +46,7 @@ def test_embedding_and_head_count_in_stage_memory():
     smallest = int(re.search(r"smallest feasible value is (\d+) bytes", str(info.value)).group(1))
     assert adamw <= smallest < 2 * adamw  # one table's state at least; never both on one stage
 
-    records = stage_costs(captured, assign_balanced(captured, 4, max_stage_memory=smallest))
+    records = stage_records(captured, assign_balanced(captured, 4, max_stage_memory=smallest))
     assert max(r.memory_bytes(N_MICRO) for r in records) <= smallest
     first = records[0]
     (head,) = (r for r in records if "lm_head" in r.modules)
@@ -77,4 +77,4 @@ def test_autocast_regions_are_costed_in_their_dtype():
     rows = 8 // 2
     assert [costs.buffer_bytes[b] for b in first.saves] == [rows * 64 * 2]  # bf16 input
     assert [costs.buffer_bytes[b] for b in second.saves] == [rows * 32 * 4]  # float32 again after .float()
-    assert first.out_bytes == rows * 32 * 2 and first.flops == 2 * rows * 64 * 32  # FLOPs: any dtype
+    assert first.out_bytes == rows * 32 * 2 and first.forward_flops == 2 * rows * 64 * 32  # FLOPs: any dtype

@@ -13,14 +13,14 @@ import itertools
 import pytest
 import torch
 import torch.nn as nn
+from fixtures import stage_records
 
 from dynapipe.config import PipelineConfig
-from dynapipe.cost import stage_costs
 from dynapipe.errors import ConfigError
-from dynapipe.explain import Explanation, capture
-from dynapipe.partition.balance import min_bottleneck
+from dynapipe.explain import capture
+from dynapipe.partition.bottleneck import min_bottleneck
 from dynapipe.partition.chain import Chain
-from dynapipe.plan import plan_pipeline, predict_step
+from dynapipe.plan import Explanation, plan_pipeline, predict_step
 from dynapipe.schedules import get_schedule
 
 BATCH, SEQ, N_MICRO = 8, 64, 4
@@ -64,7 +64,7 @@ def _plan_and_best(model: nn.Module, width: int, n_stages: int, schedule: str):
     config = PipelineConfig(n_stages=n_stages, n_microbatches=N_MICRO, schedule=schedule)
     plan = plan_pipeline(captured, config, spec=spec, n_ranks=n_stages, n_stages=n_stages)
     assert plan.costs is not None
-    planned = predict_step(plan, stage_costs(captured, plan.stage_of, costs=plan.costs), N_MICRO).makespan
+    planned = predict_step(plan, stage_records(captured, plan.stage_of, costs=plan.costs)).makespan
     chain = Chain(captured, plan.costs, (), n_stages, N_MICRO)
     assert n_stages - 1 <= len(chain.allowed) <= MAX_POSITIONS
     steps = []
@@ -73,8 +73,8 @@ def _plan_and_best(model: nn.Module, width: int, n_stages: int, schedule: str):
         if any(chain.last_busy[end] <= start for start, end in zip([-1, *cuts], ends, strict=True)):
             continue  # a stage that computes nothing (only a relu): not what anyone asks k stages for
         stage_of = {node: sum(1 for c in cuts if i > c) for i, node in enumerate(chain.nodes)}
-        records = stage_costs(captured, stage_of, costs=plan.costs)
-        steps.append(predict_step(plan, records, N_MICRO).makespan)
+        records = stage_records(captured, stage_of, costs=plan.costs)
+        steps.append(predict_step(plan, records).makespan)
     return planned, min(steps), max(steps)
 
 
@@ -102,11 +102,11 @@ def test_balance_slack_bounds_the_slowest_stage(model, width):
         config = PipelineConfig(n_stages=4, n_microbatches=N_MICRO, balance_slack=balance_slack)
         plan = plan_pipeline(captured, config, spec=spec, n_ranks=4, n_stages=4)
         assert plan.costs is not None
-        shown = str(Explanation.of(captured, plan, config))
+        shown = str(Explanation.of(captured, plan))
         assert ("balance_slack=0.03 keeps stages even" in shown) == (balance_slack is None), shown
         chain = Chain(captured, plan.costs, (), 4, N_MICRO)
         best = min_bottleneck(chain, float("inf"), chain.allowed)
-        return max(c.time_s for c in stage_costs(captured, plan.stage_of, costs=plan.costs)) / best
+        return max(c.time_s for c in stage_records(captured, plan.stage_of, costs=plan.costs)) / best
 
     assert slowest_over_best(None) > 1.05  # the default trades balance for a shorter step here
     assert slowest_over_best(0.02) <= 1.02 + 1e-9

@@ -98,7 +98,7 @@ def frame_being_compiled() -> FrameCall:
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
-_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # the dynapipe package
 
 
 def _eager_caller() -> types.FrameType | None:

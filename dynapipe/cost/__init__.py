@@ -33,9 +33,11 @@ and ``OPTIMIZER_STATES[optimizer]`` more copies (Adam: two moments). A stage hol
 record that the partitioner, the schedule simulator and :func:`dynapipe.explain` read.
 
 Files: :mod:`.records` (the per-node records), :mod:`.sizes` (symbolic sizes), :mod:`.runner` (running one
-node on stand-in tensors), :mod:`.fake` (FLOPs and saved activations on fake tensors), :mod:`.profile`
+node on stand-in tensors), :mod:`.counter` (FLOPs and bytes moved per op), :mod:`.fake` (FLOPs and saved
+activations on fake tensors), :mod:`.profile`
 (timing on the device), :mod:`.graph` (:func:`graph_costs`, the entry point), :mod:`.stages` (per-stage
-records).
+records). A node's and a stage's phase seconds and FLOPs are one record,
+:class:`~dynapipe.schedules.simulate.PhaseCost`, that :class:`NodeCost` and ``StageCost`` both extend.
 """
 
 from .graph import graph_costs

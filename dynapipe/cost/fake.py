@@ -3,106 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
 from ..config import Optimizer
 from ..graph import CapturedGraph, autocast_regions, grad_modes
+from .counter import FlopCounter
 from .records import OPTIMIZER_STATES, GraphCosts, NodeCost
 from .runner import Runner, backward_to, call_node
 from .sizes import bytes_expr, concrete, evaluate, has_tensor, hint, shape_values
 
 __all__ = ["fake_costs"]
-
-
-def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _sdpa_cpu_backward_flop(
-    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
-) -> int:
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-_aten = torch.ops.aten
-# Ops that move no data: aliases the schema does not mark as views, allocations, and the gradient seeds
-# (``ones_like``) the replay's backward starts from.
-_NO_TRAFFIC = frozenset(
-    {
-        _aten._unsafe_view.default,
-        _aten.empty.memory_format,
-        _aten.empty_strided.default,
-        _aten.new_empty.default,
-        _aten.new_empty_strided.default,
-        _aten.ones_like.default,
-    }
-)
-# Lookups read the rows they gather, not the whole table (argument index of the table).
-_LOOKUPS = {
-    _aten.embedding.default: 0,
-    _aten.index_select.default: 0,
-    _aten.gather.default: 0,
-    _aten.index.Tensor: 0,
-}
-
-
-def _tensor_bytes(tree: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor))
-
-
-def _moved_bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
-    """Bytes an aten op reads and writes: its tensor arguments and results (a lookup's table: the rows
-    it reads). Views, metadata queries and allocations move none."""
-    if getattr(func, "namespace", None) != "aten" or func.is_view or func in _NO_TRAFFIC:
-        return 0
-    written = _tensor_bytes(out)
-    if not written:  # a size, a scalar read back
-        return 0
-    table = _LOOKUPS.get(func)
-    if table is not None:
-        return 2 * written + _tensor_bytes((args[:table], args[table + 1 :], kwargs))
-    return written + _tensor_bytes((args, kwargs))
-
-
-class _FlopCounter(TorchDispatchMode):
-    """Adds up FLOPs with ``torch.utils.flop_counter``'s formulas (plus the CPU flash-attention kernel,
-    which the counter does not know) and the bytes every op moves. Unlike ``FlopCounterMode`` it tracks
-    no modules (faster), and lets higher-order ops through uncounted (``torch.cond`` is costed branch by
-    branch in :func:`_replay`)."""
-
-    supports_higher_order_operators = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-        self.moved = 0
-        aten = torch.ops.aten
-        self.formulas = {
-            **flop_registry,
-            aten._scaled_dot_product_flash_attention_for_cpu: shape_wrapper(_sdpa_cpu_flop),
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: shape_wrapper(_sdpa_cpu_backward_flop),
-        }
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = self.formulas.get(getattr(func, "_overloadpacket", None))
-        if formula is not None:
-            self.total += int(formula(*args, **kwargs, out_val=out))
-        self.moved += _moved_bytes(func, args, kwargs, out)
-        return out
-
-    def counts(self) -> tuple[int, int]:
-        return self.total, self.moved
 
 
 def fake_costs(
@@ -113,11 +32,61 @@ def fake_costs(
     memory_bandwidth: float,
 ) -> GraphCosts:
     graph = captured.gm.graph
-    training = any(
-        isinstance(v, torch.Tensor) and v.requires_grad
-        for n in graph.find_nodes(op="output")[0].all_input_nodes
-        for v in tree_flatten(n.meta.get("example_value"))[0]
+    values = shape_values(graph)
+    modes = grad_modes(graph)
+    # autocast in force at each node, as the arguments of each torch.amp.autocast entered (outermost first)
+    regions = {n: tuple(e.args for e in entered) for n, entered in autocast_regions(graph).items()}
+    runner = _fake_runner(captured)
+    buffers = _Buffers()
+    for node in graph.nodes:
+        value = node.meta.get("example_value") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor):
+            buffers.new((node, 0), evaluate(bytes_expr(value), values))
+    costs: dict[fx.Node, NodeCost] = {}
+    uncosted: list[str] = []
+    replays: dict[str, _Replay] = {}  # nodes of the same signature (layer after layer) replay alike
+    with FlopCounter() as counter:
+        for node in nodes:
+            value = node.meta.get("example_value")
+            expr = bytes_expr(value)
+            out = dict(
+                out_bytes=evaluate(expr, values),
+                out_bytes_expr=expr,
+                crossable=isinstance(value, torch.Tensor),
+            )
+            if not has_tensor(value):  # sizes, side effects (grad mode, logging): no tensor work
+                costs[node] = NodeCost(**out)
+                continue
+            key = _signature(node, captured.gm, modes[node], regions[node])
+            replay = replays.get(key) if key is not None else None
+            if replay is None:
+                try:
+                    replay = _replay(node, runner, counter, modes[node], regions[node])
+                except Exception:  # noqa: BLE001 - an op the fake run cannot replay is costed as free
+                    uncosted.append(node.name)
+                    replay = _Replay.free(value, values)
+                else:
+                    if key is not None:
+                        replays[key] = replay
+            seconds = [
+                max(flops / flop_rate, moved / memory_bandwidth)
+                for flops, moved in zip(replay.flops, replay.moved, strict=True)
+            ]
+            costs[node] = NodeCost(
+                *seconds,  # forward, input-gradient, weight-gradient: seconds, then FLOPs
+                *replay.flops,
+                moved_bytes=sum(replay.moved),
+                saves=buffers.place(node, replay),
+                **out,
+            )
+    state = _state_bytes(captured, OPTIMIZER_STATES[optimizer])
+    return GraphCosts(
+        costs, buffers.bytes, buffers.names, state, optimizer, False, flop_rate, uncosted, memory_bandwidth
     )
+
+
+def _fake_runner(captured: CapturedGraph) -> Runner:
+    """A :class:`Runner` whose stand-ins are fake tensors shaped like each value at the microbatch size."""
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
 
     def make(value: torch.Tensor, grad: bool) -> torch.Tensor:
@@ -126,125 +95,69 @@ def fake_costs(
             t = torch.empty_strided(shape, stride, dtype=value.dtype, device=value.device)
         return t.requires_grad_(grad and value.requires_grad and (t.is_floating_point() or t.is_complex()))
 
-    runner = Runner(captured, make, lambda attr: make(attr, True))
-    values = shape_values(graph)
-    modes = grad_modes(graph)
-    # autocast in force at each node, as the arguments of each torch.amp.autocast entered (outermost first)
-    regions = {n: tuple(e.args for e in entered) for n, entered in autocast_regions(graph).items()}
+    return Runner(captured, make, lambda attr: make(attr, True))
 
-    # Saved-activation buffers: each tensor value (node, leaf) maps to the buffer whose storage it views.
-    buffer_of: dict[tuple[fx.Node, int], int] = {}
-    buffer_bytes: list[int] = []
-    buffer_names: list[str] = []
-    state_bytes: dict[fx.Node, tuple[int, int, int]] = {}
-    n_states = OPTIMIZER_STATES[optimizer]
 
-    def new_buffer(key: tuple[fx.Node, int], nbytes: int) -> int:
-        buffer_of[key] = len(buffer_bytes)
-        buffer_bytes.append(int(nbytes))
-        buffer_names.append(
-            key[0].name
-            if key[1] == 0
-            else f"{key[0].name}[{key[1]}]"
-            if key[1] > 0
-            else f"{key[0].name}.saved{-key[1]}"
-        )
-        return buffer_of[key]
-
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            value = node.meta.get("example_value")
-            if isinstance(value, torch.Tensor):
-                new_buffer((node, 0), evaluate(bytes_expr(value), values))
-        elif node.op == "get_attr":
-            attr = getattr(captured.gm, str(node.target))
-            if isinstance(attr, torch.Tensor):
-                nbytes = attr.numel() * attr.element_size()
-                grad = (
-                    nbytes if training and isinstance(attr, torch.nn.Parameter) and attr.requires_grad else 0
-                )
-                state_bytes[node] = (nbytes, grad, n_states * grad)
-
-    costs: dict[fx.Node, NodeCost] = {}
-    uncosted: list[str] = []
-    replays: dict[str, _Replay] = {}  # nodes of the same signature (layer after layer) replay alike
-    with _FlopCounter() as counter:
-        for node in nodes:
-            value = node.meta.get("example_value")
-            expr = bytes_expr(value)
-            base = dict(
-                out_bytes=evaluate(expr, values),
-                out_bytes_expr=expr,
-                crossable=isinstance(value, torch.Tensor),
-            )
-            if not has_tensor(value):  # sizes, side effects (grad mode, logging): no tensor work
-                costs[node] = NodeCost(**base)
-                continue
-            key = _signature(node, captured.gm, modes[node], regions[node])
-            try:
-                replay = replays.get(key) if key is not None else None
-                if replay is None:
-                    replay = _replay(node, runner, counter, modes[node], regions[node])
-                    if key is not None:
-                        replays[key] = replay
-            except Exception:  # noqa: BLE001 - an op the fake run cannot replay is costed as free
-                uncosted.append(node.name)
-                replay = _Replay(
-                    (0, 0, 0),
-                    (0, 0, 0),
-                    tuple(
-                        (i, "new", evaluate(bytes_expr(leaf), values))
-                        for i, leaf in enumerate(tree_flatten(value)[0])
-                        if isinstance(leaf, torch.Tensor)
-                    ),
-                    (),
-                )
-            inputs = [
-                None if src.op == "get_attr" else buffer_of.get((src, i)) for src, i in _input_leaves(node)
-            ]
-            for i, kind, n in replay.outputs:
-                viewed = inputs[n] if kind == "input" else None
-                if viewed is not None:  # a view of an input shares its buffer
-                    buffer_of[(node, i)] = viewed
-                elif kind == "new":
-                    new_buffer((node, i), n)
-            saves: dict[int, None] = {}
-            for j, (kind, n) in enumerate(replay.saved, start=1):
-                buffer = (
-                    inputs[n]
-                    if kind == "input"
-                    else buffer_of.get((node, n))
-                    if kind == "output"
-                    else new_buffer((node, -j), n)
-                )
-                if buffer is not None:  # None: a parameter or buffer of the model (state, not activation)
-                    saves[buffer] = None
-            seconds = [
-                max(flops / flop_rate, moved / memory_bandwidth)
-                for flops, moved in zip(replay.flops, replay.moved, strict=True)
-            ]
-            costs[node] = NodeCost(
-                flops=replay.flops[0],
-                backward_input_flops=replay.flops[1],
-                backward_weight_flops=replay.flops[2],
-                forward_s=seconds[0],
-                backward_input_s=seconds[1],
-                backward_weight_s=seconds[2],
-                moved_bytes=sum(replay.moved),
-                saves=tuple(saves),
-                **base,
-            )
-    return GraphCosts(
-        costs,
-        buffer_bytes,
-        buffer_names,
-        state_bytes,
-        optimizer,
-        False,
-        flop_rate,
-        uncosted,
-        memory_bandwidth,
+def _state_bytes(captured: CapturedGraph, n_states: int) -> dict[fx.Node, tuple[int, int, int]]:
+    """(parameter, gradient, optimizer state) bytes of each tensor ``get_attr``: a gradient only for a
+    trainable parameter of a graph that trains (returns a value that requires grad)."""
+    graph = captured.gm.graph
+    training = any(
+        isinstance(v, torch.Tensor) and v.requires_grad
+        for n in graph.find_nodes(op="output")[0].all_input_nodes
+        for v in tree_flatten(n.meta.get("example_value"))[0]
     )
+    state: dict[fx.Node, tuple[int, int, int]] = {}
+    for node in graph.nodes:  # graph order: the partitioner numbers state by it
+        attr = getattr(captured.gm, str(node.target)) if node.op == "get_attr" else None
+        if isinstance(attr, torch.Tensor):
+            nbytes = attr.numel() * attr.element_size()
+            trains = training and isinstance(attr, torch.nn.Parameter) and attr.requires_grad
+            grad = nbytes if trains else 0
+            state[node] = (nbytes, grad, n_states * grad)
+    return state
+
+
+class _Buffers:
+    """Saved-activation buffers: each tensor value (node, leaf) maps to the buffer whose storage it
+    views, so a tensor saved by several nodes, or views of one tensor, count once."""
+
+    def __init__(self) -> None:
+        self.of: dict[tuple[fx.Node, int], int] = {}
+        self.bytes: list[int] = []
+        self.names: list[str] = []
+
+    def new(self, key: tuple[fx.Node, int], nbytes: int) -> int:
+        """A buffer for leaf ``key[1]`` of ``key[0]`` (a negative leaf: the node's own temporary)."""
+        node, leaf = key
+        self.of[key] = len(self.bytes)
+        self.bytes.append(int(nbytes))
+        self.names.append(
+            node.name if leaf == 0 else f"{node.name}[{leaf}]" if leaf > 0 else f"{node.name}.saved{-leaf}"
+        )
+        return self.of[key]
+
+    def place(self, node: fx.Node, replay: _Replay) -> tuple[int, ...]:
+        """Record ``node``'s outputs (a view of an input shares its buffer) and return the buffers it
+        saves for backward; parameters it saves are state, not activations."""
+        inputs = [None if src.op == "get_attr" else self.of.get((src, i)) for src, i in _input_leaves(node)]
+        for i, kind, n in replay.outputs:
+            viewed = inputs[n] if kind == "input" else None
+            if viewed is not None:
+                self.of[(node, i)] = viewed
+            elif kind == "new":
+                self.new((node, i), n)
+        saves: dict[int, None] = {}
+        for j, (kind, n) in enumerate(replay.saved, start=1):
+            if kind == "input":
+                buffer = inputs[n]
+            elif kind == "output":
+                buffer = self.of.get((node, n))
+            else:
+                buffer = self.new((node, -j), n)
+            if buffer is not None:
+                saves[buffer] = None
+        return tuple(saves)
 
 
 @dataclass(frozen=True)
@@ -257,6 +170,17 @@ class _Replay:
         tuple[int, str, int], ...
     ]  # (output leaf, "input", input leaf it views) or (leaf, "new", bytes)
     saved: tuple[tuple[str, int], ...]  # ("input", input leaf), ("output", output leaf) or ("temp", bytes)
+
+    @staticmethod
+    def free(value: Any, values: Mapping[sympy.Symbol, sympy.Integer]) -> _Replay:
+        """What an op the fake run cannot execute is taken to do: no work, every output a new buffer."""
+        leaves = tree_flatten(value)[0]
+        outputs = tuple(
+            (i, "new", evaluate(bytes_expr(leaf), values))
+            for i, leaf in enumerate(leaves)
+            if isinstance(leaf, torch.Tensor)
+        )
+        return _Replay((0, 0, 0), (0, 0, 0), outputs, ())
 
 
 def _input_leaves(node: fx.Node) -> list[tuple[fx.Node, int]]:
@@ -294,47 +218,100 @@ def _signature(node: fx.Node, gm: fx.GraphModule, grad_mode: bool, autocast: tup
     return repr((node.op, node.target, structure, described, grad_mode, autocast))
 
 
-def _replay(
-    node: fx.Node, runner: Runner, counter: _FlopCounter, grad_mode: bool, autocast: tuple
-) -> _Replay:
+def _replay(node: fx.Node, runner: Runner, counter: FlopCounter, grad_mode: bool, autocast: tuple) -> _Replay:
     """Run ``node`` once on fake inputs: FLOPs, which outputs view which inputs, what autograd saves.
     Inside ``torch.autocast`` regions it runs under the same autocast, so what it saves and returns has
     the region's dtype (a bf16 matmul saves bf16 copies of its inputs)."""
     args, kwargs, inputs, params = runner.inputs(node)
-    leaf_of: dict[StorageWeakRef, int] = {}  # storage -> index among the input leaves
-    activations: list[torch.Tensor] = []
+    leaf_of = _storages(inputs)
+    activations = [
+        t
+        for src, v in inputs.items()
+        if src.op != "get_attr"
+        for t in tree_flatten(v)[0]
+        if isinstance(t, torch.Tensor)
+    ]
+    saved: list[torch.Tensor] = []
+    before = counter.counts()
+    with _running_as_traced(autocast, grad_mode, saved):
+        if node.target is torch.ops.higher_order.cond:
+            out = _costlier_branch(args, counter, saved)
+        else:
+            out = call_node(node, runner.gm, args, kwargs)
+    forward = counter.since(before)
+    outputs, out_leaf = _outputs(out, leaf_of)
+    kept: dict[StorageWeakRef, tuple[str, int]] = {}
+    for t in saved:
+        ref = StorageWeakRef(t.untyped_storage())
+        if ref not in kept:  # neither input nor output: a temporary of the op (softmax statistics, a mask)
+            kept[ref] = (
+                ("input", leaf_of[ref])
+                if ref in leaf_of
+                else ("output", out_leaf[ref])
+                if ref in out_leaf
+                else ("temp", t.untyped_storage().nbytes())
+            )
+    bwd_in = bwd_w = (0, 0)
+    if any(forward) and grad_mode:
+        before = counter.counts()
+        backward_to(out, activations, retain=True)
+        bwd_in = counter.since(before)
+        before = counter.counts()
+        backward_to(out, params, retain=False)
+        bwd_w = counter.since(before)
+    return _Replay(
+        (forward[0], bwd_in[0], bwd_w[0]),
+        (forward[1], bwd_in[1], bwd_w[1]),
+        tuple(outputs),
+        tuple(kept.values()),
+    )
+
+
+def _storages(inputs: dict[fx.Node, Any]) -> dict[StorageWeakRef, int]:
+    """Each input leaf's storage -> its index among the input leaves (see :func:`_input_leaves`)."""
+    leaf_of: dict[StorageWeakRef, int] = {}
     for src, value in inputs.items():
         for leaf in tree_flatten(value)[0] if src.op != "get_attr" else [value]:
             if isinstance(leaf, torch.Tensor):
                 leaf_of.setdefault(StorageWeakRef(leaf.untyped_storage()), len(leaf_of))
-                if src.op != "get_attr":
-                    activations.append(leaf)
-    saved: list[torch.Tensor] = []
+    return leaf_of
+
+
+@contextlib.contextmanager
+def _running_as_traced(autocast: tuple, grad_mode: bool, saved: list[torch.Tensor]) -> Iterator[None]:
+    """The node's autocast regions and grad mode, with every tensor autograd saves appended to ``saved``."""
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         saved.append(t)
         return t
 
-    before = counter.counts()
     with contextlib.ExitStack() as regions:
         for args_of_region in autocast:
             regions.enter_context(torch.amp.autocast(*args_of_region))
         regions.enter_context(torch.set_grad_enabled(grad_mode))
         regions.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
-        if node.target is torch.ops.higher_order.cond:  # the more expensive branch, run as plain code
-            runs = []
-            for branch in args[1:3]:
-                first_saved = len(saved)
-                result = branch(*args[3])
-                runs.append((_since(counter, before), result, saved[first_saved:]))
-                counter.total, counter.moved = before
-                del saved[first_saved:]
-            spent, out, saved[:] = max(runs, key=lambda r: r[0])
-            counter.total, counter.moved = before[0] + spent[0], before[1] + spent[1]
-        else:
-            out = call_node(node, runner.gm, args, kwargs)
-    forward = _since(counter, before)
+        yield
 
+
+def _costlier_branch(args: tuple, counter: FlopCounter, saved: list[torch.Tensor]) -> Any:
+    """Run both branches of a ``torch.cond`` as plain code and keep the counts, result and saved tensors
+    of the more expensive one: the stage must budget for either."""
+    before, first_saved = counter.counts(), len(saved)
+    runs = []
+    for branch in args[1:3]:
+        result = branch(*args[3])
+        runs.append((counter.since(before), result, saved[first_saved:]))
+        counter.reset(before)
+        del saved[first_saved:]
+    spent, out, saved[first_saved:] = max(runs, key=lambda r: r[0])
+    counter.reset((before[0] + spent[0], before[1] + spent[1]))
+    return out
+
+
+def _outputs(
+    out: Any, leaf_of: dict[StorageWeakRef, int]
+) -> tuple[list[tuple[int, str, int]], dict[StorageWeakRef, int]]:
+    """Each output leaf as a view of an input leaf or a new buffer, and the new buffers' storages."""
     outputs: list[tuple[int, str, int]] = []
     out_leaf: dict[StorageWeakRef, int] = {}
     for i, leaf in enumerate(tree_flatten(out)[0]):
@@ -345,34 +322,4 @@ def _replay(
             else:
                 outputs.append((i, "new", leaf.untyped_storage().nbytes()))
                 out_leaf.setdefault(ref, i)
-    kept: dict[StorageWeakRef, tuple[str, int]] = {}
-    for t in saved:
-        ref = StorageWeakRef(t.untyped_storage())
-        if ref not in kept:  # a temporary of the op itself: softmax statistics, a dropout mask
-            kept[ref] = (
-                ("input", leaf_of[ref])
-                if ref in leaf_of
-                else ("output", out_leaf[ref])
-                if ref in out_leaf
-                else ("temp", t.untyped_storage().nbytes())
-            )
-
-    bwd_in = bwd_w = (0, 0)
-    if any(forward) and grad_mode:
-        before = counter.counts()
-        backward_to(out, activations, retain=True)
-        bwd_in = _since(counter, before)
-        before = counter.counts()
-        backward_to(out, params, retain=False)
-        bwd_w = _since(counter, before)
-    return _Replay(
-        (forward[0], bwd_in[0], bwd_w[0]),
-        (forward[1], bwd_in[1], bwd_w[1]),
-        tuple(outputs),
-        tuple(kept.values()),
-    )
-
-
-def _since(counter: _FlopCounter, before: tuple[int, int]) -> tuple[int, int]:
-    """FLOPs and bytes moved since ``before`` (a :meth:`_FlopCounter.counts`)."""
-    return counter.total - before[0], counter.moved - before[1]
+    return outputs, out_leaf

@@ -70,7 +70,7 @@ def measure(
         bwd_w = _timed(lambda: backward_to(forward(), params, retain=False), repeats, device) - fwd
         return (fwd, max(bwd_in, 0.0), max(bwd_w, 0.0))
     except Exception:  # noqa: BLE001 - an op that will not run on random inputs keeps its FLOP estimate
-        return (cost.forward_s, cost.backward_input_s, cost.backward_weight_s)
+        return (cost.forward, cost.backward_input, cost.backward_weight)
 
 
 def _timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:

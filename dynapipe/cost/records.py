@@ -10,6 +10,7 @@ import sympy
 import torch.fx as fx
 
 from ..config import Optimizer
+from ..schedules.simulate import PhaseCost
 
 __all__ = ["NOMINAL_FLOP_RATE", "NOMINAL_MEMORY_BANDWIDTH", "OPTIMIZER_STATES", "GraphCosts", "NodeCost"]
 
@@ -26,26 +27,17 @@ NOMINAL_MEMORY_BANDWIDTH = 2e12
 
 
 @dataclass(frozen=True)
-class NodeCost:
-    """Cost of one compute node for one microbatch (times in seconds, sizes in bytes)."""
+class NodeCost(PhaseCost):
+    """Cost of one compute node for one microbatch (times in seconds, sizes in bytes): its phases'
+    seconds and FLOPs (:class:`~dynapipe.schedules.simulate.PhaseCost`, which a stage sums), and what
+    the partitioner needs to place it."""
 
-    flops: int = 0
-    backward_input_flops: int = 0
-    backward_weight_flops: int = 0
-    forward_s: float = 0.0
-    backward_input_s: float = 0.0
-    backward_weight_s: float = 0.0
     out_bytes: int = 0
     out_bytes_expr: sympy.Expr = sympy.Integer(0)
     crossable: bool = True  # its value is a tensor; only tensors may cross a stage boundary
     moved_bytes: int = 0  # bytes its ops read and write, forward + backward (views move none)
     saves: tuple[int, ...] = ()  # activation buffers (indices into GraphCosts.buffer_bytes) kept for backward
     measured: bool = False
-
-    @property
-    def time_s(self) -> float:
-        """Forward plus backward time of the node in one training step."""
-        return self.forward_s + self.backward_input_s + self.backward_weight_s
 
 
 @dataclass
@@ -66,9 +58,7 @@ class GraphCosts:
         """The same costs with measured (forward, backward-input, backward-weight) seconds per node, in the
         order of :attr:`nodes`: ranks that profile separately agree by broadcasting one rank's times."""
         nodes = {
-            n: dataclasses.replace(
-                c, forward_s=t[0], backward_input_s=t[1], backward_weight_s=t[2], measured=True
-            )
+            n: dataclasses.replace(c, forward=t[0], backward_input=t[1], backward_weight=t[2], measured=True)
             for (n, c), t in zip(self.nodes.items(), times, strict=True)
         }
         return GraphCosts(
@@ -84,4 +74,4 @@ class GraphCosts:
         )
 
     def times(self) -> list[tuple[float, float, float]]:
-        return [(c.forward_s, c.backward_input_s, c.backward_weight_s) for c in self.nodes.values()]
+        return [(c.forward, c.backward_input, c.backward_weight) for c in self.nodes.values()]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch.fx as fx
 
 from ..graph import CapturedGraph, module_counts, modules_of, settle_getitems
-from ..schedules.simulate import StageCost
+from ..schedules.simulate import PhaseCost, StageCost
 from .records import GraphCosts
 
 __all__ = ["stage_costs"]
@@ -23,58 +24,48 @@ def stage_costs(
     graph = captured.gm.graph
     stage_of = settle_getitems(graph, stage_of)
     n_stages = max(stage_of.values(), default=0) + 1
-    last = n_stages - 1
-    output = graph.find_nodes(op="output")[0]
-    sums = [[0.0] * 6 for _ in range(n_stages)]
-    state: list[dict[fx.Node, None]] = [{} for _ in range(n_stages)]
-    saved: list[dict[int, None]] = [{} for _ in range(n_stages)]
-    sends: list[dict[int, int]] = [{} for _ in range(n_stages)]
     members: list[list[fx.Node]] = [[] for _ in range(n_stages)]
     for node, s in stage_of.items():
-        c = costs.nodes[node]
-        row = sums[s]
-        for i, v in enumerate(
-            (
-                c.flops,
-                c.backward_input_flops,
-                c.backward_weight_flops,
-                c.forward_s,
-                c.backward_input_s,
-                c.backward_weight_s,
-            )
-        ):
-            row[i] += v
         members[s].append(node)
-        saved[s].update(dict.fromkeys(c.saves))
-        for src in node.all_input_nodes:
-            if src in costs.state_bytes:
-                state[s][src] = None
-        for c_stage in sorted({last if u is output else stage_of[u] for u in node.users} - {s}):
-            sends[s][c_stage] = sends[s].get(c_stage, 0) + c.out_bytes
-    for src in output.all_input_nodes:
-        if src in costs.state_bytes:
-            state[last][src] = None
+    output = graph.find_nodes(op="output")[0]
+    sends = _sends(stage_of, costs, output, n_stages)
     module_count = module_counts(stage_of)
     records = []
-    for s in range(n_stages):
-        st = [costs.state_bytes[a] for a in state[s]]
+    for s, nodes in enumerate(members):
+        # a stage reads the parameters its nodes read; the last also those the graph returns
+        readers = [*nodes, output] if s == n_stages - 1 else nodes
+        state = [costs.state_bytes[a] for a in dict.fromkeys(_state_read(readers, costs))]
+        saved = dict.fromkeys(b for node in nodes for b in costs.nodes[node].saves)
+        work = PhaseCost.total(costs.nodes[node] for node in nodes)
         records.append(
             StageCost(
-                forward=sums[s][3],
-                backward_input=sums[s][4],
-                backward_weight=sums[s][5],
-                activation_bytes=sum(costs.buffer_bytes[b] for b in saved[s]),
+                **dataclasses.asdict(work),
+                activation_bytes=sum(costs.buffer_bytes[b] for b in saved),
                 send_bytes=max(sends[s].values(), default=0),
                 index=s,
-                forward_flops=int(sums[s][0]),
-                backward_input_flops=int(sums[s][1]),
-                backward_weight_flops=int(sums[s][2]),
-                param_bytes=sum(x[0] for x in st),
-                grad_bytes=sum(x[1] for x in st),
-                optimizer_bytes=sum(x[2] for x in st),
+                param_bytes=sum(x[0] for x in state),
+                grad_bytes=sum(x[1] for x in state),
+                optimizer_bytes=sum(x[2] for x in state),
                 sends=sends[s],
-                modules=modules_of(members[s], module_count),
-                n_nodes=len(members[s]),
+                modules=modules_of(nodes, module_count),
+                n_nodes=len(nodes),
             )
         )
     return records
+
+
+def _state_read(nodes: list[fx.Node], costs: GraphCosts) -> list[fx.Node]:
+    return [src for node in nodes for src in node.all_input_nodes if src in costs.state_bytes]
+
+
+def _sends(
+    stage_of: Mapping[fx.Node, int], costs: GraphCosts, output: fx.Node, n_stages: int
+) -> list[dict[int, int]]:
+    """Per stage, the bytes it sends each other stage: a value once to each stage that reads it (what
+    the graph returns goes to the last stage)."""
+    last = n_stages - 1
+    sends: list[dict[int, int]] = [{} for _ in range(n_stages)]
+    for node, s in stage_of.items():
+        for reader in sorted({last if u is output else stage_of[u] for u in node.users} - {s}):
+            sends[s][reader] = sends[s].get(reader, 0) + costs.nodes[node].out_bytes
+    return sends

@@ -88,12 +88,7 @@ def balanced_partition(
     chain = Chain(captured, costs, unsplittable, n_stages, in_flight or captured.n_microbatches)
     if n_stages == 1:
         return BalancedPartition(dict.fromkeys(chain.nodes, 0), (), chain.prefix[-1], None, False)
-    if len(chain.allowed) < n_stages - 1:
-        raise PartitionError(
-            f"cannot make {n_stages} stages: the graph has only {len(chain.allowed)} places where a cut is "
-            f"allowed ({chain.why_few()}); use at most {len(chain.allowed) + 1} stages"
-            + (" or fewer unsplittable modules" if unsplittable else "")
-        )
+    _check_enough_cuts(chain, n_stages, unsplittable)
     memory = float(max_stage_memory) if max_stage_memory is not None else _INF
     fewest = greedy(chain, _INF, memory, chain.allowed)
     if fewest is None or len(fewest) >= n_stages:
@@ -107,13 +102,38 @@ def balanced_partition(
         limit = min(limit, max(bound, layer_bound))
     # with too few busy nodes for every stage to get one, allow idle stages
     busy = fewest_bytes(chain, limit * (1 + 1e-12), memory) is not None
+    cuts = _few_bytes_best_balance(chain, n_stages, bound, limit, memory, busy)
+    if step is not None and chain.timed:
+        step_limit = limit if step_slack is None else bound * (1 + step_slack)
+        cuts = shortest_step(chain, cuts, step, bound, step_limit, memory, busy)
+    ideals, refined = refine(chain, cuts, memory)
+    stage_of = {node: sum(1 for ideal in ideals if i not in ideal) for i, node in enumerate(chain.nodes)}
+    order = {n: i for i, n in enumerate(compute_nodes(captured.gm.graph))}
+    stage_of = dict(sorted(stage_of.items(), key=lambda item: order[item[0]]))
+    return BalancedPartition(stage_of, tuple(cuts), bound, layer_bound, refined)
+
+
+def _check_enough_cuts(chain: Chain, n_stages: int, unsplittable: Sequence[str]) -> None:
+    if len(chain.allowed) < n_stages - 1:
+        raise PartitionError(
+            f"cannot make {n_stages} stages: the graph has only {len(chain.allowed)} places where a cut is "
+            f"allowed ({chain.why_few()}); use at most {len(chain.allowed) + 1} stages"
+            + (" or fewer unsplittable modules" if unsplittable else "")
+        )
+
+
+def _few_bytes_best_balance(
+    chain: Chain, n_stages: int, bound: float, limit: float, memory: float, busy: bool
+) -> list[int]:
+    """The cuts sending the fewest bytes with no stage over ``limit``, then the best balance (by
+    bisection down to ``bound``) among the splits sending about as few."""
     best = fewest_bytes(chain, limit * (1 + 1e-12), memory, busy=busy)
     if best is None:  # cannot happen: the bottleneck search found a split within ``bound <= limit``
         raise PartitionError(
             f"no {n_stages}-stage split within {limit:.3g} s per stage; this is a dynapipe bug"
         )
     sent, cuts = best
-    lo, hi = bound, limit  # the best balance among the splits that send about that few bytes
+    lo, hi = bound, limit
     while hi - lo > _BALANCE_TOLERANCE * hi:
         mid = (lo + hi) / 2
         found = fewest_bytes(chain, mid * (1 + 1e-12), memory, busy=busy)
@@ -121,13 +141,4 @@ def balanced_partition(
             hi, cuts = mid, found[1]
         else:
             lo = mid
-    if step is not None and chain.timed:
-        step_limit = limit if step_slack is None else bound * (1 + step_slack)
-        cuts = shortest_step(chain, cuts, step, bound, step_limit, memory, busy)
-    ideals, refined = refine(chain, cuts, memory)
-    stage_of = {}
-    for i, node in enumerate(chain.nodes):
-        stage_of[node] = sum(1 for ideal in ideals if i not in ideal)
-    order = {n: i for i, n in enumerate(compute_nodes(captured.gm.graph))}
-    stage_of = dict(sorted(stage_of.items(), key=lambda item: order[item[0]]))
-    return BalancedPartition(stage_of, tuple(cuts), bound, layer_bound, refined)
+    return cuts

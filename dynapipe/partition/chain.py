@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 
-from ..cost import GraphCosts
+from ..cost import GraphCosts, NodeCost
 from ..errors import ConfigError
 from ..graph import CapturedGraph, compute_nodes, is_autocast_node, prefixes, unpacked_by
 from ..schedules import StageCost
@@ -58,7 +58,7 @@ class Chain:
         self.phase_prefix = [(0.0, 0.0, 0.0)]
         for x in c:
             f, i, w = self.phase_prefix[-1]
-            self.phase_prefix.append((f + x.forward_s, i + x.backward_input_s, w + x.backward_weight_s))
+            self.phase_prefix.append((f + x.forward, i + x.backward_input, w + x.backward_weight))
         if not self.timed:  # nothing has FLOPs (or was timed): balance node counts instead
             weight = [1.0] * n
         self.weight = weight
@@ -90,20 +90,14 @@ class Chain:
         self.score = [self.cross[p] + _shared_depth(paths[p], paths[p + 1]) / 64 for p in range(n - 1)]
         self.layer_cuts = self._layer_cuts(captured)
         self.suffix_memory = self._suffix_memory()
-        # A stage must compute: hold a node with FLOPs (where the graph has any). A stage of one relu or
-        # mask takes time under the roofline, but all it does is relay its neighbours' tensors.
-        work = [x.flops > 0 for x in c] if any(x.flops for x in c) else [w > 0 for w in weight]
-        self.last_busy, last = [], -1  # per position, the last position up to it that computes
-        for i, busy in enumerate(work):
-            last = i if busy else last
-            self.last_busy.append(last)
+        self.last_busy = _last_busy(c, weight)
 
     # ---------------------------------------------------------------------------------- set-up
 
     def _pinned(self, c: list, groups: list[list[int]]) -> list[bool]:
         share = self.prefix[-1] / self.k * _HEAVY_SHARE
         pinned = [
-            x.flops > 0 or (share > 0 and w >= share) or not node.users or is_autocast_node(node)
+            x.forward_flops > 0 or (share > 0 and w >= share) or not node.users or is_autocast_node(node)
             for x, w, node in zip(c, self.weight, self.nodes, strict=True)
         ]
         for group in groups:
@@ -209,6 +203,18 @@ class Chain:
         state = {j: None for i in positions for j in self.state[i]}
         acts = {j: None for i in positions for j in self.saves[i]}
         return self._stage_memory(state, acts)
+
+
+def _last_busy(c: Sequence[NodeCost], weight: Sequence[float]) -> list[int]:
+    """Per position, the last position up to it that computes. A stage must compute: hold a node with
+    FLOPs (where the graph has any). A stage of one relu or mask takes time under the roofline, but all
+    it does is relay its neighbours' tensors."""
+    work = [x.forward_flops > 0 for x in c] if any(x.forward_flops for x in c) else [w > 0 for w in weight]
+    last_busy, last = [], -1
+    for i, busy in enumerate(work):
+        last = i if busy else last
+        last_busy.append(last)
+    return last_busy
 
 
 def _shared_depth(a: list[str], b: list[str]) -> int:

@@ -22,6 +22,7 @@ from functools import partial
 
 import torch.fx as fx
 
+from .. import schedules
 from ..config import PipelineConfig
 from ..cost import GraphCosts, graph_costs
 from ..errors import ConfigError
@@ -82,12 +83,10 @@ def local_costs(captured: CapturedGraph, config: PipelineConfig) -> GraphCosts:
 
 
 def in_flight_per_stage(table: Table, spec: ScheduleSpec, *, n_ranks: int, n_stages: int) -> tuple[int, ...]:
-    """Peak microbatches whose activations each stage holds under ``table``, read off a simulated step."""
-    timeline = simulate(
-        table, StageCost(1.0, 1.0, 1.0), n_ranks=n_ranks, n_stages=n_stages, placement=spec.placement
-    )
+    """Peak microbatches whose activations each stage holds under ``table``, counted along each rank's list."""
     rank_of = placement_map(spec.placement, n_ranks=n_ranks, n_stages=n_stages)
-    return tuple(int(timeline.in_flight_activations({s: 1})[rank_of[s]]) for s in range(n_stages))
+    counted = schedules.in_flight_per_stage(table, rank_of)
+    return tuple(counted.get(s, 0) for s in range(n_stages))
 
 
 def plan_pipeline(
@@ -106,19 +105,10 @@ def plan_pipeline(
     must not pull other ranks' weights in), else the balanced partition on the node costs ``costs``
     returns (the backend passes rank 0's profile, shared). The plan carries those costs, and with
     ``with_costs`` it carries them for split points too (to explain the plan)."""
-    markers = captured.split_markers
-    if markers and config.split_points:
-        raise ConfigError("the model calls pipe_split() and split_points is set too; use one of the two")
-    points: list[str] | list[int] = markers or list(config.split_points)
+    points = _split_points(captured, config)
     table = spec.build(n_ranks=n_ranks, n_stages=n_stages, n_microbatches=captured.n_microbatches)
     in_flight = in_flight_per_stage(table, spec, n_ranks=n_ranks, n_stages=n_stages)
     plan = partial(Plan, in_flight=in_flight, spec=spec, n_ranks=n_ranks, table=table)
-    if points and config.balance_slack is not None:
-        raise ConfigError(
-            "balance_slack shapes the automatic partition, but the stages are given by "
-            + ("pipe_split() markers" if markers else "split_points")
-            + "; drop balance_slack or the split points"
-        )
     if points or n_stages == 1:
         if len(points) + 1 != n_stages:
             raise ConfigError(
@@ -152,6 +142,20 @@ def plan_pipeline(
         layer_bottleneck_s=part.layer_bottleneck_s,
         bottleneck_s=part.bottleneck_s,
     )
+
+
+def _split_points(captured: CapturedGraph, config: PipelineConfig) -> list[str] | list[int]:
+    """The stages a person chose: ``pipe_split()`` markers (positions) or ``split_points`` (module names)."""
+    markers = captured.split_markers
+    if markers and config.split_points:
+        raise ConfigError("the model calls pipe_split() and split_points is set too; use one of the two")
+    if (markers or config.split_points) and config.balance_slack is not None:
+        raise ConfigError(
+            "balance_slack shapes the automatic partition, but the stages are given by "
+            + ("pipe_split() markers" if markers else "split_points")
+            + "; drop balance_slack or the split points"
+        )
+    return markers or list(config.split_points)
 
 
 def step_time(table: Table, spec: ScheduleSpec, n_ranks: int) -> StepObjective:

@@ -1,7 +1,7 @@
 """Checkpoints of a pipelined model in the model's own names.
 
 **Loading.** :func:`load_checkpoint` before the first call records the folder (:func:`pending_load`);
-the pipeline's build fills each rank's stages from it (``dynapipe.build.models``).
+the pipeline's build fills each rank's stages from it (``dynapipe.builder.models``).
 
 **Saving.** Each tensor is written by the lowest rank holding its current value (a tied weight once, one
 data-parallel replica), as safetensors under the names of ``model.state_dict()``, with an index as
@@ -83,6 +83,24 @@ def save_checkpoint(
         {id(t): (name, t) for name, t in reversed(model.state_dict(keep_vars=True).items())}.values()
     )
     entries.reverse()  # each tensor under its first name, in state_dict order
+    owner, token = _writers(comm, entries, rank, world)
+    mine = {entries[i][0]: entries[i][1] for i in sorted(owner) if owner[i] == rank}
+    tmp = f"{path}.tmp-{token}"
+    os.makedirs(tmp, exist_ok=True)
+    _write_rank_files(tmp, rank, mine, optimizer)
+    if rank == 0:
+        _save_rank0_files(tmp, model, optimizer, extra)
+    _barrier(comm, world, "writing the checkpoint")  # every rank wrote its files, or none is published
+    if rank == 0:
+        _publish(tmp, path, token, entries, owner, with_optimizer=optimizer is not None)
+    _barrier(comm, world, "publishing the checkpoint")
+    return path
+
+
+def _writers(
+    comm: Comm, entries: list[tuple[str, torch.Tensor]], rank: int, world: int
+) -> tuple[dict[int, int], str]:
+    """The lowest rank holding each entry's current value, and one token for this save on every rank."""
     current = [i for i, (_, t) in enumerate(entries) if holds_current(t, rank)]
     token = uuid.uuid4().hex[:12]
     if world > 1:
@@ -100,40 +118,50 @@ def save_checkpoint(
             f"no rank holds a value of {len(unheld)} tensor(s) of the model (e.g. {unheld[0]!r}): it was built "
             "under dynapipe.empty_init() and no pipeline has filled them yet; run a step before saving"
         )
-    mine = {entries[i][0]: entries[i][1] for i in sorted(owner) if owner[i] == rank}
-    tmp = f"{path}.tmp-{token}"
-    os.makedirs(tmp, exist_ok=True)
-    shard = f"model-rank{rank:05d}.safetensors"
+    return owner, token
+
+
+def _write_rank_files(
+    tmp: str, rank: int, mine: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None
+) -> None:
+    """This rank's shard of the weights, its optimizer state for them and its RNG state."""
     if mine:
         tensors = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in mine.items()}
+        shard = f"model-rank{rank:05d}.safetensors"
         safetensors.torch.save_file(tensors, os.path.join(tmp, shard), metadata={"format": "pt"})
-    optim_file = f"optimizer-rank{rank:05d}.pt"
     if optimizer is not None:
         by_id = {id(t): n for n, t in mine.items()}
         state = {by_id[id(p)]: s for p, s in optimizer.state.items() if id(p) in by_id}
-        torch.save(state, os.path.join(tmp, optim_file))
+        torch.save(state, os.path.join(tmp, f"optimizer-rank{rank:05d}.pt"))
     torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{rank:05d}.pt"))
-    if rank == 0:
-        _save_rank0_files(tmp, model, optimizer, extra)
-    _barrier(comm, world, "writing the checkpoint")  # every rank wrote its files, or none is published
-    if rank == 0:
-        sizes = {n: t.numel() * t.element_size() for n, t in entries}
-        weight_map = {entries[i][0]: f"model-rank{owner[i]:05d}.safetensors" for i in sorted(owner)}
-        _write_json(
-            os.path.join(tmp, INDEX),
-            {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map},
-        )
-        if optimizer is not None:
-            files = {entries[i][0]: f"optimizer-rank{owner[i]:05d}.pt" for i in sorted(owner)}
-            _write_json(os.path.join(tmp, OPTIMIZER_INDEX), files)
-        _fsync_dir(tmp)
-        os.rename(tmp, path)
-        link = os.path.join(os.path.dirname(path), f".{LATEST}-{token}")
-        os.symlink(os.path.basename(path), link)
-        os.replace(link, os.path.join(os.path.dirname(path), LATEST))
-        _fsync_dir(os.path.dirname(path))
-    _barrier(comm, world, "publishing the checkpoint")
-    return path
+
+
+def _publish(
+    tmp: str,
+    path: str,
+    token: str,
+    entries: list[tuple[str, torch.Tensor]],
+    owner: dict[int, int],
+    *,
+    with_optimizer: bool,
+) -> None:
+    """Rank 0, once every rank wrote: the indexes, then the folder renamed into place and ``latest``
+    pointed at it, each step atomic."""
+    sizes = {n: t.numel() * t.element_size() for n, t in entries}
+    weight_map = {entries[i][0]: f"model-rank{owner[i]:05d}.safetensors" for i in sorted(owner)}
+    _write_json(
+        os.path.join(tmp, INDEX),
+        {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map},
+    )
+    if with_optimizer:
+        files = {entries[i][0]: f"optimizer-rank{owner[i]:05d}.pt" for i in sorted(owner)}
+        _write_json(os.path.join(tmp, OPTIMIZER_INDEX), files)
+    _fsync_dir(tmp)
+    os.rename(tmp, path)
+    link = os.path.join(os.path.dirname(path), f".{LATEST}-{token}")
+    os.symlink(os.path.basename(path), link)
+    os.replace(link, os.path.join(os.path.dirname(path), LATEST))
+    _fsync_dir(os.path.dirname(path))
 
 
 def load_checkpoint(

@@ -1,8 +1,9 @@
 """Replay a schedule against per-stage costs, and the timeline format real runs are recorded in.
 
-The replay is event-driven: each rank runs its list in order; an action starts when its rank is free
-and its inputs have arrived -- a producer on the same rank when it finished, on another rank after
-``link_latency + bytes / link_bandwidth`` more, where ``bytes`` is what that edge carries
+The replay (the loop of :mod:`.replay`) is event-driven: each rank runs its list in order; an action
+starts when its rank is free and its inputs have arrived -- a producer on the same rank when it
+finished, on another rank after ``link_latency + bytes / link_bandwidth`` more, where ``bytes`` is what
+that edge carries
 (:meth:`StageCost.bytes_to`: a skip connection's mask is not charged as the hidden state next to it).
 Sends never block and links never contend, which is the runtime's contract (asynchronous sends) and an
 optimistic model of a real network: a transfer costs time only where its receiver waits for it.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from .actions import Action, Kind, ScheduleError, normalize_table
@@ -25,36 +26,28 @@ from .placement import Placement, StageGraph, backward_kinds, inputs_of, placeme
 from .placement import stage_graph as _chain_plus
 from .replay import replay
 
-__all__ = ["StageCost", "Timeline", "TimelineEvent", "simulate"]
+__all__ = ["PhaseCost", "StageCost", "Timeline", "TimelineEvent", "simulate"]
 
 
 @dataclass(frozen=True)
-class StageCost:
-    """Cost of one microbatch on one stage: the one record the cost model fills, the partitioner
-    compares, the simulator replays and :func:`dynapipe.explain` prints. Times in seconds, sizes in bytes.
+class PhaseCost:
+    """Seconds and FLOPs of one microbatch's three phases: forward (``F``), backward-input (``I``) and
+    backward-weight (``W``; a full ``B`` is both). Defined once: a node's cost
+    (:class:`dynapipe.cost.NodeCost`) and a stage's (:class:`StageCost`) are this record plus what each
+    adds, and a stage's phases are the sum of its nodes' (:meth:`total`)."""
 
-    ``send_bytes`` is the most the stage sends to any one other stage (its output activation; its
-    gradient travels back with the same size); ``sends`` maps each later stage to what this one sends
-    it (a tensor read by two later stages goes to each); the simulator charges each edge its own bytes
-    (:meth:`bytes_to`). A full backward ``B`` costs ``backward_input + backward_weight``. The simulator reads the first five fields; the cost model fills the rest too
-    (``modules`` names the modules the stage covers, ``(part)`` marking one shared with another stage).
-    """
-
-    forward: float
-    backward_input: float
-    backward_weight: float
-    activation_bytes: int = 0
-    send_bytes: int = 0
-    index: int = 0
+    forward: float = 0.0
+    backward_input: float = 0.0
+    backward_weight: float = 0.0
     forward_flops: int = 0
     backward_input_flops: int = 0
     backward_weight_flops: int = 0
-    param_bytes: int = 0
-    grad_bytes: int = 0
-    optimizer_bytes: int = 0
-    sends: Mapping[int, int] = field(default_factory=dict, hash=False)
-    modules: tuple[str, ...] = ()
-    n_nodes: int = 0
+
+    @staticmethod
+    def total(costs: Iterable[PhaseCost]) -> PhaseCost:
+        """The phases of work done one after another: each field summed."""
+        items = list(costs)
+        return PhaseCost(*(sum(getattr(c, f.name) for c in items) for f in fields(PhaseCost)))
 
     def duration(self, kind: Kind) -> float:
         return {
@@ -73,6 +66,30 @@ class StageCost:
     def flops(self) -> int:
         """FLOPs of one training step of one microbatch (forward + backward)."""
         return self.forward_flops + self.backward_input_flops + self.backward_weight_flops
+
+
+@dataclass(frozen=True)
+class StageCost(PhaseCost):
+    """Cost of one microbatch on one stage: the one record the cost model fills, the partitioner
+    compares, the simulator replays and :func:`dynapipe.explain` prints. Times in seconds, sizes in bytes.
+
+    ``send_bytes`` is the most the stage sends to any one other stage (its output activation; its
+    gradient travels back with the same size); ``sends`` maps each later stage to what this one sends
+    it (a tensor read by two later stages goes to each); the simulator charges each edge its own bytes
+    (:meth:`bytes_to`). The simulator reads the phase seconds and the sends; the cost model fills the
+    rest too (``modules`` names the modules the stage covers, ``(part)`` marking one shared with another
+    stage).
+    """
+
+    activation_bytes: int = 0
+    send_bytes: int = 0
+    index: int = 0
+    param_bytes: int = 0
+    grad_bytes: int = 0
+    optimizer_bytes: int = 0
+    sends: Mapping[int, int] = field(default_factory=dict, hash=False)
+    modules: tuple[str, ...] = ()
+    n_nodes: int = 0
 
     @property
     def state_bytes(self) -> int:
