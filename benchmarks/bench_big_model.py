@@ -26,21 +26,21 @@ import tempfile
 import time
 
 import torch
+from hf_models import hf_config
 
 VOCAB, SEQ, BATCH = 8000, 16, 8
 
 
 def _config(hidden: int, layers: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=hidden * 11 // 4,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=SEQ,
+    return hf_config(
+        "llama",
+        vocab=VOCAB,
+        hidden=hidden,
+        layers=layers,
+        heads=8,
+        kv_heads=4,
+        ffn=hidden * 11 // 4,
+        positions=SEQ,
     )
 
 
@@ -113,8 +113,7 @@ def _torch_pipelining_step(hf: str, hidden: int, layers: int) -> None:
     schedule.step(*args, target=ids if rank == world - 1 else None)
 
 
-def _worker(mode: str, hf: str, hidden: int, layers: int, report: str) -> None:
-    import torch.distributed as dist
+def _worker(mode: str, hf: str, hidden: int, layers: int) -> dict:
     from transformers import LlamaForCausalLM
 
     import dynapipe
@@ -139,8 +138,7 @@ def _worker(mode: str, hf: str, hidden: int, layers: int, report: str) -> None:
     elapsed = time.perf_counter() - start
     with open("/proc/self/status") as f:  # VmHWM: ru_maxrss would carry the launching parent's peak over exec
         peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    with open(f"{report}.{dist.get_rank()}", "w") as f:
-        json.dump({"base": base, "peak": peak, "first_step": elapsed}, f)
+    return {"base": base, "peak": peak, "first_step": elapsed}
 
 
 def main() -> None:
@@ -170,9 +168,7 @@ def main() -> None:
         ("whole", "dynapipe: whole model per rank"),
         ("torch", "torch.distributed.pipelining, meta"),
     ):
-        report = os.path.join(root, mode)
-        launch(_worker, mode, hf, a.hidden, a.layers, report, nproc=a.nproc)
-        rows = [json.load(open(f"{report}.{r}")) for r in range(a.nproc)]
+        rows = list(launch(_worker, mode, hf, a.hidden, a.layers, nproc=a.nproc).values())
         print(
             f"| {label} | {max(r['peak'] for r in rows):.0f} | {max(r['peak'] - r['base'] for r in rows):.0f} "
             f"| {max(r['first_step'] for r in rows):.1f} |"

@@ -20,10 +20,7 @@ rank holds against the whole cache.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import tempfile
 import time
 
 import torch
@@ -119,7 +116,7 @@ def _recompute(
     return first or 0.0, ids, {}
 
 
-def _worker(mode: str, args: argparse.Namespace, path: str) -> None:
+def _worker(mode: str, args: argparse.Namespace) -> dict:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -147,12 +144,7 @@ def _worker(mode: str, args: argparse.Namespace, path: str) -> None:
         ttft.append(first)
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, memory)
-    if dist.get_rank() == 0:
-        with open(path, "w") as f:
-            json.dump(
-                {"build": build, "ttft": ttft, "total": total, "tokens": out.tolist(), "memory": per_rank}, f
-            )
-    dist.destroy_process_group()
+    return {"build": build, "ttft": ttft, "total": total, "tokens": out.tolist(), "memory": per_rank}
 
 
 def _one_process(args: argparse.Namespace) -> dict:
@@ -189,12 +181,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for mode, name in (("cached", "dynapipe + PipelineCache"), ("recompute", "dynapipe, full recompute")):
-            path = os.path.join(tmp, f"{mode}.json")
-            launch(_worker, mode, args, path, nproc=args.nproc)
-            with open(path) as f:
-                rows[name] = json.load(f)
+    for mode, name in (("cached", "dynapipe + PipelineCache"), ("recompute", "dynapipe, full recompute")):
+        rows[name] = launch(_worker, mode, args, nproc=args.nproc)[0]  # rank 0's row
     rows["one process, HF cache"] = _one_process(args)
     reference = rows["one process, HF cache"]["tokens"]
     generated = args.batch * args.new_tokens

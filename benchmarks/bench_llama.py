@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import os
 import pstats
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -136,7 +133,7 @@ def _warm_up_torch(ids: torch.Tensor) -> None:
     torch._dynamo.reset()
 
 
-def _worker(steps: int, out: str) -> None:
+def _worker(steps: int) -> tuple | None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
@@ -168,19 +165,15 @@ def _worker(steps: int, out: str) -> None:
             key = (os.path.basename(path), func)
             if key in PHASES and f"dynapipe{os.sep}" in path:
                 phases[key] = max(phases.get(key, 0.0), cumulative)
-        Path(out).write_text(json.dumps([first, times, [[*k, v] for k, v in phases.items()]]))
-    dist.destroy_process_group()
+        return first, times, phases
+    return None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "results.json")
-        launch(_worker, args.steps, out, nproc=WORLD)
-        first, times, found = json.loads(Path(out).read_text())
-    phases = {(path, func): seconds for path, func, seconds in found}
+    first, times, phases = launch(_worker, args.steps, nproc=WORLD)[0]  # rank 0's timings and profile
     print(f"Llama hidden 256, 8 layers, batch {BATCH} x {SEQ}, {WORLD} ranks, 1F1B, {MICRO} microbatches")
     print(f"{'':10s} {'first step s':>13s} {'step ms median (min-max)':>26s}")
     for name in ("dynapipe", "torch-pp"):

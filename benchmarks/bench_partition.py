@@ -30,9 +30,9 @@ import time
 
 import torch
 
-from dynapipe.graph import compute_nodes
 from dynapipe.cost import graph_costs, stage_costs
 from dynapipe.explain import capture
+from dynapipe.graph import compute_nodes
 from dynapipe.partition import balanced_partition, layer_boundaries
 from dynapipe.partition.manual import _inside
 

@@ -23,10 +23,9 @@ import torch
 import dynapipe
 from dynapipe.config import PipelineConfig
 from dynapipe.explain import capture
-from dynapipe.plan import Explanation
 from dynapipe.partition.bottleneck import fewest_bytes, min_bottleneck
 from dynapipe.partition.chain import Chain
-from dynapipe.plan import plan_pipeline, step_time
+from dynapipe.plan import Explanation, plan_pipeline, step_time
 from dynapipe.schedules import get_schedule
 
 SEQ, VOCAB, MANY = 256, 128256, 32

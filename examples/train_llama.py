@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dynapipe.launch import launch
 from dynapipe.formatting import format_bytes
+from dynapipe.launch import launch
 from dynapipe.viz import merge_timelines, partition_svg, partition_text, timeline_svg, write_chrome_trace
 
 VOCAB, SEQ, BATCH = 128, 32, 16

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hf_models import NO_DROPOUT, hf_config  # benchmarks/hf_models.py (tests/conftest.py)
 
 import dynapipe
 
@@ -184,33 +185,16 @@ def _hf_lm(make, config, n_stages: int, seed: int, layers: str | None = None, **
 
 
 def llama(n_stages: int) -> Case:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = hf_config("llama", vocab=96, hidden=32, layers=4, kv_heads=2, ffn=64, positions=64)
     return _hf_lm(LlamaForCausalLM, config, n_stages, 5, "model.layers")
 
 
 def gpt2(n_stages: int) -> Case:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    config = GPT2Config(
-        vocab_size=96,
-        n_positions=32,
-        n_embd=32,
-        n_layer=4,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
+    config = hf_config("gpt2", vocab=96, hidden=32, layers=4, positions=32, **NO_DROPOUT["gpt2"])
     return _hf_lm(GPT2LMHeadModel, config, n_stages, 6, "transformer.h")
 
 
@@ -273,28 +257,16 @@ def custom_fn(n_stages: int) -> Case:
 
 
 def opt(n_stages: int) -> Case:
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import OPTForCausalLM
 
-    config = OPTConfig(
-        vocab_size=96,
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        max_position_embeddings=32,
-        word_embed_proj_dim=32,
-        dropout=0.0,
-        attention_dropout=0.0,
-    )
+    config = hf_config("opt", vocab=96, hidden=32, layers=4, ffn=64, positions=32, **NO_DROPOUT["opt"])
     return _hf_lm(OPTForCausalLM, config, n_stages, 9, "model.decoder.layers")
 
 
 def bloom(n_stages: int) -> Case:
-    from transformers import BloomConfig, BloomForCausalLM
+    from transformers import BloomForCausalLM
 
-    config = BloomConfig(
-        vocab_size=96, hidden_size=32, n_layer=4, n_head=4, hidden_dropout=0.0, attention_dropout=0.0
-    )
+    config = hf_config("bloom", vocab=96, hidden=32, layers=4, **NO_DROPOUT["bloom"])
     return _hf_lm(BloomForCausalLM, config, n_stages, 10, "transformer.h")
 
 

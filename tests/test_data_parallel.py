@@ -4,9 +4,9 @@ for every schedule; GPT-2's tied embedding and LM head stay in sync with and wit
 from __future__ import annotations
 
 import pytest
+from fixtures import check_coverage, check_runs, check_tied, train_and_compare, train_many
 from harness import run_distributed
 from models import CASES
-from test_pipeline import _check_coverage, _check_runs, _check_tied, train_and_compare, train_many
 
 
 def test_pp2_dp2_matches_single_process() -> None:
@@ -31,7 +31,7 @@ def test_pp2_dp2_matches_single_process() -> None:
         for names, schedule in runs
     ]
     results = run_distributed(train_many, 4, runs, timeout=600)
-    _check_runs(results, runs)
+    check_runs(results, runs)
 
 
 @pytest.mark.hf
@@ -39,8 +39,8 @@ def test_gpt2_tied_embeddings_with_dp() -> None:
     """pp=2 x dp=2 (pp=2 and pp=4 without dp are in test_pipeline.py::test_huggingface_models...)."""
     options = {"schedule": "1f1b", "n_microbatches": 2, "dp_degree": 2}
     results = run_distributed(train_and_compare, 4, ["gpt2"], options, timeout=300)
-    _check_coverage(results, ["gpt2"])
-    _check_tied(results, "gpt2", "transformer.wte.weight", 4)
+    check_coverage(results, ["gpt2"])
+    check_tied(results, "gpt2", "transformer.wte.weight", 4)
 
 
 def allreduce_count_worker(rank: int, world: int, schedules: list[str]) -> dict[str, int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import run_distributed
+from hf_models import causal_lm
 
 pytestmark = pytest.mark.hf
 
@@ -30,38 +31,18 @@ def _cache_argument(cache) -> dict:
 CACHE = 48  # longer than the sequences: a cache that crossed stages would show in the bytes sent
 
 
-def _model(family: str, n_layers: int):
-    import transformers as tf
+# each family's sizes beyond vocabulary, width and depth; no bos/eos token, so generate() never stops early
+SIZES = {
+    "llama": {"kv_heads": 2, "ffn": 64, "positions": 32},
+    "gpt2": {"positions": 32},
+    "opt": {"ffn": 64, "positions": 32},
+    "bloom": {},
+}
+TOKENS = {"pad_token_id": 0, "bos_token_id": None, "eos_token_id": None}
 
-    torch.manual_seed(0)
-    common = {"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": None, "eos_token_id": None}
-    if family == "llama":
-        config = tf.LlamaConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=64,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=32,
-            **common,
-        )
-        return tf.LlamaForCausalLM(config).eval()
-    if family == "gpt2":
-        config = tf.GPT2Config(n_positions=32, n_embd=HIDDEN, n_layer=n_layers, n_head=4, **common)
-        return tf.GPT2LMHeadModel(config).eval()
-    if family == "opt":
-        config = tf.OPTConfig(
-            hidden_size=HIDDEN,
-            ffn_dim=64,
-            num_hidden_layers=n_layers,
-            num_attention_heads=4,
-            max_position_embeddings=32,
-            word_embed_proj_dim=HIDDEN,
-            **common,
-        )
-        return tf.OPTForCausalLM(config).eval()
-    config = tf.BloomConfig(hidden_size=HIDDEN, n_layer=n_layers, n_head=4, **common)
-    return tf.BloomForCausalLM(config).eval()
+
+def _model(family: str, n_layers: int):
+    return causal_lm(family, vocab=VOCAB, hidden=HIDDEN, layers=n_layers, **SIZES[family], **TOKENS).eval()
 
 
 def _prompts() -> tuple[torch.Tensor, torch.Tensor]:

@@ -321,7 +321,8 @@ def test_torch_cond_is_costed_and_kept_whole():
     captured = capture(_Gated(), (x,), n_microbatches=2)
     (cond,) = [n for n in captured.gm.graph.nodes if n.target is torch.ops.higher_order.cond]
     cost = graph_costs(captured).nodes[cond]
-    assert cost.forward_flops == 2 * 4 * 32 * 32 and cost.backward_weight_flops == cost.forward_flops  # one branch's linear
+    # one branch's linear
+    assert cost.forward_flops == 2 * 4 * 32 * 32 and cost.backward_weight_flops == cost.forward_flops
     for n_stages in (2, 3, 4):
         stage_of = assign_balanced(captured, n_stages)
         assert {stage_of[u] for u in cond.users} == {stage_of[cond]}
@@ -344,7 +345,8 @@ def test_cost_model_counts_flops_state_and_saved_activations():
         0,
         2 * 4 * 32 * 64,
     )
-    assert (second.forward_flops, second.backward_input_flops, second.backward_weight_flops) == (2 * 4 * 64 * 32,) * 3
+    flops = 2 * 4 * 64 * 32
+    assert (second.forward_flops, second.backward_input_flops, second.backward_weight_flops) == (flops,) * 3
     assert first.out_bytes == 4 * 64 * 4 and first.out_bytes_expr.free_symbols  # symbolic in the batch
     params = sum(p.numel() * 4 for p in model.parameters())
     (record,) = stage_records(captured, dict.fromkeys(costs.nodes, 0), costs=costs)
@@ -361,7 +363,10 @@ def test_attention_backward_flops_come_from_the_counter(llama):
     sdpa = [c for n, c in costs.nodes.items() if n.target is torch._C._nn.scaled_dot_product_attention]
     assert len(sdpa) == LAYERS
     assert all(
-        c.forward_flops > 0 and c.backward_input_flops == 2.5 * c.forward_flops and c.backward_weight_flops == 0 for c in sdpa
+        c.forward_flops > 0
+        and c.backward_input_flops == 2.5 * c.forward_flops
+        and c.backward_weight_flops == 0
+        for c in sdpa
     )
 
 
@@ -372,9 +377,7 @@ def test_profiled_costs_feed_the_partitioner():
     assert costs.profiled
     linears = [c for n, c in costs.nodes.items() if n.target is torch._C._nn.linear]
     # each half of the backward is measured as a difference of timings, so under load one half may be 0
-    assert all(
-        c.measured and c.forward > 0 and c.backward_input + c.backward_weight > 0 for c in linears
-    )
+    assert all(c.measured and c.forward > 0 and c.backward_input + c.backward_weight > 0 for c in linears)
     stage_of = assign_balanced(captured, 3, costs=costs)
     assert set(stage_of.values()) == {0, 1, 2}
     assert costs.with_times(costs.times()).times() == costs.times()  # what ranks would broadcast
@@ -511,6 +514,6 @@ def test_step_objective_picks_among_near_balanced_splits(llama):
 
     # compared before min-cut refinement, on the chain splits the objective saw
     chain = Chain(llama, graph_costs(llama), (), 4, N_MICRO)
-    by_bytes = chain.stage_records(list(balanced_partition(llama, 4, costs=costs_of(llama), step=sent).cuts))
-    fewest = chain.stage_records(list(balanced_partition(llama, 4, costs=costs_of(llama)).cuts))
+    by_bytes = chain.stage_costs(list(balanced_partition(llama, 4, costs=costs_of(llama), step=sent).cuts))
+    fewest = chain.stage_costs(list(balanced_partition(llama, 4, costs=costs_of(llama)).cuts))
     assert sent(by_bytes) == sent(fewest) and _imbalance(by_bytes) <= _imbalance(fewest) + 1e-9

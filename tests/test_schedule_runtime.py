@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import check_runs, train_many
 from harness import run_distributed
 from models import CASES
-from test_pipeline import _check_runs, train_many
 
 
 @pytest.mark.parametrize(
@@ -38,10 +38,10 @@ def test_schedules_match_single_process(world: int, runs: list) -> None:
         }
         runs.append((["mlp"], {**options, "n_stages": 4}))  # n_stages here sizes the test model only
     results = run_distributed(train_many, world, runs, timeout=600)
-    _check_runs(results, runs)
+    check_runs(results, runs)
 
 
-def inflight_worker(rank: int, world: int, schedules: list[str]) -> dict[str, int]:
+def in_flight_worker(rank: int, world: int, schedules: list[str]) -> dict[str, int]:
     from models import mlp
 
     peaks = {}
@@ -62,16 +62,16 @@ def inflight_worker(rank: int, world: int, schedules: list[str]) -> dict[str, in
         assert len(reports) == 1 and reports[0].train and reports[0].timeline.events
         # the timeline records every action of the table that ran, sends and receives included
         ran = sorted(str(a) for a in reports[0].actions if a is not None)
-        recorded = sorted(e.action for e in reports[0].timeline.events if e.action[0].isdigit())
+        recorded = sorted(e.name for e in reports[0].timeline.events if e.kind == "action")
         assert ran == recorded and any("RECV" in a for a in ran) and any("SEND" in a for a in ran)
-        named = {e.action for e in reports[0].timeline.events} - set(ran)
+        named = {e.name for e in reports[0].timeline.events} - set(ran)
         assert named >= {"refresh shared state", "wait for sends", "receive outputs"}, named
-        peaks[schedule] = reports[0].peak_inflight.get(0, -1)
+        peaks[schedule] = reports[0].peak_in_flight.get(0, -1)
     return peaks
 
 
-def test_inflight_activations_on_stage_zero() -> None:
-    results = run_distributed(inflight_worker, 4, ["gpipe", "1f1b", "zb-h1"], timeout=180)
+def test_in_flight_activations_on_stage_zero() -> None:
+    results = run_distributed(in_flight_worker, 4, ["gpipe", "1f1b", "zb-h1"], timeout=180)
     peaks = results[0]  # rank 0 holds stage 0
     assert peaks["gpipe"] == 8
     assert 1 <= peaks["1f1b"] <= 4
@@ -149,7 +149,7 @@ def test_custom_schedules_run_and_a_deadlocking_one_is_rejected() -> None:
         "callable",
         "torch csv",
     ):  # numerics were asserted in the workers; every parameter was owned
-        _check_runs({r: out[label] for r, out in results.items()}, [(["skip", "tied"], {})])
+        check_runs({r: out[label] for r, out in results.items()}, [(["skip", "tied"], {})])
     for out in results.values():
         message = out["deadlocked"]
         assert message.startswith("ScheduleError") and "deadlock" in message and "rank" in message, message
@@ -171,4 +171,4 @@ def test_batched_point_to_point_as_over_nccl_matches_single_process() -> None:
         (["mlp"], {"schedule": "interleaved-1f1b", "n_microbatches": 4, "n_stages": 4}),
     ]
     results = run_distributed(in_issue_order_worker, 2, runs, timeout=300)
-    _check_runs(results, runs)
+    check_runs(results, runs)

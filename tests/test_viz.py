@@ -64,7 +64,7 @@ def test_timeline_has_a_row_per_rank_and_a_box_per_action_where_its_times_say():
     boxes = _by_class(root, "op")
     assert len(boxes) == len(timeline.events) == 4 * 8 * 2
     assert sorted((int(b.get("data-rank")), b.get("data-action")) for b in boxes) == sorted(
-        (e.rank, e.action) for e in timeline.events
+        (e.rank, e.name) for e in timeline.events
     )
     # x is affine in start time with one scale for every box, and width is duration at that scale.
     left = float(rows[0].get("x"))
@@ -83,7 +83,7 @@ def test_timeline_has_a_row_per_rank_and_a_box_per_action_where_its_times_say():
     )  # (m + p - 1)(f + b + w)
     # Forward boxes show their microbatch number.
     assert sorted(int(t) for t in (("".join(e.itertext())) for e in _by_class(root, "mb"))) == sorted(
-        Action.parse(e.action).mb for e in timeline.events
+        e.action.mb for e in timeline.events
     )
 
 
@@ -119,6 +119,21 @@ def test_merge_per_rank_recordings_and_draw_communication():
     root = _parse(timeline_svg(merged))
     assert [c.get("data-action") for c in _by_class(root, "comm")] == ["0SEND_F0->1"]
     assert len(_by_class(root, "row")) == 2
+
+
+def test_step_events_are_drawn_as_named_work_not_actions():
+    timeline = _sim("1f1b", ranks=2, microbatches=4)
+    end = timeline.makespan
+    timeline.events.append(TimelineEvent(1, "refresh shared state", end, 2 * end, kind="step"))
+    root = _parse(timeline_svg(timeline))
+    (step,) = _by_class(root, "step")
+    assert step.get("data-step") == "refresh shared state" and step.get("data-rank") == "1"
+    assert step.get("data-action") is None and "op" not in step.get("class").split()
+    assert "the step's own work" in "".join(step.itertext())  # its tooltip
+    assert ["refresh shared state"] == ["".join(e.itertext()) for e in _by_class(root, "step-name")]
+    assert not _by_class(root, "comm")
+    assert any("own work" in (e.get("data-label") or "") for e in _by_class(root, "legend"))
+    assert len(_by_class(root, "op")) == len(timeline.events) - 1
 
 
 def test_chrome_trace_and_empty_timeline(tmp_path):

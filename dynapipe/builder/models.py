@@ -76,4 +76,3 @@ def fill_state(roots: list[torch.nn.Module], checkpoint: str | None, tensors: li
     leftover = {id(t) for t in tensors} - {k for root in roots for k in model_names(root)}
     if leftover:
         initialise([t for t in tensors if id(t) in leftover], roots)  # raises, naming the tensors
-

@@ -60,4 +60,3 @@ def loss_index(captured: CapturedGraph) -> int | None:
         if value.dim() == 0 and value.is_floating_point() and value.requires_grad:
             return i
     return None
-

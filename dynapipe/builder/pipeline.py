@@ -71,11 +71,7 @@ def build_pipeline(
         raise ConfigError(
             "the compiled call has no input tensor with a batch dimension to split into microbatches"
         )
-    device = next((t.device for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    ensure_process_group(device, config.timeout_s)
-    comm = Comm(timedelta(seconds=config.timeout_s))
-    mesh = build_mesh(device, dp_degree=config.dp_degree, mesh=config.mesh, timeout_s=config.timeout_s)
-    comm.agree({"batch size": str(batch_size), "input shapes": input_shapes(inputs), **config.summary()}, "the call")
+    comm, mesh = _join(config, inputs, batch_size)
     spec = get_schedule(config.schedule)
     n_stages = stage_count(config, spec, mesh.n_pp)
     n_microbatches = config.microbatches(n_stages)
@@ -85,7 +81,9 @@ def build_pipeline(
     captured = capture_microbatch(call, n_microbatches=n_microbatches, batch_size=batch_size)
     captured.number = number
     pp_of_stage = placement_map(spec.placement, n_ranks=mesh.n_pp, n_stages=n_stages)
-    plan, stages = _plan_stages(captured, config, spec, comm, pp_of_stage, with_costs=config.on_step is not None)
+    plan, stages = _plan_stages(
+        captured, config, spec, comm, pp_of_stage, with_costs=config.on_step is not None
+    )
     train, inference = _tables(plan, stages, pp_of_stage, mesh, n_microbatches, comm.in_issue_order)
     comm.agree(
         {
@@ -117,6 +115,20 @@ def build_pipeline(
         ddp_comm_hook=config.ddp_comm_hook,
     )
     return pipeline, captured.shapes
+
+
+def _join(config: PipelineConfig, inputs: dict[str, Any], batch_size: int) -> tuple[Comm, PipelineMesh]:
+    """The process group (started if the user has not), the pp x dp mesh, and every rank's word that it
+    was called the same way."""
+    device = next(
+        (t.device for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)), torch.device("cpu")
+    )
+    ensure_process_group(device, config.timeout_s)
+    comm = Comm(timedelta(seconds=config.timeout_s))
+    mesh = build_mesh(device, dp_degree=config.dp_degree, mesh=config.mesh, timeout_s=config.timeout_s)
+    call = {"batch size": str(batch_size), "input shapes": input_shapes(inputs), **config.summary()}
+    comm.agree(call, "the call")
+    return comm, mesh
 
 
 def _plan_stages(
@@ -186,7 +198,9 @@ def _tables(
         # the last backward of each stage runs DDP's all-reduce; as I then W, the input gradient is
         # sent before the all-reduce waits, so the all-reduces do not add up along the critical path
         train = split_last_backward(train)
-        reduce_stages = [s for s, p in enumerate(stages) if any(t.requires_grad for t in p.module.parameters())]
+        reduce_stages = [
+            s for s, p in enumerate(stages) if any(t.requires_grad for t in p.module.parameters())
+        ]
     inference = {
         r: [Action(s, Kind.F, mb) for s in range(n_stages) if pp_of_stage[s] == r for mb in range(n_mb)]
         for r in range(n_pp)

@@ -31,6 +31,7 @@ def fake_costs(
     flop_rate: float,
     memory_bandwidth: float,
 ) -> GraphCosts:
+    """Cost ``nodes`` (see :mod:`dynapipe.cost`) by replaying each once on fake tensors."""
     graph = captured.gm.graph
     values = shape_values(graph)
     modes = grad_modes(graph)
@@ -68,20 +69,30 @@ def fake_costs(
                 else:
                     if key is not None:
                         replays[key] = replay
-            seconds = [
-                max(flops / flop_rate, moved / memory_bandwidth)
-                for flops, moved in zip(replay.flops, replay.moved, strict=True)
-            ]
-            costs[node] = NodeCost(
-                *seconds,  # forward, input-gradient, weight-gradient: seconds, then FLOPs
-                *replay.flops,
-                moved_bytes=sum(replay.moved),
-                saves=buffers.place(node, replay),
-                **out,
-            )
+            saves = buffers.place(node, replay)
+            costs[node] = _node_cost(replay, flop_rate, memory_bandwidth, saves=saves, **out)
     state = _state_bytes(captured, OPTIMIZER_STATES[optimizer])
     return GraphCosts(
         costs, buffers.bytes, buffers.names, state, optimizer, False, flop_rate, uncosted, memory_bandwidth
+    )
+
+
+def _node_cost(replay: _Replay, flop_rate: float, memory_bandwidth: float, **rest: Any) -> NodeCost:
+    """A replayed node's cost: each phase timed by the roofline, max(FLOPs / flop_rate, bytes moved /
+    memory_bandwidth)."""
+    f, i, w = (
+        max(flops / flop_rate, moved / memory_bandwidth)
+        for flops, moved in zip(replay.flops, replay.moved, strict=True)
+    )
+    return NodeCost(
+        forward=f,
+        backward_input=i,
+        backward_weight=w,
+        forward_flops=replay.flops[0],
+        backward_input_flops=replay.flops[1],
+        backward_weight_flops=replay.flops[2],
+        moved_bytes=sum(replay.moved),
+        **rest,
     )
 
 

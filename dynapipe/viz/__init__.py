@@ -7,7 +7,8 @@ Nothing in dynapipe imports this package; it reads the library's plain data (:cl
 :class:`~dynapipe.explain.Explanation`).
 """
 
-from .partition import partition_svg, partition_text, shared_state, stage_modules
+from .partition import partition_text, shared_state, stage_modules
+from .partition_picture import partition_svg
 from .timeline import KIND_NAMES, merge_timelines, timeline_svg, write_chrome_trace
 
 __all__ = [

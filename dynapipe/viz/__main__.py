@@ -17,7 +17,8 @@ import argparse
 import sys
 
 from ..schedules import StageCost, get_schedule, simulate
-from .partition import partition_svg, partition_text
+from .partition import partition_text
+from .partition_picture import partition_svg
 from .timeline import timeline_svg, write_chrome_trace
 
 __all__ = ["main"]

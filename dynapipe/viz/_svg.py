@@ -33,6 +33,7 @@ COLORS = {
     "I": "#E15759",  # backward for the input gradient
     "W": "#59A14F",  # backward for the weight gradient
     "comm": "#9D9D9D",
+    "step": "#D9D2C3",  # the step's own named work, outside the schedule's table
     "params": "#6F4E7C",
     "grads": "#9C77B0",
     "optimizer": "#C9B3D6",
