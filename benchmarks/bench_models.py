@@ -17,13 +17,13 @@ best manual (below 1: the automatic partition is faster), each the median of the
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
 import time
+from typing import Any
 
 import torch
-import torch.multiprocessing as mp
+
+from dynapipe import launch
 
 BATCH, SEQ, MICRO, LAYERS = 16, 64, 8, 8
 BALANCED = 0.03  # the automatic plan's balance_slack in the 'balanced' column
@@ -71,7 +71,7 @@ def _layer_splits(name: str, n_stages: int) -> tuple[list[str], list[str], bool,
     from dynapipe.cost import graph_costs, stage_costs
     from dynapipe.explain import capture
     from dynapipe.partition import assign_by_split_points
-    from dynapipe.plan import Plan, in_flight_per_stage, plan_pipeline, predict_step
+    from dynapipe.plan import plan_pipeline, predict_step
     from dynapipe.schedules import get_schedule
 
     model, layers = _model(name)
@@ -79,39 +79,32 @@ def _layer_splits(name: str, n_stages: int) -> tuple[list[str], list[str], bool,
     captured = capture(lambda ids: model(input_ids=ids, labels=ids).loss, (ids,), n_microbatches=MICRO)
     spec = get_schedule("1f1b")
     costs = graph_costs(captured, optimizer="sgd")
-    in_flight = in_flight_per_stage(spec, n_ranks=n_stages, n_stages=n_stages, n_microbatches=MICRO)
 
-    def predicted(points: list[str]) -> float:
-        stage_of = assign_by_split_points(captured, points)
-        plan = Plan(stage_of, in_flight, spec, n_stages, costs)
-        return predict_step(plan, stage_costs(captured, stage_of, costs=costs), MICRO).makespan
-
-    choices = [[f"{layers}.{i}" for i in c] for c in itertools.combinations(range(1, LAYERS), n_stages - 1)]
-    equal = [f"{layers}.{i * LAYERS // n_stages}" for i in range(1, n_stages)]
-    automatic = [
-        plan_pipeline(
+    def plan(**options: Any) -> Any:
+        config = PipelineConfig(n_stages=n_stages, n_microbatches=MICRO, optimizer="sgd", **options)
+        return plan_pipeline(
             captured,
-            PipelineConfig(n_stages=n_stages, n_microbatches=MICRO, optimizer="sgd", balance_slack=slack),
+            config,
             spec=spec,
             n_ranks=n_stages,
             n_stages=n_stages,
             costs=lambda *_: costs,
-        ).stage_of
-        for slack in (None, BALANCED)
-    ]
+            with_costs=True,
+        )
+
+    def predicted(points: list[str]) -> float:
+        at_points = plan(split_points=tuple(points))
+        return predict_step(at_points, stage_costs(captured, at_points.stage_of, costs)).makespan
+
+    choices = [[f"{layers}.{i}" for i in c] for c in itertools.combinations(range(1, LAYERS), n_stages - 1)]
+    equal = [f"{layers}.{i * LAYERS // n_stages}" for i in range(1, n_stages)]
+    automatic = [plan(balance_slack=slack).stage_of for slack in (None, BALANCED)]
     best = min(choices, key=predicted)
     return best, equal, automatic[0] == assign_by_split_points(captured, best), automatic[0] != automatic[1]
 
 
-def _worker(rank: int, world: int, port: int, name: str, variants: dict, steps: int, queue) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+def _worker(name: str, variants: dict, steps: int) -> dict[str, list[float]]:
+    """One rank's timed steps of every variant (under ``dynapipe.launch``)."""
     ids = torch.randint(0, 16000, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     runs = {}
     for variant, extra in variants.items():  # each variant pipelines its own copy of the model
@@ -132,28 +125,11 @@ def _worker(rank: int, world: int, port: int, name: str, variants: dict, steps: 
             opt.zero_grad()
             if i >= 2:
                 times[variant].append(time.perf_counter() - start)
-    if rank == 0:
-        queue.put(times)
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
+    return times
 
 
 def _run(name: str, world: int, variants: dict, steps: int) -> dict[str, list[float]]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        ctx.Process(target=_worker, args=(r, world, port, name, variants, steps, queue)) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    times = queue.get(timeout=900)
-    for p in procs:
-        p.join(timeout=60)
-    return times
+    return launch(_worker, name, variants, steps, nproc=world, timeout=900)[0]
 
 
 def _paired(times: list[float], baseline: list[float]) -> float:

@@ -29,6 +29,7 @@ import itertools
 import time
 
 import torch
+from hf_models import PARTITION_HIDDEN, PARTITION_VOCAB, partition_model
 
 from dynapipe.cost import graph_costs, stage_costs
 from dynapipe.explain import capture
@@ -36,59 +37,11 @@ from dynapipe.graph import compute_nodes
 from dynapipe.partition import balanced_partition, layer_boundaries
 from dynapipe.partition.manual import _inside
 
-VOCAB, HIDDEN, BATCH, SEQ, N_MICRO = 1000, 64, 4, 16, 2
+VOCAB, HIDDEN, BATCH, SEQ, N_MICRO = PARTITION_VOCAB, PARTITION_HIDDEN, 4, 16, 2
 
 
 def make(kind: str, layers: int) -> torch.nn.Module:
-    import transformers as t
-
-    config = {
-        "llama": lambda: t.LlamaForCausalLM(
-            t.LlamaConfig(
-                hidden_size=HIDDEN,
-                intermediate_size=2 * HIDDEN,
-                num_hidden_layers=layers,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=VOCAB,
-                max_position_embeddings=64,
-            )
-        ),
-        "gpt2": lambda: t.GPT2LMHeadModel(
-            t.GPT2Config(
-                n_embd=HIDDEN,
-                n_layer=layers,
-                n_head=4,
-                vocab_size=VOCAB,
-                n_positions=64,
-                bos_token_id=0,
-                eos_token_id=0,
-            )
-        ),
-        "opt": lambda: t.OPTForCausalLM(
-            t.OPTConfig(
-                hidden_size=HIDDEN,
-                ffn_dim=2 * HIDDEN,
-                num_hidden_layers=layers,
-                num_attention_heads=4,
-                vocab_size=VOCAB,
-                max_position_embeddings=64,
-                word_embed_proj_dim=HIDDEN,
-                bos_token_id=0,
-                eos_token_id=0,
-                pad_token_id=1,
-            )
-        ),
-        "bloom": lambda: t.BloomForCausalLM(
-            t.BloomConfig(
-                hidden_size=HIDDEN, n_layer=layers, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0
-            )
-        ),
-    }[kind]
-    torch.manual_seed(0)
-    model = config().eval()
-    model.loss_type = "ForCausalLM"
-    return model
+    return partition_model(kind, layers)
 
 
 def capture_model(kind: str, layers: int):

@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -39,11 +37,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dynapipe import launch
 from dynapipe.schedules import (
     Action,
     Kind,
@@ -621,15 +619,9 @@ def run_row(row: Row, settings: Settings, link: tuple[float, float], usable: boo
     return result, usable
 
 
-def _worker(rank: int, world: int, port: int, rows: list[Row], settings: Settings, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-    )
-    torch.set_num_threads(1)
+def _worker(rows: list[Row], settings: Settings) -> list[dict] | None:
+    """One rank's rows (under ``dynapipe.launch``, which sets the rank's environment); rank 0 returns them."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if settings.nice:  # before gloo starts its threads, which inherit it
         os.nice(settings.nice)
     if settings.realtime:
@@ -655,19 +647,12 @@ def _worker(rank: int, world: int, port: int, rows: list[Row], settings: Setting
                     file=sys.stderr,
                     flush=True,
                 )
-        if rank == 0:
-            Path(out).write_text(json.dumps(results))
+        return results if rank == 0 else None
     finally:
         dist.destroy_process_group()
 
 
 # -- the report ---------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _aligned(head: list[str], lines: list[list[str]]) -> list[str]:
     widths = [max(len(cells[i]) for cells in [head, *lines]) for i in range(len(head))]
 
@@ -943,10 +928,7 @@ def main() -> None:
     for world in sorted({r.world for r in rows}):
         group = [r for r in rows if r.world == world]
         print(f"{world} processes: {len(group)} rows", file=sys.stderr, flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "results.json")
-            mp.spawn(_worker, args=(world, _free_port(), group, settings, out), nprocs=world, join=True)
-            results += json.loads(Path(out).read_text())
+        results += launch(_worker, group, settings, nproc=world)[0]
     print(report(results, settings, (load, os.getloadavg()[0])))
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
     if opts.json:

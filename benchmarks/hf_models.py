@@ -17,7 +17,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FAMILIES", "NO_DROPOUT", "causal_lm", "hf_config"]
+__all__ = [
+    "FAMILIES",
+    "NO_DROPOUT",
+    "PARTITION_HIDDEN",
+    "PARTITION_VOCAB",
+    "causal_lm",
+    "hf_config",
+    "partition_model",
+]
 
 # each family's dropout switched off: a pipelined run and one process then compute the same numbers
 NO_DROPOUT: dict[str, dict[str, float]] = {
@@ -112,3 +120,36 @@ def causal_lm(family: str, *, seed: int | None = 0, **sizes: Any) -> Any:
     if seed is not None:
         torch.manual_seed(seed)
     return getattr(transformers, FAMILIES[family][1])(config)
+
+
+# The partition tests' and benchmarks' models: vocab 1000 x hidden 64, so that the embedding and the LM
+# head weigh about 1.3-1.7 layers of FLOPs and where a cut falls around them matters.
+PARTITION_VOCAB, PARTITION_HIDDEN = 1000, 64
+_PARTITION_EXTRA: dict[str, dict[str, Any]] = {
+    "llama": {"kv_heads": 2, "ffn": 2 * PARTITION_HIDDEN, "positions": 64},
+    "gpt2": {"positions": 64, "bos_token_id": 0, "eos_token_id": 0},
+    "opt": {
+        "ffn": 2 * PARTITION_HIDDEN,
+        "positions": 64,
+        "word_embed_proj_dim": PARTITION_HIDDEN,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "pad_token_id": 1,
+    },
+    "bloom": {"bos_token_id": 0, "eos_token_id": 0},
+}
+
+
+def partition_model(family: str, layers: int) -> Any:
+    """The partition tests' model of ``family`` with ``layers`` layers, seeded, in eval mode (no dropout,
+    so stage-by-stage runs match exactly)."""
+    model = causal_lm(
+        family,
+        vocab=PARTITION_VOCAB,
+        hidden=PARTITION_HIDDEN,
+        layers=layers,
+        heads=4,
+        **_PARTITION_EXTRA[family],
+    ).eval()
+    model.loss_type = "ForCausalLM"
+    return model

@@ -86,8 +86,9 @@ def test_timeline(tmp_path):
 @pytest.mark.hf
 @pytest.mark.slow
 def test_big_model(tmp_path):
-    """2 ranks, a small Llama: empty init, each rank loads its stage, save, resume in new processes."""
-    out = run_example(
-        "big_model.py", "--nproc", "2", "--hidden", "512", "--layers", "2", "--steps", "1", "--out", str(tmp_path)
-    )
-    assert "trained on vs trained straight -> match" in out
+    """2 ranks, a small Llama: empty init, each rank loads its stage, save, resume in new processes. At this
+    size the example skips its memory check (the fixed cost of a rank hides a 55 MiB model); the default
+    845 MiB run checks it."""
+    quick = ["--nproc", "2", "--hidden", "512", "--layers", "2", "--steps", "1"]
+    out = run_example("big_model.py", *quick, "--out", str(tmp_path))
+    assert "trained on vs trained straight -> match" in out and "memory not checked" in out

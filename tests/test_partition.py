@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 from fixtures import assign_balanced, costs_of, stage_records
+from hf_models import PARTITION_HIDDEN, PARTITION_VOCAB, partition_model
 
 from dynapipe.codegen import build_stages
 from dynapipe.cost import graph_costs
@@ -32,60 +33,13 @@ from dynapipe.partition.chain import Chain
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.hf
 
-BATCH, SEQ, HIDDEN, VOCAB, LAYERS, N_MICRO = 4, 16, 64, 1000, 8, 2
+BATCH, SEQ, LAYERS, N_MICRO = 4, 16, 8, 2
+HIDDEN, VOCAB = PARTITION_HIDDEN, PARTITION_VOCAB
 MICRO = BATCH // N_MICRO
 
 
 def _model(kind: str, layers: int = LAYERS) -> nn.Module:
-    """Small configs whose embedding and LM head matter (vocab 1000 x hidden 64 ~ 1.3-1.7 layers of FLOPs)."""
-    t = transformers
-    configs = {
-        "llama": lambda: t.LlamaForCausalLM(
-            t.LlamaConfig(
-                hidden_size=HIDDEN,
-                intermediate_size=2 * HIDDEN,
-                num_hidden_layers=layers,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=VOCAB,
-                max_position_embeddings=64,
-            )
-        ),
-        "gpt2": lambda: t.GPT2LMHeadModel(
-            t.GPT2Config(
-                n_embd=HIDDEN,
-                n_layer=layers,
-                n_head=4,
-                vocab_size=VOCAB,
-                n_positions=64,
-                bos_token_id=0,
-                eos_token_id=0,
-            )
-        ),
-        "opt": lambda: t.OPTForCausalLM(
-            t.OPTConfig(
-                hidden_size=HIDDEN,
-                ffn_dim=2 * HIDDEN,
-                num_hidden_layers=layers,
-                num_attention_heads=4,
-                vocab_size=VOCAB,
-                max_position_embeddings=64,
-                word_embed_proj_dim=HIDDEN,
-                bos_token_id=0,
-                eos_token_id=0,
-                pad_token_id=1,
-            )
-        ),
-        "bloom": lambda: t.BloomForCausalLM(
-            t.BloomConfig(
-                hidden_size=HIDDEN, n_layer=layers, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0
-            )
-        ),
-    }
-    torch.manual_seed(0)
-    model = configs[kind]().eval()  # eval: no dropout, so stage-by-stage runs match exactly
-    model.loss_type = "ForCausalLM"
-    return model
+    return partition_model(kind, layers)
 
 
 def _ids() -> torch.Tensor:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from .actions import Action, Kind, ScheduleError, Table, normalize_table
+from .actions import Action, Kind, Table, normalize_table
 from .placement import Placement, StageGraph, placement_map
 from .placement import stage_graph as _chain_plus
 from .replay import replay
@@ -101,7 +101,9 @@ def lower(
     in_issue_order: bool = False,
 ) -> Table:
     """A copy of compute-only ``table`` with SEND/RECV actions inserted (idle slots are kept), and a REDUCE
-    before the last weight-gradient work of every stage in ``reduce_stages`` (data parallelism). A receive
+    before the last weight-gradient work of every stage in ``reduce_stages`` (data parallelism). A table
+    that has its own sends and receives already (a schedule loaded from torch's CSV) keeps them as written
+    and only gets the REDUCEs. A receive
     is posted ``receive_ahead`` compute actions before the one that waits for it (0: right before it;
     None: every receive of the step at its start); with ``in_issue_order`` (NCCL) in the global order of
     the module docstring instead. Nothing is checked here: :func:`~dynapipe.schedules.validate` proves
@@ -113,12 +115,8 @@ def lower(
     table = normalize_table(table)
     graph = stage_graph if stage_graph is not None else _chain_plus(n_stages, edges)
     rank_of = placement_map(placement, n_ranks=n_ranks, n_stages=n_stages)
-    for rank, actions in table.items():
-        for action in actions:
-            if action is not None and not action.kind.is_compute:
-                raise ScheduleError(
-                    f"{action} on rank {rank}: the table is already lowered; pass the compute-only table"
-                )
+    if any(a is not None and a.kind.is_p2p for actions in table.values() for a in actions):
+        return _mark_reductions(table, reduce_stages)
     order = _send_order(table, graph, rank_of) if in_issue_order else None
     if order is not None:
         lowered = {r: _in_send_order(actions, order, graph, rank_of) for r, actions in table.items()}
@@ -194,7 +192,9 @@ def _in_send_order(
 
 def _mark_reductions(table: Table, stages: Iterable[int]) -> Table:
     """``table`` with ``sREDUCEk`` right before the last weight-gradient work ``sBk``/``sWk`` of every stage
-    in ``stages``."""
+    in ``stages`` (a table that places its own REDUCEs keeps them as written)."""
+    if any(a is not None and a.kind is Kind.REDUCE for actions in table.values() for a in actions):
+        return table
     before = {a for s, a in last_weight_work(table).items() if s in set(stages)}
     if not before:
         return table
