@@ -35,6 +35,7 @@ pytestmark = pytest.mark.hf
 
 BATCH, SEQ, LAYERS, N_MICRO = 4, 16, 8, 2
 HIDDEN, VOCAB = PARTITION_HIDDEN, PARTITION_VOCAB
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 MICRO = BATCH // N_MICRO
 
 
@@ -155,7 +156,7 @@ def test_deterministic_across_captures_and_processes():
     first = names(_capture("llama", 2))
     assert first == names(_capture("llama", 2))
     code = textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import sys; sys.path[:0] = [{os.path.dirname(__file__)!r}, {BENCHMARKS!r}]
         from test_partition import _capture
         from fixtures import assign_balanced
         print([(n.name, s) for n, s in assign_balanced(_capture("llama", 2), 4).items()])
