@@ -41,7 +41,6 @@ __all__ = [
     "LINK_LATENCY_S",
     "CostSource",
     "Plan",
-    "in_flight_per_stage",
     "local_costs",
     "plan_pipeline",
     "predict_step",
@@ -82,7 +81,7 @@ def local_costs(captured: CapturedGraph, config: PipelineConfig) -> GraphCosts:
     return graph_costs(captured, optimizer=config.optimizer, profile=config.profile)
 
 
-def in_flight_per_stage(table: Table, spec: ScheduleSpec, *, n_ranks: int, n_stages: int) -> tuple[int, ...]:
+def _in_flight(table: Table, spec: ScheduleSpec, *, n_ranks: int, n_stages: int) -> tuple[int, ...]:
     """Peak microbatches whose activations each stage holds under ``table``, counted along each rank's list."""
     rank_of = placement_map(spec.placement, n_ranks=n_ranks, n_stages=n_stages)
     counted = schedules.in_flight_per_stage(table, rank_of)
@@ -107,7 +106,7 @@ def plan_pipeline(
     ``with_costs`` it carries them for split points too (to explain the plan)."""
     points = _split_points(captured, config)
     table = spec.build(n_ranks=n_ranks, n_stages=n_stages, n_microbatches=captured.n_microbatches)
-    in_flight = in_flight_per_stage(table, spec, n_ranks=n_ranks, n_stages=n_stages)
+    in_flight = _in_flight(table, spec, n_ranks=n_ranks, n_stages=n_stages)
     plan = partial(Plan, in_flight=in_flight, spec=spec, n_ranks=n_ranks, table=table)
     if points or n_stages == 1:
         if len(points) + 1 != n_stages:
