@@ -31,13 +31,13 @@ from dynapipe import launch
 WORLD, BATCH, SEQ, MICRO, VOCAB = 2, 8, 128, 4, 8000
 # dynapipe's functions that mark the phases of its first step (cumulative time on rank 0)
 PHASES = {
-    ("backend.py", "_build"): "dynapipe's build (all below but the step)",
-    ("capture.py", "capture_microbatch"): "  re-trace at the microbatch size",
-    ("plan.py", "plan_pipeline"): "  cost model + partition",
+    ("pipeline.py", "build_pipeline"): "dynapipe's build (all below but the step)",
+    ("trace.py", "capture_microbatch"): "  re-trace at the microbatch size",
+    ("planner.py", "plan_pipeline"): "  cost model + partition",
     ("codegen.py", "build_stages"): "  codegen",
     ("state.py", "place_state"): "  state placement",
-    ("backend.py", "_tables"): "  schedule tables",
-    ("pipeline.py", "__call__"): "the step itself",
+    ("pipeline.py", "_tables"): "  schedule tables",
+    ("pipeline.py", "run"): "the step itself",
 }
 
 

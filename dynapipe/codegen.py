@@ -8,8 +8,8 @@ Calling convention (the contract between this module and the runtime)
   (indices into ``CapturedGraph.input_sources``). Every stage reads its inputs straight from the
   microbatch; inputs are never forwarded from stage to stage.
 * **received** — boundary values produced by earlier stages, in the order of ``StagePlan.receives``.
-  Their shapes are symbolic (``Boundary.shape``, a :class:`~dynapipe.shapes.SymbolicShape`): a receiver
-  allocates ``b.shape.at(sizes)`` with the call's :class:`~dynapipe.shapes.Sizes`, read from the inputs.
+  Their shapes are symbolic (``Boundary.shape``, a :class:`~dynapipe.graph.SymbolicShape`): a receiver
+  allocates ``b.shape.at(sizes)`` with the call's :class:`~dynapipe.graph.Sizes`, read from the inputs.
 * **sizes** — a size the stage uses (``s27``, ``s27 * 8``) is never received: the stage computes it from
   the sizes of the inputs it reads (``s27 = l_ids_.size(1)``), so one stage module serves every length.
 * **outputs** — for every stage but the last, the boundary values it produces (``StagePlan.sends``); a

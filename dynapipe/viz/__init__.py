@@ -4,7 +4,7 @@
     python -m dynapipe.viz partition llama --stages 4 -o llama.svg
 
 Nothing in dynapipe imports this package; it reads the library's plain data (:class:`Timeline`,
-:class:`~dynapipe.explain.Explanation`).
+:class:`~dynapipe.plan.Explanation`).
 """
 
 from .partition import partition_text, shared_state, stage_modules
