@@ -84,6 +84,7 @@ def train_and_compare(rank: int, world: int, names: list[str], options: dict, st
         shard = [split_value(a, dp, len(pipe.args[0]), rank % dp) for a in (pipe.args, pipe.kwargs)]
         # one process over the global batch; a summed loss is averaged over replicas, as DDP averages
         ref_scale = 1.0 / dp if opts.get("loss_reduction") == "sum" else 1.0
+        losses, compared = [], set()
         for i in range(steps):
             loss = step(*shard[0], **shard[1])
             loss.backward()
@@ -91,6 +92,7 @@ def train_and_compare(rank: int, world: int, names: list[str], options: dict, st
             ref_loss.backward()
             torch.testing.assert_close(loss, ref_loss, msg=lambda m: f"{name} step {i} loss: {m}")
             assert loss.dim() == 0 and loss.grad_fn is not None
+            losses.append((loss.item(), ref_loss.item()))
             owned = _owned(pipe.model)
             ref_params = dict(ref.model.named_parameters())
             for pname, p in owned.items():
@@ -98,6 +100,7 @@ def train_and_compare(rank: int, world: int, names: list[str], options: dict, st
                 got = p.grad if p.grad is not None else torch.zeros_like(p)
                 expect = expect if expect is not None else torch.zeros_like(p)
                 torch.testing.assert_close(got, expect, msg=lambda m: f"{name} step {i} grad {pname}: {m}")
+                compared.add(pname)
             opt.step(), ref_opt.step()
             opt.zero_grad(), ref_opt.zero_grad()
             for pname, p in owned.items():
@@ -106,6 +109,9 @@ def train_and_compare(rank: int, world: int, names: list[str], options: dict, st
                 )
         report[name] = {n: p.detach().flatten().tolist() for n, p in _owned(pipe.model).items()}
         report[name + ":all"] = sorted(n for n, _ in ref.model.named_parameters())
+        # what was compared here, so the test can see that every loss and gradient was
+        report[name + ":losses"] = losses
+        report[name + ":compared"] = sorted(compared)
     return report
 
 
