@@ -72,6 +72,27 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
             dist.destroy_process_group()
 
 
+def _check_silent_exits(procs: list, reports: Any, results: dict, failures: dict, reported: set) -> None:
+    """Ranks whose process ended without a report: killed (os._exit, a signal, out of memory), or whose
+    result could not be pickled (the queue drops it and the process exits 0). Either is a failure, never a
+    wait: a report still in the pipe is taken first."""
+    dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results and r not in failures]
+    if not dead:
+        return
+    try:
+        while True:
+            rank, ok, value = reports.get(timeout=0.5)
+            (results if ok else failures)[rank] = value
+            reported.add(rank)
+    except queue_mod.Empty:
+        pass
+    for r in dead:
+        if r not in results and r not in failures:
+            code = procs[r].exitcode
+            why = "its result could not be pickled" if code == 0 else "it was killed or crashed"
+            failures[r] = f"process exited with code {code} without reporting ({why}?)"
+
+
 def launch(
     fn: Callable[..., Any], *args: Any, nproc: int, timeout: float | None = None, grace: float = 60.0
 ) -> dict[int, Any]:
@@ -116,9 +137,7 @@ def launch(
                 (results if ok else failures)[rank] = value
                 reported.add(rank)
             except queue_mod.Empty:
-                for r, p in enumerate(procs):  # died without a word: os._exit, a signal, out of memory
-                    if not p.is_alive() and p.exitcode != 0 and r not in results and r not in failures:
-                        failures[r] = f"process exited with code {p.exitcode} without reporting"
+                _check_silent_exits(procs, reports, results, failures, reported)
             if failures and deadline > time.monotonic() + grace:
                 deadline = time.monotonic() + grace  # the first failure starts the others' grace period
     finally:
