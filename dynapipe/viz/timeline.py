@@ -26,6 +26,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 from ..schedules import Action, Kind, Timeline, TimelineEvent
@@ -222,26 +223,30 @@ def _draw_row(svg: Canvas, layout: _Layout, timeline: Timeline, rank: int, y: fl
             _draw_compute(svg, layout, event, action, x0, y, w, times)
 
 
-def _draw_step(svg: Canvas, event: TimelineEvent, x0: float, y: float, w: float, times: str) -> None:
-    """The step's own named work (``refresh shared state``): a hatched box across the row, labelled
-    with its name where it fits, so it is not mistaken for an action of the table."""
+def _box(svg: Canvas, event: TimelineEvent, x0: float, y: float, w: float, **attrs: Any) -> None:
+    """One event's box on its rank's row (at least half a pixel wide), with its rank and times as data."""
     svg.element(
         "rect",
         x=float(x0),
         y=float(y),
         width=float(max(w, 0.5)),
         height=float(_ROW),
-        fill=COLORS["step"],
-        stroke=COLORS["muted"],
         stroke_width=0.8,
-        stroke_dasharray="3 2",
-        class_="step",
         data_rank=event.rank,
-        data_step=event.name,
         data_start=repr(event.start),
         data_end=repr(event.end),
-        tooltip=f"rank {event.rank}: {event.name} (the step's own work, outside the schedule's table), {times}",
+        **attrs,
     )
+
+
+def _draw_step(svg: Canvas, event: TimelineEvent, x0: float, y: float, w: float, times: str) -> None:
+    """The step's own named work (``refresh shared state``): a hatched box across the row, labelled
+    with its name where it fits, so it is not mistaken for an action of the table."""
+    _box(
+        svg, event, x0, y, w,
+        fill=COLORS["step"], stroke=COLORS["muted"], stroke_dasharray="3 2", class_="step", data_step=event.name,
+        tooltip=f"rank {event.rank}: {event.name} (the step's own work, outside the schedule's table), {times}",
+    )  # fmt: skip
     if text_width(event.name, 10) + 4 <= w:
         svg.text(
             x0 + w / 2,
@@ -273,24 +278,11 @@ def _draw_compute(
         f"rank {rank}: {event.name} = {KIND_NAMES[action.kind]} of microbatch {action.mb} "
         f"on stage {action.stage}, {times}"
     )
-    svg.element(
-        "rect",
-        x=float(x0),
-        y=float(y),
-        width=float(max(w, 0.5)),
-        height=float(_ROW),
-        fill=color,
-        stroke="white",
-        stroke_width=0.8,
-        class_=f"op op-{action.kind.value}",
-        data_rank=rank,
-        data_action=event.name,
-        data_stage=action.stage,
-        data_mb=action.mb,
-        data_start=repr(event.start),
-        data_end=repr(event.end),
-        tooltip=tip,
-    )
+    _box(
+        svg, event, x0, y, w,
+        fill=color, stroke="white", class_=f"op op-{action.kind.value}",
+        data_action=event.name, data_stage=action.stage, data_mb=action.mb, tooltip=tip,
+    )  # fmt: skip
     label = str(action.mb)
     if text_width(label, 11) + 3 <= w:
         svg.text(
