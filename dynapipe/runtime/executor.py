@@ -294,9 +294,9 @@ class Step:
             if self.on_results is not None and len(self.results) == ex.n_microbatches:
                 self.on_results(self.results)
         else:
-            self._post(
-                (stage, mb, FWD), {b.name: o for o, b in zip(outputs, plan.sends, strict=True)}, Kind.SEND_F
-            )
+            if self.routes.peers[(Kind.SEND_F, stage)]:  # some other rank reads these outputs
+                sent = {b.name: o for o, b in zip(outputs, plan.sends, strict=True)}
+                self._post((stage, mb, FWD), sent, Kind.SEND_F)
             for tensor, b in zip(outputs, plan.sends, strict=True):
                 for c in b.consumers:
                     if ex.rank_of_stage[c] == ex.rank:
