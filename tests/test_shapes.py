@@ -153,7 +153,7 @@ def test_sizes_cross_stages_as_code_not_data() -> None:
     assert at is not None and plans[1].receives[0].shape.at(at) == (4, 40, 16)
     assert shapes.sizes_at([torch.zeros(4, 1, dtype=torch.long)], 4, 2) is None  # length 1: its own capture
     assert shapes.sizes_at([torch.zeros(6, 16, dtype=torch.long)], 6, 4) is None  # 4 does not divide 6
-    assert "costed at L['ids']: (2, 16)" in str(explanation)
+    assert "costed at ids: (2, 16)" in str(explanation)
 
 
 def test_packed_sequence_batch_is_refused() -> None:

@@ -2,7 +2,8 @@
 
 ``frame`` reads the frame Dynamo compiles, ``trace`` re-traces it at the microbatch size, ``sizes``
 turns sizes into nodes computed from the inputs, ``batch_check`` refuses code that would compute
-something else on a microbatch, ``markers`` are ``pipe_split()``, ``names`` the user's module names.
+something else on a microbatch, ``markers`` are ``pipe_split()``, ``names`` the user's module names,
+``inputs`` the user's names of the call's arguments (and refuses a HuggingFace cache among them).
 """
 
 from .frame import FrameCall, frame_being_compiled, frame_of_call, ignore_logging_in_graphs

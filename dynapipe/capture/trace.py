@@ -23,6 +23,7 @@ from ..graph import CapturedGraph, CaptureShapes, compute_nodes, dims_of, is_siz
 from ..microbatch import is_batched, rows_of
 from .batch_check import batch_symbols, check_guards, check_no_batch_slicing, check_no_batch_squeeze
 from .frame import FrameCall, ignore_logging_in_graphs
+from .inputs import check_no_foreign_cache, input_names
 from .markers import is_split_marker
 from .names import ModelNames, reachable_modules
 from .sizes import rewrite_sizes
@@ -123,6 +124,7 @@ def capture_microbatch(frame: FrameCall, *, n_microbatches: int, batch_size: int
     """Re-trace ``frame`` on microbatch 0 of its own arguments and turn it into a :class:`CapturedGraph`,
     refusing code that would compute something else on a microbatch than on the full batch."""
     ignore_logging_in_graphs()
+    check_no_foreign_cache(frame)
     size = batch_size // n_microbatches
     every_dim = True
     try:
@@ -206,6 +208,7 @@ def _to_captured(trace: _Trace, frame: FrameCall, batch_size: int, n_mb: int) ->
             graph.erase_node(node)
     graph.lint()
     gm.recompile()
+    gm.meta["input_names"] = input_names(frame, input_sources)  # for tables: ``ids``, not ``L['ids']``
     cut = [is_batched(eval(s, {"L": frame.arguments}), batch_size) for s in input_sources]  # noqa: S307 - Dynamo source names
     shapes = _capture_shapes(trace, input_sources, [inputs[s] for s in input_sources], cut)
     return CapturedGraph(gm, input_sources, state_names, batch_size, n_mb, shapes, markers)

@@ -156,11 +156,12 @@ class CaptureShapes:
                 return None
         return Sizes(found)
 
-    def representative(self, sources: Sequence[str]) -> str:
-        """The inputs' microbatch shapes the capture was costed (and partitioned) at: ``L['ids']: (2, 64)``."""
+    def representative(self, names: Sequence[str]) -> str:
+        """The inputs' microbatch shapes the capture was costed (and partitioned) at, under ``names`` (one
+        per graph input): ``ids: (2, 64)``."""
         hints = {s: sympy.Integer(v) for s, v in self.hints.items()}
         return ", ".join(
-            f"{source}: {tuple(int(sympy.sympify(d).xreplace(hints)) for d in dims)}"
-            for source, dims in zip(sources, self.inputs, strict=True)
+            f"{name}: {tuple(int(sympy.sympify(d).xreplace(hints)) for d in dims)}"
+            for name, dims in zip(names, self.inputs, strict=True)
             if dims is not None
         )

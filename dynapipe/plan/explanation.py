@@ -102,10 +102,15 @@ class Explanation:
             foot += " (uneven for a shorter predicted step; balance_slack=0.03 keeps stages even)"
         per_mb = (
             f"per microbatch of {self.captured.microbatch_size}; FLOPs and time are forward + backward; "
-            f"costed at {self.captured.shapes.representative(self.captured.input_sources)} (the same stages "
-            "run at every sequence length)"
+            f"costed at {self.captured.shapes.representative(self._input_names())} (the same stages run at "
+            "every sequence length)"
         )
         return "\n".join([*lines, foot, per_mb, *self._step_lines()])
+
+    def _input_names(self) -> list[str]:
+        """The inputs as the user named them in the call (capture records them), else Dynamo's sources."""
+        names = self.captured.gm.meta.get("input_names", {})
+        return [names.get(s, s) for s in self.captured.input_sources]
 
     def beside(self, measured: Timeline) -> str:
         """The predicted step beside a measured one (e.g. the ranks' ``StepReport.timeline`` merged, from
