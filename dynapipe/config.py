@@ -13,6 +13,7 @@ __all__ = ["LossReduction", "Optimizer", "PipelineConfig"]
 
 Optimizer = Literal["adamw", "adam", "sgd", "none"]
 LossReduction = Literal["mean", "sum"]
+_WATCHDOG_S = 180.0  # the default watchdog_s, when timeout_s leaves room for it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +42,10 @@ class PipelineConfig:
         a varying number of non-padded tokens per microbatch differs slightly from one process: the
         microbatch means are averaged with equal weights.
     timeout_s: limit for every collective and point-to-point wait; a dead peer fails the step after it.
+    watchdog_s: a rank that makes no progress through a step for this long makes every rank print one
+        report of where each stands (the action it last finished, the one it is in or waits for) and
+        exit: a hung rank cannot be interrupted. Below timeout_s, so that it speaks first; 0 turns it
+        off. Default (None): 180 s, or off with a timeout_s of 180 s or less.
     dp_degree: data-parallel replicas of the pipeline; world size = pipeline ranks x dp_degree. Each rank
         feeds its own data shard (as with DDP); the ranks of one pipeline must get the same shard.
     ddp_comm_hook: a DDP communication hook (``hook(state, bucket) -> Future``, e.g. from
@@ -50,6 +55,10 @@ class PipelineConfig:
     checkpoint: a folder of safetensors weights (``save_pretrained``'s, or ``dynapipe.save_checkpoint``'s)
         to fill a model built under ``dynapipe.empty_init()``: each rank reads only its own stages' tensors,
         once per model (a later pipeline over the model never reloads over trained weights).
+    compile_stages: compile each stage's forward and backward with inductor when the pipeline is built
+        (as ``torch.compile`` compiles a graph; zero-bubble schedules get the backward split in two graphs).
+        Default (None): on CUDA yes, on CPU no. A stage inductor cannot compile runs eagerly; the step
+        report says which stages were compiled (``StepReport.compiled``).
     on_step: called after every step with a :class:`dynapipe.runtime.StepReport` (timeline, in-flight
         activations, the stage modules): for logging, timelines and tests.
     """
@@ -66,10 +75,12 @@ class PipelineConfig:
     optimizer: Optimizer = "adamw"
     loss_reduction: LossReduction = "mean"
     timeout_s: float = 300.0
+    watchdog_s: float | None = None
     dp_degree: int = 1
     mesh: Any = None
     ddp_comm_hook: Any = None
     checkpoint: str | None = None
+    compile_stages: bool | None = None
     on_step: Any = None
 
     def summary(self) -> dict[str, str]:
@@ -90,6 +101,20 @@ class PipelineConfig:
         every stage busy at once). The backend and :func:`dynapipe.explain` both ask here, so the step
         explain() plans for is the step that runs."""
         return self.n_microbatches or n_stages
+
+    def _check_watchdog(self) -> None:
+        """Resolve the default; a watchdog_s at or past timeout_s would never fire before a wait fails."""
+        if self.watchdog_s is None:
+            object.__setattr__(self, "watchdog_s", _WATCHDOG_S if self.timeout_s > _WATCHDOG_S else 0.0)
+            return
+        value = self.watchdog_s
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+            raise ConfigError(f"watchdog_s must be a number of seconds (0: off), got {value!r}")
+        if value >= self.timeout_s:
+            raise ConfigError(
+                f"watchdog_s ({value:g}) must be below timeout_s ({self.timeout_s:g}): a hung rank's peers "
+                "would time out first, each naming only its own receive"
+            )
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> PipelineConfig:
@@ -124,6 +149,7 @@ class PipelineConfig:
             raise ConfigError(f"balance_slack must be a number >= 0 (0.03: 3%), got {self.balance_slack!r}")
         if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
             raise ConfigError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+        self._check_watchdog()
         if self.max_stage_memory is not None and not (
             isinstance(self.max_stage_memory, int) and self.max_stage_memory > 0
         ):
@@ -136,6 +162,10 @@ class PipelineConfig:
             )
         if self.checkpoint is not None and not isinstance(self.checkpoint, (str, os.PathLike)):
             raise ConfigError(f"checkpoint must be the path of a folder, got {self.checkpoint!r}")
+        if self.compile_stages is not None and not isinstance(self.compile_stages, bool):
+            raise ConfigError(
+                f"compile_stages must be True, False or None (auto), got {self.compile_stages!r}"
+            )
         if self.on_step is not None and not callable(self.on_step):
             raise ConfigError(f"on_step must be a callable taking a StepReport, got {self.on_step!r}")
         if self.n_stages is not None and self.split_points and len(self.split_points) != self.n_stages - 1:

@@ -61,8 +61,12 @@ def _owned(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.untyped_storage().nbytes() > 0}
 
 
-def train_and_compare(rank: int, world: int, names: list[str], options: dict, steps: int = 2) -> dict:
-    """Train each case pipelined and on one process side by side; assert equality; report ownership."""
+def train_and_compare(
+    rank: int, world: int, names: list[str], options: dict, steps: int = 2, tolerance: dict | None = None
+) -> dict:
+    """Train each case pipelined and on one process side by side; assert equality (within ``tolerance``,
+    ``assert_close``'s rtol/atol, where given); report ownership."""
+    close = tolerance or {}
     from models import CASES, HF_CASES
 
     from dynapipe.microbatch import split_value
@@ -90,7 +94,7 @@ def train_and_compare(rank: int, world: int, names: list[str], options: dict, st
             loss.backward()
             ref_loss = ref.step(*ref.args, **ref.kwargs) * ref_scale
             ref_loss.backward()
-            torch.testing.assert_close(loss, ref_loss, msg=lambda m: f"{name} step {i} loss: {m}")
+            torch.testing.assert_close(loss, ref_loss, **close, msg=lambda m: f"{name} step {i} loss: {m}")
             assert loss.dim() == 0 and loss.grad_fn is not None
             losses.append((loss.item(), ref_loss.item()))
             owned = _owned(pipe.model)
@@ -99,13 +103,15 @@ def train_and_compare(rank: int, world: int, names: list[str], options: dict, st
                 expect = ref_params[pname].grad
                 got = p.grad if p.grad is not None else torch.zeros_like(p)
                 expect = expect if expect is not None else torch.zeros_like(p)
-                torch.testing.assert_close(got, expect, msg=lambda m: f"{name} step {i} grad {pname}: {m}")
+                torch.testing.assert_close(
+                    got, expect, **close, msg=lambda m: f"{name} step {i} grad {pname}: {m}"
+                )
                 compared.add(pname)
             opt.step(), ref_opt.step()
             opt.zero_grad(), ref_opt.zero_grad()
             for pname, p in owned.items():
                 torch.testing.assert_close(
-                    p, ref_params[pname], msg=lambda m: f"{name} step {i} param {pname}: {m}"
+                    p, ref_params[pname], **close, msg=lambda m: f"{name} step {i} param {pname}: {m}"
                 )
         report[name] = {n: p.detach().flatten().tolist() for n, p in _owned(pipe.model).items()}
         report[name + ":all"] = sorted(n for n, _ in ref.model.named_parameters())

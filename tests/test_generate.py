@@ -54,9 +54,11 @@ def _prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _generate_pipelined(rank: int, world: int, families: list[str], n_layers: int, again: bool) -> dict:
+def _generate_pipelined(
+    rank: int, world: int, families: list[str], n_layers: int, again: bool, options: dict | None = None
+) -> dict:
     """Per family: the tokens, the bytes of each layer's keys this rank holds, and the bytes this rank
-    sent in each pipelined call (prefill, then the decode steps)."""
+    sent in each pipelined call (prefill, then the decode steps). ``options`` add to the backend's."""
     import torch.distributed as dist
 
     from dynapipe import PipelineCache
@@ -75,7 +77,7 @@ def _generate_pipelined(rank: int, world: int, families: list[str], n_layers: in
         per_step: list[int] = []
         model.compile(
             backend="dynapipe",
-            options={"n_microbatches": 2, "on_step": lambda _: per_step.append(sent[0])},
+            options={"n_microbatches": 2, "on_step": lambda _: per_step.append(sent[0]), **(options or {})},
         )
         ids, mask = _prompts()
         cache = PipelineCache(model, batch_size=BATCH, max_cache_len=CACHE)

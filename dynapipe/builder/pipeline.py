@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_flatten_with_path
 
 from ..capture import FrameCall, capture_microbatch
 from ..codegen import StagePlan, build_stages, partition_digest
+from ..compiled_stage import compile_stages
 from ..config import PipelineConfig
 from ..cost import GraphCosts, graph_costs
 from ..empty import is_empty
@@ -98,6 +99,10 @@ def build_pipeline(
     # before Pipeline: its DDP wrappers broadcast the local stages' parameters, which must hold values
     place_state(stages, local, comm, fill=partial(fill_state, models, config.checkpoint))
     record_owners(stages, tuple(pp_of_stage[s] for s in range(n_stages)))
+    # after place_state: AOTAutograd keeps the parameters it lifts, so they must be the final tensors
+    compiled, how_compiled = compile_stages(
+        {s: stages[s].module for s in local}, _wants_compiled(config, stages, local, inputs)
+    )
     pipeline = Pipeline(
         stages=stages,
         rank_of_stage={s: mesh.global_rank(pp) for s, pp in pp_of_stage.items()},
@@ -113,8 +118,22 @@ def build_pipeline(
         tied=tied_groups(stages, pp_of_stage, mesh, config.timeout_s),
         on_step=_reporter(config, captured, plan),
         ddp_comm_hook=config.ddp_comm_hook,
+        watchdog_s=config.watchdog_s or 0.0,
+        compiled=compiled,
+        how_compiled=how_compiled,
     )
     return pipeline, captured.shapes
+
+
+def _wants_compiled(
+    config: PipelineConfig, stages: list[StagePlan], local: list[int], inputs: dict[str, Any]
+) -> bool:
+    """``options["compile_stages"]``, by default whether the stages run on CUDA."""
+    if config.compile_stages is not None:
+        return config.compile_stages
+    state = [t for s in local for t in stages[s].module.state_dict(keep_vars=True).values()]
+    tensors = [t for t in state + tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+    return any(t.device.type == "cuda" for t in tensors)
 
 
 def _join(config: PipelineConfig, inputs: dict[str, Any], batch_size: int) -> tuple[Comm, PipelineMesh]:

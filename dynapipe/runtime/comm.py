@@ -18,10 +18,16 @@ import torch.distributed as dist
 
 from ..errors import ConfigError, PipelineError
 
-__all__ = ["ensure_process_group", "Comm"]
+__all__ = ["ensure_process_group", "Comm", "restart_attempt"]
 
-_REPORT = "dynapipe/failure/{}"  # per rank, in the process group's store: what this rank saw go wrong
+_REPORT = "dynapipe/failure/attempt{}/rank{}"  # in the group's store: what this rank saw go wrong
 _REPORT_GRACE_S = 2.0  # how long a failing rank waits for the others' reports before naming who is silent
+
+
+def restart_attempt() -> int:
+    """How many times the launcher restarted every rank of this job: torchrun and ``dynapipe.launch`` set
+    ``TORCHELASTIC_RESTART_COUNT`` (0 in the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def ensure_process_group(device: torch.device, timeout_s: float) -> None:
@@ -29,12 +35,10 @@ def ensure_process_group(device: torch.device, timeout_s: float) -> None:
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         if int(os.environ.get("WORLD_SIZE", "1")) == 1 and "MASTER_ADDR" not in os.environ:
-            store = dist.HashStore()
-            dist.init_process_group(
-                backend, store=store, rank=0, world_size=1, timeout=timedelta(seconds=timeout_s)
-            )
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
             return
         raise ConfigError(
             "dynapipe found no process group and no RANK/WORLD_SIZE in the environment; launch with "
@@ -42,7 +46,24 @@ def ensure_process_group(device: torch.device, timeout_s: float) -> None:
         )
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    store, rank, world = _attempt_store(timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+def _attempt_store(timeout: timedelta) -> tuple[dist.Store, int, int]:
+    """The store of ``env://`` (as ``init_process_group`` would open it), its keys scoped to this restart.
+
+    torchrun's agent hosts the store and keeps it across restarts (``TORCHELASTIC_USE_AGENT_STORE``);
+    the default group's keys carry no attempt, so a rank that starts before its peer has republished its
+    address reads the dead attempt's and gloo's connectFullMesh (or NCCL's unique id) gets "Connection
+    refused" (pytorch #135712). Prefixing every key of the group, and of the groups made from it, with
+    the restart count makes each attempt wait for its own peers' keys. The count is each agent's own: it
+    agrees across the ranks of one machine (``--standalone``), not always across machines (pytorch
+    #108158), where ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` gives each attempt a new store instead.
+    """
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    return dist.PrefixStore(f"dynapipe/attempt{restart_attempt()}", store), rank, world
 
 
 @dataclass
@@ -107,10 +128,11 @@ class Comm:
         world = dist.get_world_size()
         try:
             store = dist.distributed_c10d._get_default_store()
-            store.set(_REPORT.format(self.rank), f"{'' if peer is None else peer}\t{seen}")
+            attempt = restart_attempt()  # a group the user started may keep an earlier attempt's reports
+            store.set(_REPORT.format(attempt, self.rank), f"{'' if peer is None else peer}\t{seen}")
             if not learn:
                 return ""
-            keys = [_REPORT.format(r) for r in range(world)]
+            keys = [_REPORT.format(attempt, r) for r in range(world)]
             deadline = time.monotonic() + _REPORT_GRACE_S
             while not store.check(keys) and time.monotonic() < deadline:
                 time.sleep(0.05)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,12 +23,14 @@ import torch.distributed as dist
 from torch.autograd.graph import _engine_run_backward
 
 from ..codegen import Boundary, StagePlan
+from ..compiled_stage import CompiledStage
 from ..errors import PipelineError
 from ..graph import Sizes
 from ..schedules import Action, Kind, Timeline, TimelineEvent
 from .comm import Comm
 from .routes import BWD, FWD, Message, Routes
-from .split_backward import WeightWork, backward_input, backward_weight
+from .split_backward import backward_input, backward_weight
+from .watchdog import PROGRESS, watching
 
 __all__ = ["Executor", "Step", "device_of"]
 
@@ -47,7 +50,7 @@ class _InFlight:
     leaf_boundaries: list[Boundary]
     outputs: list[torch.Tensor]  # outputs that carry a gradient back
     output_boundaries: list[Boundary | None]  # None: the loss
-    weight_work: WeightWork | None = None  # kept between I and W
+    weight_work: Callable[[], None] | None = None  # kept between I and W
 
 
 def _run_backward(outputs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
@@ -61,6 +64,25 @@ def _run_backward(outputs: list[torch.Tensor], grads: list[torch.Tensor]) -> Non
         )
     else:
         torch.autograd.backward(outputs, grads)
+
+
+def _backward_input_compiled(
+    compiled: CompiledStage,
+    outputs: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    leaves: list[torch.Tensor],
+) -> tuple[list[torch.Tensor | None], Callable[[], None] | None]:
+    """The received inputs' gradients from a compiled stage's input-gradient graph, and the work that runs
+    its weight-gradient graph into the parameters' ``.grad`` later."""
+    if not outputs:
+        return [None] * len(leaves), None
+    compiled.defer_weights = True
+    try:
+        _run_backward(outputs, grads)
+    finally:
+        compiled.defer_weights = False
+    work = compiled.take_weight_work()
+    return [leaf.grad for leaf in leaves], work
 
 
 class _Clock:
@@ -97,6 +119,8 @@ class Executor:
     loss_scale: float  # d(step loss) / d(microbatch loss): 1/M for a mean, 1 for a sum
     reducers: dict[int, Any] = field(default_factory=dict)  # stage -> its DDP wrapper (data parallel)
     gpu_timeline: bool = False  # on CUDA, time events on the stream (costs a synchronize per step)
+    compiled: dict[int, CompiledStage] = field(default_factory=dict)  # stage -> inductor's version of it
+    watchdog_s: float = 0.0  # a step without progress for this long stops every rank (0: never)
 
     def __post_init__(self) -> None:
         self.rank = dist.get_rank()
@@ -124,7 +148,8 @@ class Executor:
         backward drains. ``prologue`` and ``epilogue`` are the step's named work outside the table (the
         caller's), run before and after it and timed with it."""
         step = Step(self, inputs, sizes, train, on_results)
-        step.run(table, prologue, epilogue)
+        with watching(self.watchdog_s):
+            step.run(table, prologue, epilogue)
         return step
 
 
@@ -194,6 +219,7 @@ class Step:
         for action in table:
             if action is None:
                 continue
+            PROGRESS.at(action)
             if batching and action.kind.is_p2p:
                 self.comm.open_batch()
             elif batching:
@@ -213,6 +239,7 @@ class Step:
 
     def _named(self, work: NamedWork) -> None:
         for name, fn in work:
+            PROGRESS.at(name)
             start = self.clock.now()
             fn()
             self.spans.append((name, start, self.clock.now()))
@@ -241,7 +268,9 @@ class Step:
         if work is not None:
             assert recv is not None and recv.peer is not None  # a posted receive names its action
             start = self.clock.now()
+            PROGRESS.wait_for(recv)
             self.comm.wait(work, Message(recv, key[0], mb, direction), self.ex.rank_of_stage[recv.peer])
+            PROGRESS.resume()
             self.waited_until = self.clock.now()
             span = self.receive_spans[recv]
             if not span[2]:
@@ -286,7 +315,7 @@ class Step:
                     leaves.append(tensor)
                     leaf_bs.append(b)
         mb_inputs = self.inputs[mb]
-        outputs = plan.module(*[mb_inputs[i] for i in plan.inputs], *received)
+        outputs = ex.compiled.get(stage, plan.module)(*[mb_inputs[i] for i in plan.inputs], *received)
         if stage == ex.last:
             self.results[mb] = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs)
             if self.train:
@@ -331,13 +360,19 @@ class Step:
         stage, mb = action.stage, action.mb
         state = self.in_flight[(stage, mb)]
         grads = self._output_grads(action, state)
+        compiled = self.ex.compiled.get(stage)
         if action.kind is Kind.B:
             if state.outputs:
                 _run_backward(state.outputs, grads)
             del self.in_flight[(stage, mb)]
             leaf_grads = [leaf.grad for leaf in state.leaves]
+        elif compiled is not None:  # the compiled backward's input-gradient graph; its weight graph waits
+            leaf_grads, state.weight_work = _backward_input_compiled(
+                compiled, state.outputs, grads, state.leaves
+            )
         else:
-            leaf_grads, state.weight_work = backward_input(state.outputs, grads, state.leaves)
+            leaf_grads, work = backward_input(state.outputs, grads, state.leaves)
+            state.weight_work = partial(backward_weight, work, self.ex.params[stage])
         to_send = {}
         for leaf, g, b in zip(state.leaves, leaf_grads, state.leaf_boundaries, strict=True):
             g = g if g is not None else torch.zeros_like(leaf)
@@ -350,8 +385,8 @@ class Step:
 
     def _weight_backward(self, action: Action) -> None:
         state = self.in_flight.pop((action.stage, action.mb))
-        assert state.weight_work is not None  # its I ran first (the table is validated)
-        backward_weight(state.weight_work, self.ex.params[action.stage])
+        if state.weight_work is not None:  # None: no output of the stage carried a gradient
+            state.weight_work()
 
     def _arm_reduction(self, action: Action) -> None:
         """DDP all-reduces the gradients, accumulated over every microbatch, once per step: from hooks

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ..codegen import StagePlan
+from ..compiled_stage import CompiledStage
 from ..errors import ConfigError, PipelineError
 from ..graph import Sizes, SymbolicShape
 from ..microbatch import merge_outputs, split_inputs
@@ -88,6 +89,9 @@ class StepRecord:
     peak_in_flight: dict[int, int]  # stage -> most microbatches whose activations were alive at once
     stages: dict[int, StagePlan]  # this rank's stages (``stages[i].module.code`` is readable)
     actions: list[Action | None] = field(default_factory=list)  # this rank's lowered table, as it ran
+    compiled: dict[int, str] = field(default_factory=dict)  # stage -> "inductor", or "eager" and why
+    # compiled stage -> how often each of its graphs ran so far ("forward", "input", "weight")
+    graph_runs: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -116,6 +120,9 @@ class Pipeline:
     tied: list[tuple[torch.nn.Parameter, dist.ProcessGroup, str]] = field(default_factory=list)
     on_step: Callable[[StepRecord], None] | None = None
     ddp_comm_hook: Callable | None = None
+    watchdog_s: float = 0.0  # a step without progress for this long stops every rank (0: never)
+    compiled: dict[int, CompiledStage] = field(default_factory=dict)  # local stage -> inductor's version
+    how_compiled: dict[int, str] = field(default_factory=dict)  # local stage -> "inductor" or "eager (why)"
 
     def __post_init__(self) -> None:
         self.rank = dist.get_rank()
@@ -155,6 +162,8 @@ class Pipeline:
             scale,
             reducers,
             gpu_timeline=self.on_step is not None,
+            watchdog_s=self.watchdog_s,
+            compiled=self.compiled,
         )
 
     def agree(self, values: dict[str, str], what: str) -> None:
@@ -206,7 +215,16 @@ class Pipeline:
         if self.on_step is not None:
             stages = {s: self.stages[s] for s in self.local_stages}
             self.on_step(
-                StepRecord(self.rank, train, step.timeline(), step.peak_in_flight, stages, list(table))
+                StepRecord(
+                    self.rank,
+                    train,
+                    step.timeline(),
+                    step.peak_in_flight,
+                    stages,
+                    list(table),
+                    self.how_compiled,
+                    {s: dict(c.runs) for s, c in self.compiled.items()},
+                )
             )
         if train:
             anchor = torch.zeros((), requires_grad=True)
