@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_flatten_with_path
 
 from ..capture import FrameCall, capture_microbatch
 from ..codegen import StagePlan, build_stages, partition_digest
-from ..compiled_stage import compile_stages
+from ..compiled_stage import CompiledStage, compile_stages
 from ..config import PipelineConfig
 from ..cost import GraphCosts, graph_costs
 from ..empty import is_empty
@@ -77,7 +77,6 @@ def build_pipeline(
     n_stages = stage_count(config, spec, mesh.n_pp)
     n_microbatches = config.microbatches(n_stages)
     check_divisible(batch_size, n_microbatches)
-
     call = FrameCall(frame.code, frame.globals, frame.closure, arguments)
     captured = capture_microbatch(call, n_microbatches=n_microbatches, batch_size=batch_size)
     captured.number = number
@@ -99,10 +98,7 @@ def build_pipeline(
     # before Pipeline: its DDP wrappers broadcast the local stages' parameters, which must hold values
     place_state(stages, local, comm, fill=partial(fill_state, models, config.checkpoint))
     record_owners(stages, tuple(pp_of_stage[s] for s in range(n_stages)))
-    # after place_state: AOTAutograd keeps the parameters it lifts, so they must be the final tensors
-    compiled, how_compiled = compile_stages(
-        {s: stages[s].module for s in local}, _wants_compiled(config, stages, local, inputs)
-    )
+    compiled, how_compiled = _compile(config, stages, local, inputs)  # after place_state (see there)
     pipeline = Pipeline(
         stages=stages,
         rank_of_stage={s: mesh.global_rank(pp) for s, pp in pp_of_stage.items()},
@@ -125,15 +121,17 @@ def build_pipeline(
     return pipeline, captured.shapes
 
 
-def _wants_compiled(
+def _compile(
     config: PipelineConfig, stages: list[StagePlan], local: list[int], inputs: dict[str, Any]
-) -> bool:
-    """``options["compile_stages"]``, by default whether the stages run on CUDA."""
-    if config.compile_stages is not None:
-        return config.compile_stages
-    state = [t for s in local for t in stages[s].module.state_dict(keep_vars=True).values()]
-    tensors = [t for t in state + tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
-    return any(t.device.type == "cuda" for t in tensors)
+) -> tuple[dict[int, CompiledStage], dict[int, str]]:
+    """The local stages compiled if ``options["compile_stages"]`` (by default: if they run on CUDA).
+    After place_state: AOTAutograd keeps the parameters it lifts, so they must be the final tensors."""
+    wanted = config.compile_stages
+    if wanted is None:
+        state = [t for s in local for t in stages[s].module.state_dict(keep_vars=True).values()]
+        tensors = [t for t in state + tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+        wanted = any(t.device.type == "cuda" for t in tensors)
+    return compile_stages({s: stages[s].module for s in local}, wanted)
 
 
 def _join(config: PipelineConfig, inputs: dict[str, Any], batch_size: int) -> tuple[Comm, PipelineMesh]:

@@ -213,19 +213,7 @@ class Pipeline:
             for p, g in held.items():
                 p.grad = g
         if self.on_step is not None:
-            stages = {s: self.stages[s] for s in self.local_stages}
-            self.on_step(
-                StepRecord(
-                    self.rank,
-                    train,
-                    step.timeline(),
-                    step.peak_in_flight,
-                    stages,
-                    list(table),
-                    self.how_compiled,
-                    {s: dict(c.runs) for s, c in self.compiled.items()},
-                )
-            )
+            self.on_step(self._record(step, train, table))
         if train:
             anchor = torch.zeros((), requires_grad=True)
             for k, spec in enumerate(self.outputs):
@@ -234,6 +222,18 @@ class Pipeline:
                 elif spec.requires_grad:
                     outputs[k] = _NoGradient.apply(outputs[k], anchor, k, self.loss_index)
         return tuple(outputs)
+
+    def _record(self, step: Any, train: bool, table: list[Action | None]) -> StepRecord:
+        return StepRecord(
+            self.rank,
+            train,
+            step.timeline(),
+            step.peak_in_flight,
+            {s: self.stages[s] for s in self.local_stages},
+            list(table),
+            self.how_compiled,
+            {s: dict(c.runs) for s, c in self.compiled.items()},
+        )
 
     def _reduce_tied(self) -> None:
         """Sum the gradient of each parameter used by stages on several ranks over just those ranks."""
