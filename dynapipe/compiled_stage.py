@@ -55,6 +55,9 @@ class CompiledStage:
         self.pending: list[WeightWork] = []
         self.runs: Counter[str] = Counter()  # graph runs by kind: "forward", "input", "weight"
         self.fn: Callable[..., Any] | None = None
+        # what inductor assumed about the sizes while compiling (``s0 * s1 <= 4096``): nothing checks them
+        # at a call, so the capture takes them as its own guards and a call outside them captures again
+        self.guards: list[sympy.Expr] = []
         # the tensors AOTAutograd lifts to inputs, in its order (duplicates once): the weight graph's outputs
         state = {
             **dict(module.named_parameters(remove_duplicate=False)),
@@ -106,12 +109,16 @@ def compile_stage(module: fx.GraphModule) -> CompiledStage:
             failures.append(e)
             raise
 
+    shape_env = next((v.fake_mode.shape_env for v in example if hasattr(v, "fake_mode")), None)
+    known = len(shape_env.guards) if shape_env is not None else 0
     # AOTAutograd's cache would hand back a whole backward, unsplit: compile it here (inductor's own
     # cache of each compiled graph still applies)
     with torch._functorch.config.patch(enable_autograd_cache=False):
         stage.fn = compile_fx(graph_module, example, inner_compile=inner)  # type: ignore[assignment]
     if failures:
         raise failures[0]
+    if shape_env is not None:
+        stage.guards = [g.expr for g in shape_env.guards[known:]]
     stats["compiled"] += 1
     return stage
 

@@ -228,3 +228,36 @@ def test_generate_with_compiled_stages() -> None:
         _generate_pipelined, 2, ["llama"], 2, False, {"compile_stages": True}, timeout=400
     )
     _check(results, ["llama"], 2, 2)
+
+
+def guards_worker(rank: int, world: int) -> list:
+    """Inductor assumes things about sizes while it compiles (on this CPU: at most 4096 tokens in a
+    microbatch); a call outside them captures and compiles again instead of running the wrong kernel."""
+    from models import llama
+
+    import dynapipe.compiled_stage as compiled_stage
+
+    case, ref = llama(2), llama(2)
+    options = {"split_points": case.split_points, "n_microbatches": 2, "compile_stages": True}
+    step = torch.compile(case.step, backend="dynapipe", options=options)
+    compiles = []
+    for rows, length in ((8, 12), (16, 600), (8, 10)):
+        ids = torch.randint(0, 96, (rows, length), generator=torch.Generator().manual_seed(length))
+        loss = step(ids, ids)
+        loss.backward()
+        ref_loss = ref.step(ids, ids)
+        ref_loss.backward()
+        torch.testing.assert_close(loss, ref_loss, rtol=RTOL, atol=ATOL)
+        ref_params = dict(ref.model.named_parameters())
+        for name, p in case.model.named_parameters():
+            if p.untyped_storage().nbytes():
+                torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=RTOL, atol=ATOL)
+        case.model.zero_grad(), ref.model.zero_grad()
+        compiles.append(compiled_stage.stats["compiled"])
+    return compiles
+
+
+def test_a_call_outside_what_inductor_assumed_compiles_again() -> None:
+    results = run_distributed(guards_worker, 2, timeout=400)
+    # 16 x 600 (4800 tokens per microbatch) compiles again; 8 x 10 runs on what was compiled before
+    assert all(compiles == [1, 2, 2] for compiles in results.values()), results

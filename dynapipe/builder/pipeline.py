@@ -99,6 +99,7 @@ def build_pipeline(
     place_state(stages, local, comm, fill=partial(fill_state, models, config.checkpoint))
     record_owners(stages, tuple(pp_of_stage[s] for s in range(n_stages)))
     compiled, how_compiled = _compile(config, stages, local, inputs)  # after place_state (see there)
+    _add_compile_guards(captured.shapes, compiled, comm)
     pipeline = Pipeline(
         stages=stages,
         rank_of_stage={s: mesh.global_rank(pp) for s, pp in pp_of_stage.items()},
@@ -132,6 +133,17 @@ def _compile(
         tensors = [t for t in state + tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
         wanted = any(t.device.type == "cuda" for t in tensors)
     return compile_stages({s: stages[s].module for s in local}, wanted)
+
+
+def _add_compile_guards(shapes: CaptureShapes, compiled: dict[int, CompiledStage], comm: Comm) -> None:
+    """Every rank's compiled stages' size assumptions become guards of the capture, on every rank: a call
+    outside them captures (and compiles) again on all ranks together, as torch.compile recompiles."""
+    local = [g.xreplace(shapes.names) for stage in compiled.values() for g in stage.guards]
+    found = {
+        str(g): g for guards in comm.gather_objects(local, "the compiled stages' size guards") for g in guards
+    }
+    known = {str(g) for g in shapes.guards}
+    shapes.guards += [found[k] for k in sorted(found) if k not in known]
 
 
 def _join(config: PipelineConfig, inputs: dict[str, Any], batch_size: int) -> tuple[Comm, PipelineMesh]:
