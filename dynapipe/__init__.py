@@ -17,6 +17,7 @@ from .explain import Explanation, explain
 from .launch import launch
 from .runtime import clip_grad_norm_
 from .runtime.checkpoint import load_checkpoint, save_checkpoint
+from .runtime.resume import resume
 from .schedules import Timeline
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "launch",
     "load_checkpoint",
     "pipe_split",
+    "resume",
     "save_checkpoint",
 ]
 

@@ -7,60 +7,60 @@ jobs; use torchrun for several hosts.
 
     results = launch(train, steps, nproc=4)               # {rank: what train returned on that rank}
     results = launch(train, steps, nproc=4, timeout=300)  # every process killed after 300 s
+    results = launch(train, steps, nproc=4, max_restarts=1)  # a failure restarts every rank, once
 
 A rank that raises (``SystemExit`` included) or dies sends back its traceback or exit code; once one has
 failed, the others get ``grace`` seconds to end on their own (they usually notice the lost peer and fail
 with their own message), then ``launch`` kills what is left and raises :class:`LaunchError`, which holds
-every failing rank's traceback and the results of those that finished.
+every failing rank's traceback and the results of those that finished. With ``max_restarts`` left, a
+failure instead kills every rank at once and starts them all again, as torchrun's ``--max-restarts``
+does: the launcher hosts the store the ranks meet in, as torchrun's agent does, and it outlives each
+attempt; ``TORCHELASTIC_RESTART_COUNT`` says which attempt a rank is in.
 """
 
 from __future__ import annotations
 
 import os
 import queue as queue_mod
-import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 __all__ = ["LaunchError", "launch"]
+
+_STOPPED = "killed: "  # a rank the launcher stopped, not one that failed on its own
 
 
 class LaunchError(RuntimeError):
     """Some spawned ranks failed. ``failures``: rank -> traceback (or how the process ended);
     ``results``: rank -> return value of the ranks that finished."""
 
-    def __init__(self, failures: dict[int, str], results: dict[int, Any] | None = None):
+    def __init__(self, failures: dict[int, str], results: dict[int, Any] | None = None, restarts: int = 0):
         self.failures = dict(sorted(failures.items()))
         self.results = results or {}
         ranks = ", ".join(str(r) for r in self.failures)
+        after = f" after {restarts} restart(s)" if restarts else ""
         super().__init__(
-            f"rank(s) {ranks} failed\n"
+            f"rank(s) {ranks} failed{after}\n"
             + "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in self.failures.items())
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, results: Any) -> None:
+def _worker(rank: int, world: int, env: dict, fn: Callable[..., Any], args: tuple, results: Any) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world),
         LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
+        **env,
     )
     import torch
-    import torch.distributed as dist
 
     torch.set_num_threads(1)
     try:
@@ -94,22 +94,76 @@ def _check_silent_exits(procs: list, reports: Any, results: dict, failures: dict
 
 
 def launch(
-    fn: Callable[..., Any], *args: Any, nproc: int, timeout: float | None = None, grace: float = 60.0
+    fn: Callable[..., Any],
+    *args: Any,
+    nproc: int,
+    timeout: float | None = None,
+    grace: float = 60.0,
+    max_restarts: int = 0,
 ) -> dict[int, Any]:
     """``fn(*args)`` on every rank: here if launched by torchrun, else on ``nproc`` spawned processes.
 
     Returns ``{rank: fn's return value}`` (under torchrun, this rank's only), so results must pickle.
     ``fn`` must be importable (defined at module level). ``timeout`` (seconds, default none) bounds the
-    whole launch; ``grace`` is how long the other ranks may run on after one has failed. Raises
-    :class:`LaunchError` with every failing rank's traceback.
+    whole launch, restarts included; ``grace`` is how long the other ranks may run on after one has failed
+    in the last attempt. ``max_restarts``: as torchrun's, how many times a failure stops every rank and
+    starts them all again (``TORCHELASTIC_RESTART_COUNT`` tells them which attempt this is). Raises
+    :class:`LaunchError` with every failing rank's traceback of the last attempt.
     """
     if "RANK" in os.environ:
         return {int(os.environ["RANK"]): fn(*args)}
+    if max_restarts < 0:
+        raise ValueError(f"max_restarts must be 0 or more, got {max_restarts}")
+    # the store outlives every rank and every attempt, as torchrun's agent store does
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, multi_tenant=True)
+    deadline = time.monotonic() + timeout if timeout is not None else float("inf")
+    try:
+        for attempt in range(max_restarts + 1):
+            env = {
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(store.port),
+                "TORCHELASTIC_USE_AGENT_STORE": "True",
+                "TORCHELASTIC_RESTART_COUNT": str(attempt),
+                "TORCHELASTIC_MAX_RESTARTS": str(max_restarts),
+            }
+            last = attempt == max_restarts
+            results, failures = _run_attempt(fn, args, nproc, env, deadline, grace if last else 0.0, timeout)
+            if not failures:
+                return dict(sorted(results.items()))
+            if last or time.monotonic() >= deadline:
+                break
+            _say_restart(failures, attempt + 1, max_restarts)
+    finally:
+        del store
+    raise LaunchError(failures, results, restarts=attempt)
+
+
+def _say_restart(failures: dict[int, str], restart: int, max_restarts: int) -> None:
+    """One line on stderr per failing rank (not those the launcher stopped), as torchrun logs them."""
+    for rank, why in sorted(failures.items()):
+        if not why.startswith(_STOPPED):
+            last = why.strip().splitlines()[-1] if why.strip() else why
+            print(f"dynapipe.launch: rank {rank} failed: {last}", file=sys.stderr)
+    print(
+        f"dynapipe.launch: restarting every rank ({restart} of {max_restarts})", file=sys.stderr, flush=True
+    )
+
+
+def _run_attempt(
+    fn: Callable[..., Any],
+    args: tuple,
+    nproc: int,
+    env: dict[str, str],
+    deadline: float,
+    grace: float,
+    timeout: float | None,
+) -> tuple[dict[int, Any], dict[int, str]]:
+    """Every rank once: their results and failures. After the first failure the others get ``grace``
+    seconds to end on their own; the rest are killed."""
     ctx = mp.get_context("spawn")
     reports = ctx.Queue()
-    port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, nproc, port, fn, args, reports), daemon=True)
+        ctx.Process(target=_worker, args=(r, nproc, env, fn, args, reports), daemon=True)
         for r in range(nproc)
     ]
     for p in procs:
@@ -117,8 +171,6 @@ def launch(
     results: dict[int, Any] = {}
     failures: dict[int, str] = {}
     reported: set[int] = set()
-    start = time.monotonic()
-    deadline = start + timeout if timeout is not None else float("inf")
     try:
         while len(results) + len(failures) < nproc:
             now = time.monotonic()
@@ -129,7 +181,7 @@ def launch(
                     else f"still running after the launch's timeout of {timeout:.0f} s"
                 )
                 failures.update(
-                    {r: f"killed: {why}" for r in range(nproc) if r not in results and r not in failures}
+                    {r: f"{_STOPPED}{why}" for r in range(nproc) if r not in results and r not in failures}
                 )
                 break
             try:
@@ -146,6 +198,4 @@ def launch(
             if p.is_alive():
                 p.kill()
                 p.join()
-    if failures:
-        raise LaunchError(failures, results)
-    return dict(sorted(results.items()))
+    return results, failures

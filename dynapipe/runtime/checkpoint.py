@@ -20,10 +20,10 @@ filesystem the folder is on.
 from __future__ import annotations
 
 import io
-import json
 import os
 import pickle
 import random
+import shutil
 import uuid
 import weakref
 import zipfile
@@ -40,6 +40,7 @@ from ..empty import is_empty
 from ..errors import ConfigError
 from ..weights import INDEX, WeightsFolder, model_names
 from .comm import Comm
+from .files import fsync_dir, read_json, write_json
 from .state import holds_current
 
 __all__ = ["load_checkpoint", "load_optimizer_state", "pending_load", "save_checkpoint"]
@@ -89,7 +90,7 @@ def save_checkpoint(
     is a ConfigError on every rank before anything is written, unless ``allow_pickle=True``: then it is
     pickled, and loading it needs ``load_checkpoint(..., allow_pickle=True)``."""
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path):
+    if os.path.exists(path) and not _unpublished(path):
         raise ConfigError(f"checkpoint folder {path!r} exists already; save each checkpoint to a new folder")
     comm = Comm(timedelta(seconds=timeout_s))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -167,19 +168,30 @@ def _publish(
     pointed at it, each step atomic."""
     sizes = {n: t.numel() * t.element_size() for n, t in entries}
     weight_map = {entries[i][0]: f"model-rank{owner[i]:05d}.safetensors" for i in sorted(owner)}
-    _write_json(
+    write_json(
         os.path.join(tmp, INDEX),
         {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map},
     )
     if with_optimizer:
         files = {entries[i][0]: f"optimizer-rank{owner[i]:05d}.pt" for i in sorted(owner)}
-        _write_json(os.path.join(tmp, OPTIMIZER_INDEX), files)
-    _fsync_dir(tmp)
+        write_json(os.path.join(tmp, OPTIMIZER_INDEX), files)
+    fsync_dir(tmp)
+    if os.path.exists(path):  # an unpublished folder of a killed save (save_checkpoint checked)
+        shutil.rmtree(path)
     os.rename(tmp, path)
     link = os.path.join(os.path.dirname(path), f".{LATEST}-{token}")
     os.symlink(os.path.basename(path), link)
     os.replace(link, os.path.join(os.path.dirname(path), LATEST))
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
+
+
+def _unpublished(path: str) -> bool:
+    """Whether ``path`` is a folder a killed save renamed into place without pointing ``latest`` at it (it
+    is newer than ``latest``'s): a restart that resumed from ``latest`` saves that step again over it."""
+    latest = os.path.realpath(os.path.join(os.path.dirname(path), LATEST))
+    if not os.path.isdir(latest) or latest == os.path.realpath(path):
+        return False
+    return os.path.getmtime(path) >= os.path.getmtime(latest)
 
 
 def load_checkpoint(
@@ -281,7 +293,7 @@ def _check_files(path: str, *, with_optimizer: bool) -> None:
         if not os.path.exists(os.path.join(path, OPTIMIZER_GROUPS)):
             raise ConfigError(f"checkpoint {path!r} has no optimizer state; load it without optimizer=")
         holds[OPTIMIZER_GROUPS] = "the optimizer's parameter groups"
-        for name, file in sorted(_read_json(os.path.join(path, OPTIMIZER_INDEX)).items(), reverse=True):
+        for name, file in sorted(read_json(os.path.join(path, OPTIMIZER_INDEX)).items(), reverse=True):
             holds[file] = f"optimizer state (e.g. of {name!r})"
     for file, what in sorted(holds.items()):
         try:
@@ -292,17 +304,6 @@ def _check_files(path: str, *, with_optimizer: bool) -> None:
                 f"damaged ({err}); the save did not finish or the copy was cut: copy the folder again or load "
                 "another checkpoint"
             ) from None
-
-
-def _read_json(file: str) -> Any:
-    try:
-        with open(file) as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"checkpoint file {file} cannot be read ({err}): it is missing, truncated or damaged; copy the "
-            "folder again or load another checkpoint"
-        ) from None
 
 
 def _save_rank0_files(tmp: str, model: torch.nn.Module, optimizer: Any, extra: bytes | None) -> None:
@@ -339,7 +340,7 @@ def load_optimizer_state(
 def _read_optimizer_state(
     path: str, optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor]
 ) -> dict[torch.Tensor, dict[str, Any]]:
-    file_of = _read_json(os.path.join(path, OPTIMIZER_INDEX))
+    file_of = read_json(os.path.join(path, OPTIMIZER_INDEX))
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     by_file: dict[str, list[str]] = {}
     for name, p in params.items():
@@ -382,18 +383,3 @@ def _barrier(comm: Comm, world: int, what: str) -> None:
     if world > 1:
         device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
         comm.all_reduce(torch.zeros(1, device=device), None, what)
-
-
-def _write_json(file: str, value: Any) -> None:
-    with open(file, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
