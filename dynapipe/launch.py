@@ -31,6 +31,8 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .runtime.watchdog import EXIT_CODE as WATCHDOG_EXIT
+
 __all__ = ["LaunchError", "launch"]
 
 _STOPPED = "killed: "  # a rank the launcher stopped, not one that failed on its own
@@ -89,8 +91,13 @@ def _check_silent_exits(procs: list, reports: Any, results: dict, failures: dict
     for r in dead:
         if r not in results and r not in failures:
             code = procs[r].exitcode
-            why = "its result could not be pickled" if code == 0 else "it was killed or crashed"
-            failures[r] = f"process exited with code {code} without reporting ({why}?)"
+            why = {
+                0: "its result could not be pickled?",
+                WATCHDOG_EXIT: "the watchdog stopped it: see its stderr",
+            }
+            failures[r] = (
+                f"process exited with code {code} without reporting ({why.get(code, 'it was killed or crashed?')})"
+            )
 
 
 def launch(
