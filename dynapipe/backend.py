@@ -6,6 +6,9 @@ Dynamo's compile, where errors read cleanly) it builds the pipeline (:func:`dyna
 capture, plan, codegen, tables, state placement). Later calls reuse it at any sizes the capture allows (another sequence length, a smaller
 last batch): the stage graphs are symbolic in the sizes, so only the values of the size symbols change.
 
+When Dynamo's graph is already symbolic in the batch size (``torch.compile(..., dynamic=True)``), the
+capture is made from it instead of tracing the frame a second time (:mod:`dynapipe.capture.one_trace`).
+
 Dynamo compiles the frame again when a size first changes (its automatic dynamic shapes) or a guard of
 its own fails; each compile calls the backend again. Those calls share one :class:`_FramePipelines` when
 they compile the same work (same code, closure, model tensors, options, global modes and graph
@@ -27,6 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unfla
 
 from .builder import build_pipeline, input_shapes
 from .capture import FrameCall, frame_being_compiled, ignore_logging_in_graphs
+from .capture.recorded import Trace, trace_of
 from .config import PipelineConfig
 from .errors import CaptureError, DynapipeError
 from .graph import CaptureShapes, Sizes
@@ -54,7 +58,9 @@ def dynapipe_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options: 
     shared = _SHARED.get(key)
     if shared is None:
         shared = _SHARED[key] = _FramePipelines()
-    return _LazyPipeline(config, frame, graph_args, shared)
+    pipeline = _LazyPipeline(config, frame, graph_args, shared)
+    pipeline.dynamo = trace_of(gm)
+    return pipeline
 
 
 @dataclass
@@ -174,6 +180,8 @@ class _LazyPipeline:
     bakes them into the stage graphs, so the cache is keyed by their values as well as by input shapes.
     """
 
+    dynamo: Trace | None = None  # Dynamo's graph: the capture's own when it is symbolic in the batch size
+
     def __init__(
         self, config: PipelineConfig, frame: FrameCall, graph_args: list[Any], shared: _FramePipelines
     ) -> None:
@@ -215,7 +223,7 @@ class _LazyPipeline:
                     )
                 self.shared.captures += 1
                 pipeline, shapes = build_pipeline(
-                    self.config, self.frame, arguments, number=self.shared.captures
+                    self.config, self.frame, arguments, number=self.shared.captures, dynamo=self.dynamo
                 )
                 readers = [compile(source, "<dynamo source>", "eval") for source in pipeline.input_sources]
                 self.shared.entries.append(_Entry(pipeline, readers, shapes, numbers))

@@ -61,10 +61,10 @@ __all__ = ["build_pipeline", "input_shapes"]
 
 
 def build_pipeline(
-    config: PipelineConfig, frame: FrameCall, arguments: dict[str, Any], *, number: int
+    config: PipelineConfig, frame: FrameCall, arguments: dict[str, Any], *, number: int, dynamo: Any = None
 ) -> tuple[Pipeline, CaptureShapes]:
-    """Capture ``frame`` on ``arguments`` (the ``number``-th capture of this frame), plan, generate and
-    place its stages; return this rank's pipeline and the sizes at which its capture holds."""
+    """Capture ``frame`` on ``arguments`` (its ``number``-th capture; from ``dynamo``, Dynamo's trace, if it
+    serves), plan, generate and place its stages; return the pipeline and the sizes its capture holds at."""
     models = check_models(frame, config)  # meta tensors, a bad checkpoint: fail before any wait
     inputs = {n: v for n, v in arguments.items() if n != frame.self_name}
     batch_size = infer_batch_size(inputs)
@@ -78,7 +78,7 @@ def build_pipeline(
     n_microbatches = config.microbatches(n_stages)
     check_divisible(batch_size, n_microbatches)
     call = FrameCall(frame.code, frame.globals, frame.closure, arguments)
-    captured = capture_microbatch(call, n_microbatches=n_microbatches, batch_size=batch_size)
+    captured = capture_microbatch(call, n_microbatches=n_microbatches, batch_size=batch_size, dynamo=dynamo)
     captured.number = number
     pp_of_stage = placement_map(spec.placement, n_ranks=mesh.n_pp, n_stages=n_stages)
     plan, stages = _plan_stages(

@@ -4,14 +4,14 @@ Dynamo hands the backend a graph traced at the full batch size, with that size b
 reshapes. Pipelining runs the graph on microbatches, so dynapipe re-traces the same Python frame (same
 code object, globals, closure and arguments) with its batched inputs cut to one microbatch and their batch
 dimension (and every other dimension of them) marked dynamic, under ``fullgraph=True`` so that a graph
-break becomes an error naming its cause. The result is a :class:`~dynapipe.graph.CapturedGraph`.
+break becomes an error naming its cause. The result is a :class:`~dynapipe.graph.CapturedGraph`. When
+Dynamo's own graph is already symbolic in the batch size, that graph serves instead (:mod:`.one_trace`).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +26,8 @@ from .frame import FrameCall, ignore_logging_in_graphs
 from .inputs import check_no_foreign_cache, input_names
 from .markers import is_split_marker
 from .names import ModelNames, reachable_modules
+from .one_trace import at_microbatch
+from .recorded import Trace, trace_of
 from .sizes import rewrite_sizes
 
 __all__ = ["capture_microbatch"]
@@ -67,34 +69,12 @@ def _attr_name(qualified: str, taken: set[str]) -> str:
     return name
 
 
-@dataclass
-class _Trace:
-    gm: fx.GraphModule
-    placeholders: list[tuple[str, Any]]  # each placeholder's Dynamo source and value
-    guards: list[tuple[Any, str]]  # Dynamo's assumptions about symbolic sizes: (sympy expression, where)
-    hints: dict  # symbol -> its value in this trace
-    ranges: dict  # symbol -> (lowest, highest) value Dynamo let it take
-
-
-def _record(frame: FrameCall, arguments: dict[str, Any]) -> _Trace:
+def _record(frame: FrameCall, arguments: dict[str, Any]) -> Trace:
     """Trace ``frame`` on ``arguments`` with Dynamo."""
     box: dict[str, Any] = {}
 
     def recorder(gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
-        args = []
-        for node in gm.graph.find_nodes(op="placeholder"):
-            grapharg = node.meta["grapharg"]
-            args.append((grapharg.source.name, grapharg.example))
-        fake_mode = torch._guards.TracingContext.get().fake_mode
-        shape_env = fake_mode.shape_env if fake_mode is not None else None
-        guards, hints, ranges = [], {}, {}
-        if shape_env is not None:  # symbols Dynamo later found equal are replaced by one of them
-            guards = [
-                (shape_env.replace(g.expr), g.sloc.maybe_user_loc or str(g.sloc)) for g in shape_env.guards
-            ]
-            hints = dict(shape_env.backed_var_to_val)
-            ranges = {s: (r.lower, r.upper) for s, r in shape_env.var_to_range.items() if s in hints}
-        box["graph"] = _Trace(gm, args, guards, hints, ranges)
+        box["graph"] = trace_of(gm)
         raise _Recorded
 
     try:
@@ -120,12 +100,32 @@ def _record(frame: FrameCall, arguments: dict[str, Any]) -> _Trace:
     raise CaptureError("Dynamo produced no graph for the step: the compiled call performs no tensor work")
 
 
-def capture_microbatch(frame: FrameCall, *, n_microbatches: int, batch_size: int) -> CapturedGraph:
-    """Re-trace ``frame`` on microbatch 0 of its own arguments and turn it into a :class:`CapturedGraph`,
-    refusing code that would compute something else on a microbatch than on the full batch."""
+def capture_microbatch(
+    frame: FrameCall, *, n_microbatches: int, batch_size: int, dynamo: Trace | None = None
+) -> CapturedGraph:
+    """``frame`` on microbatch 0 of its own arguments as a :class:`CapturedGraph`, refusing code that would
+    compute something else on a microbatch than on the full batch. Dynamo's own graph serves when the
+    backend passes it (``dynamo``) and it is symbolic in the batch size (:mod:`.one_trace`); otherwise the
+    frame is re-traced."""
     ignore_logging_in_graphs()
     check_no_foreign_cache(frame)
     size = batch_size // n_microbatches
+    trace = at_microbatch(dynamo, frame, batch_size, size) if dynamo is not None else None
+    one_trace = trace is not None
+    trace, general = (trace, trace) if trace is not None else _retrace(frame, batch_size, size)
+    symbols = batch_symbols(general.gm)
+    if general is not trace:
+        check_no_batch_squeeze(general.gm, symbols)
+    check_guards(general.guards, symbols, general.hints, microbatch=max(size, 2), batch=batch_size)
+    check_no_batch_slicing(general.gm, symbols)
+    captured = _to_captured(trace, frame, batch_size, n_microbatches)
+    captured.one_trace = one_trace
+    return captured
+
+
+def _retrace(frame: FrameCall, batch_size: int, size: int) -> tuple[Trace, Trace]:
+    """The trace at ``size`` rows and the one the batch checks read: at two rows for one-row microbatches,
+    where the batch dimension is symbolic and can be recognised."""
     every_dim = True
     try:
         trace = _trace_rows(frame, batch_size, size, every_dim=every_dim)
@@ -133,18 +133,12 @@ def capture_microbatch(frame: FrameCall, *, n_microbatches: int, batch_size: int
         # code Dynamo cannot trace with symbolic lengths: fixed lengths (each new one is captured again)
         every_dim = False
         trace = _trace_rows(frame, batch_size, size, every_dim=every_dim)
-    general = (
-        _trace_rows(frame, batch_size, 2, every_dim=every_dim) if size == 1 and batch_size >= 2 else trace
-    )
-    symbols = batch_symbols(general.gm)
-    if general is not trace:
-        check_no_batch_squeeze(general.gm, symbols)
-    check_guards(general.guards, symbols, general.hints, microbatch=max(size, 2), batch=batch_size)
-    check_no_batch_slicing(general.gm, symbols)
-    return _to_captured(trace, frame, batch_size, n_microbatches)
+    if size == 1 and batch_size >= 2:
+        return trace, _trace_rows(frame, batch_size, 2, every_dim=every_dim)
+    return trace, trace
 
 
-def _trace_rows(frame: FrameCall, batch_size: int, rows: int, *, every_dim: bool) -> _Trace:
+def _trace_rows(frame: FrameCall, batch_size: int, rows: int, *, every_dim: bool) -> Trace:
     """Trace ``frame`` on the first ``rows`` rows of its batched arguments, the batch dimension dynamic and,
     with ``every_dim``, every other dimension of them too (Dynamo fixes a size it must, such as features
     a weight multiplies; and 0 and 1 always)."""
@@ -160,7 +154,7 @@ def _trace_rows(frame: FrameCall, batch_size: int, rows: int, *, every_dim: bool
     return _record(frame, torch.utils._pytree.tree_map(cut, frame.arguments))
 
 
-def _to_captured(trace: _Trace, frame: FrameCall, batch_size: int, n_mb: int) -> CapturedGraph:
+def _to_captured(trace: Trace, frame: FrameCall, batch_size: int, n_mb: int) -> CapturedGraph:
     gm, placeholders = trace.gm, trace.placeholders
     graph = gm.graph
     self_name = frame.self_name
@@ -215,7 +209,7 @@ def _to_captured(trace: _Trace, frame: FrameCall, batch_size: int, n_mb: int) ->
 
 
 def _capture_shapes(
-    trace: _Trace, sources: list[str], input_nodes: list[fx.Node], cut: list[bool]
+    trace: Trace, sources: list[str], input_nodes: list[fx.Node], cut: list[bool]
 ) -> CaptureShapes:
     dims = [
         dims_of(n.meta["example_value"]) if isinstance(n.meta.get("example_value"), torch.Tensor) else None

@@ -33,6 +33,7 @@ class CapturedGraph:
     shapes: CaptureShapes
     split_markers: list[int] = field(default_factory=list)  # compute-node positions of pipe_split() calls
     number: int = 1  # 1 for the first capture of a compiled call, 2 for the one after it, ...
+    one_trace: bool = False  # built from Dynamo's own batch-symbolic graph, without tracing the frame again
 
     @property
     def microbatch_size(self) -> int:

@@ -105,7 +105,13 @@ class Explanation:
             f"costed at {self.captured.shapes.representative(self._input_names())} (the same stages run at "
             "every sequence length)"
         )
-        return "\n".join([*lines, foot, per_mb, *self._step_lines()])
+        return "\n".join([*lines, foot, per_mb, self._capture_line(), *self._step_lines()])
+
+    def _capture_line(self) -> str:
+        """Which capture path ran (``captured.one_trace``): Dynamo's own graph, or a second trace."""
+        if self.captured.one_trace:
+            return "captured from Dynamo's own graph (symbolic in the batch size): the call was traced once"
+        return "captured by tracing the call again at the microbatch size (dynamic=True traces it once)"
 
     def _input_names(self) -> list[str]:
         """The inputs as the user named them in the call (capture records them), else Dynamo's sources."""
