@@ -78,7 +78,7 @@ def build_pipeline(
     n_microbatches = config.microbatches(n_stages)
     check_divisible(batch_size, n_microbatches)
     call = FrameCall(frame.code, frame.globals, frame.closure, arguments)
-    captured = capture_microbatch(call, n_microbatches=n_microbatches, batch_size=batch_size, dynamo=dynamo)
+    captured = _capture(call, n_microbatches, batch_size, dynamo, comm)
     captured.number = number
     pp_of_stage = placement_map(spec.placement, n_ranks=mesh.n_pp, n_stages=n_stages)
     plan, stages = _plan_stages(
@@ -120,6 +120,16 @@ def build_pipeline(
         how_compiled=how_compiled,
     )
     return pipeline, captured.shapes
+
+
+def _capture(call: FrameCall, n_microbatches: int, batch_size: int, dynamo: Any, comm: Comm) -> CapturedGraph:
+    """The microbatch graph, by one path on every rank: Dynamo's graph serves only where it serves on all
+    (ranks with other data or another compile history can decide apart; their stage code must match)."""
+    captured = capture_microbatch(call, n_microbatches=n_microbatches, batch_size=batch_size, dynamo=dynamo)
+    if dynamo is not None and not all(comm.gather_objects(captured.one_trace, "the capture path")):
+        if captured.one_trace:
+            captured = capture_microbatch(call, n_microbatches=n_microbatches, batch_size=batch_size)
+    return captured
 
 
 def _compile(
