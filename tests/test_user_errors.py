@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
@@ -32,7 +33,10 @@ def _generate_without_cache(rank: int, world: int) -> str:
 def test_generate_without_pipeline_cache_names_the_cache_to_pass() -> None:
     results = run_distributed(_generate_without_cache, 2, timeout=120)
     for message in results.values():
-        assert "argument 'cache' is a HuggingFace DynamicCache" in message
+        # transformers before 5.24 passes the cache as past_key_values
+        assert re.search(r"argument '(cache|past_key_values)' is a HuggingFace DynamicCache", message), (
+            message
+        )
         assert "cache=dynapipe.PipelineCache(model, batch_size=" in message
         assert "use_cache=False" in message
     assert results[0] == results[1]  # every rank stops with the same words
