@@ -28,10 +28,10 @@ from functools import partial
 from typing import Any
 
 import torch
+from hf_models import bench_llama_model
 
 from dynapipe import explain
 from dynapipe.capture import capture_microbatch, frame_of_call
-from dynapipe.capture.one_trace import offering
 from dynapipe.capture.recorded import trace_of
 from dynapipe.config import PipelineConfig
 from dynapipe.plan import plan_pipeline
@@ -43,20 +43,7 @@ BATCH, SEQ, MICRO, VOCAB = 8, 128, 4, 8000
 class Logits(torch.nn.Module):
     def __init__(self, layers: int) -> None:
         super().__init__()
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=256,
-            intermediate_size=688,
-            num_hidden_layers=layers,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            max_position_embeddings=SEQ,
-            tie_word_embeddings=False,
-        )
-        self.model = LlamaForCausalLM(config)
+        self.model = bench_llama_model(layers, SEQ)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids, use_cache=False).logits
@@ -82,8 +69,7 @@ def _backend_run(net: Logits, ids: torch.Tensor, *, dynamic: bool, marked: bool 
         torch._dynamo.mark_dynamic(ids, 1)
     torch.compile(net, backend=backend, dynamic=dynamic and not marked or None, fullgraph=True)(ids)
     frame = frame_of_call(net, (ids,), {})  # the frame Dynamo compiled, as the backend reads it
-    with offering(frame.code, box["dynamo"]):
-        captured = capture_microbatch(frame, n_microbatches=MICRO, batch_size=BATCH)
+    captured = capture_microbatch(frame, n_microbatches=MICRO, batch_size=BATCH, dynamo=box["dynamo"])
     assert captured.one_trace == dynamic, "not the capture path measured"  # noqa: S101
     config = PipelineConfig(n_stages=2, n_microbatches=MICRO)
     plan_pipeline(captured, config, spec=get_schedule("1f1b"), n_ranks=2, n_stages=2, with_costs=True)

@@ -54,7 +54,8 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from bench_llama import loss_fn, timed
+from hf_models import bench_llama_model
 from torch import nn
 
 from dynapipe import launch
@@ -65,20 +66,7 @@ RTOL, ATOL = 1e-4, 1e-5  # loss rtol; gradients rtol and atol (inductor reorders
 
 
 def _model(layers: int, seq: int) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=688,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=seq,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
+    return bench_llama_model(layers, seq)
 
 
 class Logits(nn.Module):
@@ -115,20 +103,6 @@ class LlamaStage(nn.Module):
         if self.head is not None:
             h = self.head(self.norm(h))
         return h
-
-
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    """Seconds of ``fn()`` from a barrier, the slowest rank's."""
-    dist.barrier()
-    start = time.perf_counter()
-    fn()
-    took = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-    dist.all_reduce(took, op=dist.ReduceOp.MAX)
-    return took.item()
 
 
 # -- compile time: dynapipe.compiled_stage.compile_stages wrapped where the builder calls it ----------------
@@ -347,7 +321,7 @@ def _first_step(setup: Callable[[], Variant]) -> tuple[float, Variant, float, in
         box.append(setup())
         box[0].loss = box[0].step(True)
 
-    seconds = _timed(build_and_step)
+    seconds = timed(build_and_step)
     return seconds, box[0], COMPILE.later_s - later_s, COMPILE.graphs_later - later_n
 
 
@@ -398,12 +372,12 @@ def _worker(steps: int, warm: bool, shape: Shape) -> dict:
             out["checks"][s] = _grad_error(grads[f"{s} dynapipe inductor"], grads[f"{s} dynapipe eager"])
         del grads
         for variant in runs.values():  # one more untimed step each: all warm
-            _timed(partial(variant.step, False))
+            timed(partial(variant.step, False))
         names = list(runs)
         times: dict[str, list[float]] = {name: [] for name in names}
         for i in range(steps):  # every row once per round, the order rotating
             for name in names[i % len(names) :] + names[: i % len(names)]:
-                times[name].append(_timed(partial(runs[name].step, False)))
+                times[name].append(timed(partial(runs[name].step, False)))
         out["times"] = times
         out["compiled"] = {n: dict(v.reports[-1].compiled) for n, v in runs.items() if v.reports}
         out["graph_runs"] = {n: dict(v.reports[-1].graph_runs) for n, v in runs.items() if v.reports}

@@ -27,6 +27,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from hf_models import bench_llama_model
 
 from dynapipe import launch
 
@@ -46,20 +47,7 @@ PHASES = {
 
 
 def _model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=SEQ,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
+    return bench_llama_model(8, SEQ)
 
 
 class Logits(torch.nn.Module):
@@ -77,7 +65,7 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
 
 
-def _timed(fn) -> float:
+def timed(fn) -> float:
     """Seconds of ``fn()`` from a barrier, the slowest rank's."""
     dist.barrier()
     start = time.perf_counter()
@@ -165,15 +153,15 @@ def _worker(steps: int) -> tuple | None:
         profiles[name] = profile = cProfile.Profile()
         if name != "torch-pp" and rank == 0:
             profile.enable()
-        first[name] = _timed(build_and_step)
+        first[name] = timed(build_and_step)
         profile.disable()
         runs[name] = box[0]
     for run in runs.values():  # one more untimed step each: both warm
-        _timed(run)
+        timed(run)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(steps):
         for name in list(runs) if i % 2 == 0 else list(runs)[::-1]:
-            times[name].append(_timed(runs[name]))
+            times[name].append(timed(runs[name]))
     if rank == 0:
         return first, times, {name: _phases(profiles[name]) for name in ("dynapipe", "dynamic=True")}
     return None

@@ -153,3 +153,24 @@ def partition_model(family: str, layers: int) -> Any:
     ).eval()
     model.loss_type = "ForCausalLM"
     return model
+
+
+def bench_llama_model(layers: int, positions: int) -> Any:
+    """The Llama the first-step benchmarks share (hidden 256, 8 heads, 4 key/value heads, vocabulary
+    8000, untied), seeded."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = hf_config(
+        "llama",
+        vocab=8000,
+        hidden=256,
+        layers=layers,
+        heads=8,
+        kv_heads=4,
+        ffn=688,
+        positions=positions,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)

@@ -98,8 +98,7 @@ def build_pipeline(
     # before Pipeline: its DDP wrappers broadcast the local stages' parameters, which must hold values
     place_state(stages, local, comm, fill=partial(fill_state, models, config.checkpoint))
     record_owners(stages, tuple(pp_of_stage[s] for s in range(n_stages)))
-    compiled, how_compiled = _compile(config, stages, local, inputs)  # after place_state (see there)
-    _add_compile_guards(captured.shapes, compiled, comm)
+    compiled, how_compiled = _compile(config, stages, local, inputs, captured.shapes, comm)
     pipeline = Pipeline(
         stages=stages,
         rank_of_stage={s: mesh.global_rank(pp) for s, pp in pp_of_stage.items()},
@@ -133,27 +132,34 @@ def _capture(call: FrameCall, n_microbatches: int, batch_size: int, dynamo: Any,
 
 
 def _compile(
-    config: PipelineConfig, stages: list[StagePlan], local: list[int], inputs: dict[str, Any]
+    config: PipelineConfig,
+    stages: list[StagePlan],
+    local: list[int],
+    inputs: dict[str, Any],
+    shapes: CaptureShapes,
+    comm: Comm,
 ) -> tuple[dict[int, CompiledStage], dict[int, str]]:
-    """The local stages compiled if ``options["compile_stages"]`` (by default: if they run on CUDA).
-    After place_state: AOTAutograd keeps the parameters it lifts, so they must be the final tensors."""
+    """The local stages compiled if ``options["compile_stages"]`` (by default: if they run on CUDA); after
+    place_state, as AOTAutograd keeps the parameters it lifts. What inductor assumed about the sizes on
+    any rank becomes a guard of the capture on every rank: a call outside it captures (and compiles)
+    again on all ranks together, as torch.compile recompiles."""
     wanted = config.compile_stages
     if wanted is None:
         state = [t for s in local for t in stages[s].module.state_dict(keep_vars=True).values()]
         tensors = [t for t in state + tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
         wanted = any(t.device.type == "cuda" for t in tensors)
-    return compile_stages({s: stages[s].module for s in local}, wanted)
-
-
-def _add_compile_guards(shapes: CaptureShapes, compiled: dict[int, CompiledStage], comm: Comm) -> None:
-    """Every rank's compiled stages' size assumptions become guards of the capture, on every rank: a call
-    outside them captures (and compiles) again on all ranks together, as torch.compile recompiles."""
-    local = [g.xreplace(shapes.names) for stage in compiled.values() for g in stage.guards]
+    compiled, how = compile_stages({s: stages[s].module for s in local}, wanted)
+    if not wanted:
+        return compiled, how
+    local_guards = [g.xreplace(shapes.names) for stage in compiled.values() for g in stage.guards]
     found = {
-        str(g): g for guards in comm.gather_objects(local, "the compiled stages' size guards") for g in guards
+        str(g): g
+        for guards in comm.gather_objects(local_guards, "the compiled stages' size guards")
+        for g in guards
     }
     known = {str(g) for g in shapes.guards}
     shapes.guards += [found[k] for k in sorted(found) if k not in known]
+    return compiled, how
 
 
 def _join(config: PipelineConfig, inputs: dict[str, Any], batch_size: int) -> tuple[Comm, PipelineMesh]:
