@@ -7,7 +7,8 @@ A randomly initialised ``LlamaForCausalLM`` is cut into 4 stages (one per proces
 ``torch.compile(..., backend="dynapipe")`` and trained with the 1F1B schedule on a synthetic "count up by
 one" language. The training loop is the single-device one. Rank 0 first says what dynapipe did (the
 stages it cut, from the plan that runs: modules, parameters, estimated time; the schedule), writes a
-picture of the partition and the measured timeline of one step (``--out``, default ``dynapipe-demo/``),
+picture of the partition and the measured timeline of one step, and the run as one HTML page that links
+both to the plan (``run.html``; all in ``--out``, default ``dynapipe-demo/``),
 prints the loss as it falls, and ends by checking its first step against the same model on one process.
 """
 
@@ -24,7 +25,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dynapipe.formatting import format_bytes
 from dynapipe.launch import launch
-from dynapipe.viz import merge_timelines, partition_svg, partition_text, timeline_svg, write_chrome_trace
+from dynapipe.viz import (
+    merge_timelines,
+    partition_svg,
+    partition_text,
+    timeline_svg,
+    write_chrome_trace,
+    write_report,
+)
 
 VOCAB, SEQ, BATCH = 128, 32, 16
 
@@ -68,10 +76,11 @@ def train(steps: int, out: Path) -> None:
     torch.set_num_threads(1)
     model = make_model()
     reports = []
+    options = {"schedule": "1f1b", "n_microbatches": 4}
     step_fn = torch.compile(
         lambda ids: model(input_ids=ids, labels=ids).loss,
         backend="dynapipe",
-        options={"schedule": "1f1b", "n_microbatches": 4, "on_step": reports.append},
+        options={**options, "on_step": reports.append},
     )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses, start = [], time.perf_counter()
@@ -85,6 +94,8 @@ def train(steps: int, out: Path) -> None:
             describe(reports[0], out)
             print("schedule: 1f1b, 4 microbatches of 4 sequences per step", flush=True)
         if step == 1:  # the first step also captured and partitioned: draw a steady one
+            # the run as one page (partition, every rank's step, the plan beside it): every rank calls it
+            page = write_report(out / "run.html", reports[-1], options=options, title="dynapipe demo: step 1")
             timelines = [None] * world if rank == 0 else None
             dist.gather_object(reports[-1].timeline, timelines, dst=0)
             if rank == 0:
@@ -101,6 +112,7 @@ def train(steps: int, out: Path) -> None:
                     "(chrome://tracing)",
                     flush=True,
                 )
+                print(f"the run as one page: {page} (open it in a browser; saved run beside it)", flush=True)
         if rank == 0 and (step % 5 == 0 or step == steps - 1):
             print(
                 f"step {step:3d}  loss {loss.item():.4f}  ({time.perf_counter() - start:.1f} s)", flush=True

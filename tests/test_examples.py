@@ -42,6 +42,10 @@ def test_demo_says_what_dynapipe_did(tmp_path):
     for name in ("partition.svg", "timeline.svg"):
         ET.parse(tmp_path / name)  # well-formed SVG
     assert (tmp_path / "timeline.json").stat().st_size > 0
+    # the run as one page, and the run saved beside it (tests/test_report_page.py reads one in a browser)
+    assert (
+        f"the run as one page: {tmp_path / 'run.html'}" in out and (tmp_path / "run.json").stat().st_size > 0
+    )
 
 
 @pytest.mark.hf

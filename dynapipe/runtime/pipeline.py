@@ -92,6 +92,8 @@ class StepRecord:
     compiled: dict[int, str] = field(default_factory=dict)  # stage -> "inductor", or "eager" and why
     # compiled stage -> how often each of its graphs ran so far ("forward", "input", "weight")
     graph_runs: dict[int, dict[str, int]] = field(default_factory=dict)
+    # stage -> global rank holding it in this rank's replica: the sender of a receive (``3RECV_F0<-2``)
+    rank_of_stage: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -233,6 +235,7 @@ class Pipeline:
             list(table),
             self.how_compiled,
             {s: dict(c.runs) for s, c in self.compiled.items()},
+            dict(self.rank_of_stage),
         )
 
     def _reduce_tied(self) -> None:

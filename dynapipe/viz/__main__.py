@@ -3,22 +3,27 @@
     python -m dynapipe.viz schedule 1f1b --ranks 4 --microbatches 8 -o 1f1b.svg
     python -m dynapipe.viz schedule zbv --ranks 4 --microbatches 8 --f 1 --b 1 --w 0.5 -o zbv.svg
     python -m dynapipe.viz partition llama --stages 4 -o llama.svg      # also prints the table
+    python -m dynapipe.viz report run.json -o run.html                  # the page of a saved run
 
 ``schedule`` simulates one step of a builtin schedule (or a table file) with the given per-stage times
 (forward, backward-input and backward-weight; a full backward costs b + w) and draws the timeline;
 ``--trace`` also writes a Chrome trace. ``partition`` builds a small randomly initialised HuggingFace
 model from a config (``llama``, ``gpt2``, ``opt``, ``bloom``), partitions it with
-:func:`dynapipe.explain` and draws the result.
+:func:`dynapipe.explain` and draws the result. ``report`` writes the HTML page of a run that
+:func:`dynapipe.viz.write_report` saved (its JSON format: :mod:`dynapipe.viz.run`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..schedules import StageCost, get_schedule, simulate
 from .partition import partition_text
 from .partition_picture import partition_svg
+from .report import report_html
+from .run import load_run
 from .timeline import timeline_svg, write_chrome_trace
 
 __all__ = ["main"]
@@ -107,6 +112,12 @@ def _partition(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def _report(args: argparse.Namespace) -> None:
+    output = Path(args.output or Path(args.saved).with_suffix(".html"))
+    output.write_text(report_html(load_run(args.saved)), encoding="utf-8")
+    print(f"wrote {output}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dynapipe.viz", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--title")
     p.add_argument("-o", "--output", default="partition.svg")
     p.set_defaults(run=_partition)
+    r = sub.add_parser("report", help="write the HTML page of a run saved by dynapipe.viz.write_report")
+    r.add_argument("saved", metavar="RUN.json", help="the saved run (JSON)")
+    r.add_argument("-o", "--output", help="default: the run's name with .html")
+    r.set_defaults(run=_report)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -39,14 +39,7 @@ def partition_svg(
     frame = _Frame.of(explanation, skips)
     svg = Canvas(frame.width, frame.height)
     svg.text(frame.margin, 28, title or f"Partition into {title_of(explanation)}", size=17, weight="bold")
-    svg.text(
-        frame.margin,
-        48,
-        f"per microbatch of {explanation.captured.microbatch_size} · compute is forward + "
-        "backward · arrows carry activations forward; their gradients return the same size",
-        size=12,
-        fill=COLORS["muted"],
-    )
+    svg.text(frame.margin, 48, _subtitle(explanation), size=12, fill=COLORS["muted"])
     crossing = crossing_tensors(explanation)
     _draw_skips(svg, frame, skips, crossing)
     slowest = max(range(len(stages)), key=lambda i: stages[i].time_s)
@@ -57,6 +50,30 @@ def partition_svg(
             _draw_send(svg, frame, s, i, crossing)
     _draw_legend(svg, frame)
     return svg.save(path)
+
+
+def _subtitle(explanation: Explanation) -> str:
+    return (
+        f"per microbatch of {explanation.captured.microbatch_size} · compute is forward + "
+        "backward · arrows carry activations forward; their gradients return the same size"
+    )
+
+
+_LEGEND = [
+    ("forward", "F"),
+    ("backward, input grad", "I"),
+    ("backward, weight grad", "W"),
+    ("parameters", "params"),
+    ("gradients", "grads"),
+    ("optimizer state", "optimizer"),
+    ("activations of 1 microbatch", "activations"),
+]
+
+
+def _legend_width() -> float:
+    """The legend's width: its swatches and labels, then the mean compute's dashed line and label."""
+    items = sum(18 + text_width(label, 11.5) * 0.95 + 16 for label, _ in _LEGEND)
+    return items + 30 + text_width("mean compute", 11.5)
 
 
 @dataclass(frozen=True)
@@ -84,7 +101,8 @@ class _Frame:
         stages = explanation.stages
         n = len(stages)
         col_w, gap, margin = 220, 100, 28
-        width = max(760, 2 * margin + n * col_w + (n - 1) * gap)
+        text_w = max(_legend_width(), text_width(_subtitle(explanation), 12))  # neither is cut off
+        width = max(760, 2 * margin + n * col_w + (n - 1) * gap, 2 * margin + text_w)
         left = (width - (n * col_w + (n - 1) * gap)) / 2
         arc_h = (34 + 26 * max(e[1] - e[0] - 1 for e in skips)) if skips else 0
         cards_y = 76 + arc_h + (18 if skips else 0)
@@ -321,16 +339,7 @@ def _draw_send(
 def _draw_legend(svg: Canvas, f: _Frame) -> None:
     y = f.height - 26
     x: float = f.margin
-    items = [
-        ("forward", "F"),
-        ("backward, input grad", "I"),
-        ("backward, weight grad", "W"),
-        ("parameters", "params"),
-        ("gradients", "grads"),
-        ("optimizer state", "optimizer"),
-        ("activations of 1 microbatch", "activations"),
-    ]
-    for label, key in items:
+    for label, key in _LEGEND:
         svg.rect(x, y - 11, 13, 13, fill=COLORS[key], class_="legend", data_label=label)
         svg.text(x + 18, y, label, size=11.5)
         x += 18 + text_width(label, 11.5) * 0.95 + 16
