@@ -1,41 +1,53 @@
-"""Real-model benchmark: dynapipe's automatic partition against the best manual split at layer boundaries.
+"""Real-model benchmark: the automatic plan against the equal-layer split and ``balance_slack=0.03``, and
+every plan's predicted step beside its measured one.
 
-    python benchmarks/bench_models.py                 # Llama and GPT-2, 2 and 4 stages, 1F1B, 8 microbatches
-    python benchmarks/bench_models.py --quick         # Llama only, 2 stages, fewer steps
+    python benchmarks/bench_models.py                 # demo, Llama and GPT-2; 2 and 4 stages; m = p and 4p
+    python benchmarks/bench_models.py --quick         # the demo model at 4 stages, m = 4, fewer steps
+    python benchmarks/bench_models.py --models demo --stages 4 --micro 1 4 --steps 24
 
-Each row trains a randomly initialised HuggingFace causal LM on local CPU processes (gloo), one per
-stage. The manual split is the best one at layer boundaries: every choice of ``n_stages - 1`` block
-starts is costed and simulated as explain() would (``plan.predict_step``), and the shortest taken,
-with the equal-layer split (what a person writes) run too when it differs, and the automatic plan
-with ``balance_slack=0.03`` (every stage within 3% of the best balance) when that plan differs from the
-default one. Every variant is compiled in the same processes on its own copy of the model, and their
-steps alternate (auto, balanced, manual, equal, auto, ...) so that load on the machine falls on all
-alike. Reported: median step time (min-max) over the timed steps, in ms, and the ratios automatic /
-best manual (below 1: the automatic partition is faster), each the median of the rounds' ratios.
+Each row trains a randomly initialised causal LM on local CPU processes (gloo), one per stage, with 1F1B
+and ``n_microbatches`` = the stage count times ``--micro``. Three plans of the same model, each
+compiled on its own copy in the same processes: **auto** (the default options), **even**
+(``balance_slack=0.03``: every stage within 3% of the best balance; "(same)" where it is the auto plan)
+and **equal** (``split_points`` at equal numbers of layers, what a person writes). Their steps alternate
+(auto, even, equal, auto, ...) so that load on the machine falls on all alike; every step's time is the
+slowest rank's. Reported per plan: the median step (min-max) in ms and the step its plan predicted
+(``StepReport.plan.predicted_step_s``, at the rates measured when it was built); and the ratio of the
+auto plan to the better of the other two, the median of the rounds' ratios (below 1: auto is faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from dynapipe import launch
 
-BATCH, SEQ, MICRO, LAYERS = 16, 64, 8, 8
-BALANCED = 0.03  # the automatic plan's balance_slack in the 'balanced' column
+SEQ, LAYERS, VOCAB = 64, 8, 16000
+EVEN = 0.03  # balance_slack of the 'even' plan
 
 
-def _model(name: str):
+def _model(name: str) -> tuple[Any, str, int, int, int]:
+    """(model, layer prefix, vocabulary, batch, sequence) of a benchmark model."""
     torch.manual_seed(0)
+    if name == "demo":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+        import train_llama
+
+        return train_llama.make_model(), "model.layers", train_llama.VOCAB, train_llama.BATCH, train_llama.SEQ
     if name == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
         config = LlamaConfig(
-            vocab_size=16000,
+            vocab_size=VOCAB,
             hidden_size=128,
             intermediate_size=344,
             num_hidden_layers=LAYERS,
@@ -44,11 +56,11 @@ def _model(name: str):
             max_position_embeddings=SEQ,
             tie_word_embeddings=False,
         )
-        return LlamaForCausalLM(config), "model.layers"
+        return LlamaForCausalLM(config), "model.layers", VOCAB, 16, SEQ
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=16000,
+        vocab_size=VOCAB,
         n_positions=SEQ,
         n_embd=128,
         n_layer=LAYERS,
@@ -59,124 +71,96 @@ def _model(name: str):
         bos_token_id=0,
         eos_token_id=0,
     )
-    return GPT2LMHeadModel(config), "transformer.h"
+    return GPT2LMHeadModel(config), "transformer.h", VOCAB, 16, SEQ
 
 
-def _layer_splits(name: str, n_stages: int) -> tuple[list[str], list[str], bool, bool]:
-    """The layer split with the shortest predicted step (every choice tried), the equal one, whether the
-    automatic plan is that best split, and whether ``balance_slack=BALANCED`` changes the plan."""
-    import itertools
-
-    from dynapipe.config import PipelineConfig
-    from dynapipe.cost import graph_costs, stage_costs
-    from dynapipe.explain import capture
-    from dynapipe.partition import assign_by_split_points
-    from dynapipe.plan import plan_pipeline, predict_step
-    from dynapipe.schedules import get_schedule
-
-    model, layers = _model(name)
-    ids = torch.randint(0, 16000, (BATCH, SEQ))
-    captured = capture(lambda ids: model(input_ids=ids, labels=ids).loss, (ids,), n_microbatches=MICRO)
-    spec = get_schedule("1f1b")
-    costs = graph_costs(captured, optimizer="sgd")
-
-    def plan(**options: Any) -> Any:
-        config = PipelineConfig(n_stages=n_stages, n_microbatches=MICRO, optimizer="sgd", **options)
-        return plan_pipeline(
-            captured,
-            config,
-            spec=spec,
-            n_ranks=n_stages,
-            n_stages=n_stages,
-            costs=lambda *_: costs,
-            with_costs=True,
-        )
-
-    def predicted(points: list[str]) -> float:
-        at_points = plan(split_points=tuple(points))
-        return predict_step(at_points, stage_costs(captured, at_points.stage_of, costs)).makespan
-
-    choices = [[f"{layers}.{i}" for i in c] for c in itertools.combinations(range(1, LAYERS), n_stages - 1)]
-    equal = [f"{layers}.{i * LAYERS // n_stages}" for i in range(1, n_stages)]
-    automatic = [plan(balance_slack=slack).stage_of for slack in (None, BALANCED)]
-    best = min(choices, key=predicted)
-    return best, equal, automatic[0] == assign_by_split_points(captured, best), automatic[0] != automatic[1]
-
-
-def _worker(name: str, variants: dict, steps: int) -> dict[str, list[float]]:
-    """One rank's timed steps of every variant (under ``dynapipe.launch``)."""
-    ids = torch.randint(0, 16000, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-    runs = {}
-    for variant, extra in variants.items():  # each variant pipelines its own copy of the model
-        model, _ = _model(name)
-        options: dict = {"schedule": "1f1b", "n_microbatches": MICRO, "optimizer": "sgd", **extra}
+def _worker(name: str, n_mb: int, steps: int) -> tuple[dict[str, list[float]], dict[str, float | None], bool]:
+    """One rank's timed steps of every plan, each plan's predicted step, and whether 'even' is 'auto'."""
+    torch.set_num_threads(1)
+    world = int(os.environ["WORLD_SIZE"])
+    _, layers, vocab, batch, seq = _model(name)
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+    equal = [f"{layers}.{i * LAYERS // world}" for i in range(1, world)]
+    variants = {"auto": {}, "even": {"balance_slack": EVEN}, "equal": {"split_points": equal}}
+    runs, reports = {}, {}
+    for variant, extra in variants.items():  # each plan pipelines its own copy of the model
+        model = _model(name)[0]
+        reports[variant] = seen = []
+        options: dict = {
+            "schedule": "1f1b",
+            "n_microbatches": n_mb,
+            "optimizer": "sgd",
+            "on_step": seen.append,
+        }
         step = torch.compile(
             lambda ids, model=model: model(input_ids=ids, labels=ids).loss,
             backend="dynapipe",
-            options=options,
+            options={**options, **extra},
         )
         runs[variant] = (step, torch.optim.SGD(model.parameters(), lr=1e-3))
     times: dict[str, list[float]] = {v: [] for v in variants}
     for i in range(steps + 2):
-        for variant, (step, opt) in runs.items():  # alternate: load falls on every variant alike
+        for variant, (step, opt) in runs.items():  # alternate: load falls on every plan alike
+            if dist.is_initialized():  # the first call starts the process group
+                dist.barrier()
             start = time.perf_counter()
             step(ids).backward()
             opt.step()
             opt.zero_grad()
+            elapsed = torch.tensor([time.perf_counter() - start])
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank's step
             if i >= 2:
-                times[variant].append(time.perf_counter() - start)
-    return times
+                times[variant].append(elapsed.item())
+    predicted = {v: r[0].plan.predicted_step_s for v, r in reports.items()}
+    same = _cuts(reports["auto"][0]) == _cuts(reports["even"][0])
+    return times, predicted, same
 
 
-def _run(name: str, world: int, variants: dict, steps: int) -> dict[str, list[float]]:
-    return launch(_worker, name, variants, steps, nproc=world, timeout=900)[0]
+def _cuts(report: Any) -> list[str]:
+    return [str(s.modules) for s in report.plan.stages]
 
 
 def _paired(times: list[float], baseline: list[float]) -> float:
-    """Median of the per-round ratios: the variants of a round ran back to back, under the same load."""
+    """Median of the per-round ratios: the plans of a round ran back to back, under the same load."""
     return statistics.median(t / b for t, b in zip(times, baseline, strict=True))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--models", nargs="+", default=["llama", "gpt2"])
+    parser.add_argument("--models", nargs="+", default=["demo", "llama", "gpt2"])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--micro", type=int, nargs="+", default=[1, 4], help="microbatches per stage")
+    parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
-    models, stages, steps = (["llama"], [2], 4) if args.quick else (args.models, args.stages, args.steps)
+    if args.quick:
+        args.models, args.stages, args.micro, args.steps = ["demo"], [4], [1], 6
+    print(f"1F1B, {args.steps} timed steps per plan, alternating; ms: median (min-max) [predicted]")
     print(
-        f"1F1B, batch {BATCH} x {SEQ} tokens, {MICRO} microbatches, {steps} timed steps each, alternating; ms"
-    )
-    print(
-        f"{'model':6s} {'stages':>6s} {'best layer split':>22s} {'equal':>20s} {'automatic':>20s} "
-        f"{'balance_slack .03':>20s} {'auto/best':>10s} {'balanced/best':>14s}  best layer split"
+        f"{'model':6s} {'p':>2s} {'m':>3s} {'auto':>28s} {'even (slack .03)':>28s} {'equal layers':>28s} "
+        f"{'auto/better':>11s} {'pred/meas':>18s}"
     )
 
-    def cell(ts: list[float] | None) -> str:
-        if not ts:
-            return "(same)"
-        return f"{statistics.median(ts) * 1e3:7.1f} ({min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f})"
+    def cell(ts: list[float], predicted: float | None) -> str:
+        guess = f"[{predicted * 1e3:.1f}]" if predicted else "[-]"
+        return f"{statistics.median(ts) * 1e3:6.1f} ({min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f}) {guess}"
 
-    for name in models:
-        for n_stages in stages:
-            best, equal, same, differs = _layer_splits(name, n_stages)
-            variants = {
-                "auto": {},
-                **({"balanced": {"balance_slack": BALANCED}} if differs else {}),
-                "best": {"split_points": best},
-                **({"equal": {"split_points": equal}} if equal != best else {}),
-            }
-            times = _run(name, n_stages, variants, steps)
-            manual = min((times["best"], times.get("equal") or times["best"]), key=statistics.median)
-            ratio = _paired(times["auto"], manual)
-            balanced = _paired(times.get("balanced") or times["auto"], manual)
-            print(
-                f"{name:6s} {n_stages:6d} {cell(times['best']):>22s} {cell(times.get('equal')):>20s} "
-                f"{cell(times['auto']):>20s} {cell(times.get('balanced')):>20s} {ratio:10.3f} "
-                f"{balanced:14.3f}  {best}{' (= automatic: the ratio is noise)' if same else ''}",
-                flush=True,
-            )
+    for name in args.models:
+        for n_stages in args.stages:
+            for per_stage in args.micro:
+                n_mb = n_stages * per_stage
+                times, predicted, same = launch(
+                    _worker, name, n_mb, args.steps, nproc=n_stages, timeout=1800
+                )[0]
+                better = min(("even", "equal"), key=lambda v: statistics.median(times[v]))
+                accuracy = [predicted[v] / statistics.median(times[v]) for v in times if predicted[v]]
+                even = "(same)" if same else cell(times["even"], predicted["even"])
+                print(
+                    f"{name:6s} {n_stages:2d} {n_mb:3d} {cell(times['auto'], predicted['auto']):>28s} {even:>28s} "
+                    f"{cell(times['equal'], predicted['equal']):>28s} {_paired(times['auto'], times[better]):11.3f} "
+                    f"{f'{min(accuracy):.2f}-{max(accuracy):.2f}x':>18s}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

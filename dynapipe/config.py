@@ -35,7 +35,13 @@ class PipelineConfig:
         to send fewer bytes, and more where few microbatches make a heavier first stage faster. Set it
         when equal stage times matter more than the estimate, e.g. stages that will run on other devices.
         Automatic partition only: with split points it is an error.
-    profile: time every graph node on the device (rank 0, shared) instead of estimating time from FLOPs.
+    rates: the seconds the plan is made in. "measure" (default): the machine that runs, measured when
+        the first pipeline is built by every rank at once (each distinct operation of the graph at its
+        microbatch shapes, the link between pipeline neighbours) and cached per machine under
+        ``$XDG_CACHE_HOME/dynapipe`` (``~/.cache/dynapipe``); "nominal": a nominal GPU and link (FLOPs
+        and bytes at fixed rates); or the path of a saved set (``dynapipe.cost.Rates.save``, or a cache
+        file from the target machine).
+    profile: measure the rates again, ignoring the cache (which is then rewritten).
     optimizer: optimizer whose state the memory estimate counts: "adamw", "adam", "sgd" or "none".
     loss_reduction: how the per-microbatch losses combine into the step's loss: "mean" (as a loss
         averaged over the batch, HuggingFace's default) or "sum". With "mean", a loss that averages over
@@ -71,6 +77,7 @@ class PipelineConfig:
     unsplittable: tuple[str, ...] = ()
     max_stage_memory: int | None = None
     balance_slack: float | None = None
+    rates: str = "measure"
     profile: bool = False
     optimizer: Optimizer = "adamw"
     loss_reduction: LossReduction = "mean"
@@ -165,6 +172,10 @@ class PipelineConfig:
         if self.compile_stages is not None and not isinstance(self.compile_stages, bool):
             raise ConfigError(
                 f"compile_stages must be True, False or None (auto), got {self.compile_stages!r}"
+            )
+        if not isinstance(self.rates, (str, os.PathLike)):
+            raise ConfigError(
+                f"rates must be 'measure', 'nominal' or the path of a saved set, got {self.rates!r}"
             )
         if self.on_step is not None and not callable(self.on_step):
             raise ConfigError(f"on_step must be a callable taking a StepReport, got {self.on_step!r}")

@@ -13,11 +13,13 @@ each stage covers, and the imbalance (slowest stage / mean).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 from .capture import capture_microbatch, frame_of_call
 from .config import Optimizer, PipelineConfig
+from .cost import NOMINAL_RATES, Rates, graph_costs
 from .errors import ConfigError
 from .graph import CapturedGraph
 from .microbatch import check_divisible, infer_batch_size
@@ -60,6 +62,7 @@ def explain(
     balance_slack: float | None = None,
     profile: bool = False,
     optimizer: Optimizer = "adamw",
+    rates: str | os.PathLike | Rates = "nominal",
 ) -> Explanation:
     """Partition ``model`` called on ``example_inputs`` into ``n_stages`` and return the per-stage table.
 
@@ -67,6 +70,11 @@ def explain(
     (:func:`dynapipe.plan.plan_pipeline`): what this shows is what ``torch.compile`` would run. Like the
     backend, it plans for ``n_microbatches`` or, by default, one microbatch per stage
     (:meth:`PipelineConfig.microbatches`): the step the partitioner shortens depends on it.
+
+    ``rates``: the machine to plan for, and the table says which: "nominal" (a nominal GPU and link), a
+    saved set (a :class:`dynapipe.cost.Rates`, or the path of one: ``Rates.save``, or the cache file a run
+    on the target machine wrote, whose path its plan prints). It never takes this machine's rates
+    unasked; ``profile=True`` times the graph's operations here (the link stays as ``rates`` says).
     """
     config = PipelineConfig(
         n_stages=n_stages,
@@ -90,5 +98,30 @@ def explain(
     n_ranks = n_stages // per_rank  # the ranks the backend would need; it checks them by the same rule:
     stage_count(config, spec, n_ranks)
     captured = capture(model, example_inputs, n_microbatches=config.microbatches(n_stages))
-    plan = plan_pipeline(captured, config, spec=spec, n_ranks=n_ranks, n_stages=n_stages, with_costs=True)
+    machine = _rates(rates)
+    plan = plan_pipeline(
+        captured,
+        config,
+        spec=spec,
+        n_ranks=n_ranks,
+        n_stages=n_stages,
+        costs=lambda c, cfg: graph_costs(c, optimizer=cfg.optimizer, rates=machine, profile=cfg.profile),
+        with_costs=True,
+    )
     return Explanation.of(captured, plan)
+
+
+def _rates(rates: str | os.PathLike | Rates) -> Rates:
+    if isinstance(rates, Rates):
+        return rates
+    if rates == "nominal":
+        return NOMINAL_RATES
+    if rates == "measure":
+        raise ConfigError(
+            "explain() plans without a process group, so it cannot measure the link: run the pipeline once on "
+            "the target machine and pass the rates file its plan names, or profile=True to time operations here"
+        )
+    try:
+        return Rates.load(rates)
+    except ValueError as err:
+        raise ConfigError(f"rates: {err}; give 'nominal', a Rates or the path of a saved set") from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def describe(report, out: Path) -> None:
     """Say what dynapipe did, from the plan that runs (rank 0), and draw it."""
     plan = report.plan
     print(
-        f"dynapipe cut the model into {len(plan.stages)} stages, one per process (estimated: FLOPs and bytes moved):"
+        f"dynapipe cut the model into {len(plan.stages)} stages, one per process (times at the rates measured "
+        "on this machine when the pipeline was built):"
     )
     print(partition_text(plan))
     params = ", ".join(f"stage {s.index}: {format_bytes(s.param_bytes)}" for s in plan.stages)
@@ -83,10 +85,12 @@ def train(steps: int, out: Path) -> None:
         options={**options, "on_step": reports.append},
     )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses, start = [], time.perf_counter()
+    losses, step_times, start = [], [], time.perf_counter()
     for step in range(steps):
+        began = time.perf_counter()
         loss = step_fn(batch(step))
         loss.backward()
+        step_times.append(time.perf_counter() - began)
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
@@ -103,10 +107,6 @@ def train(steps: int, out: Path) -> None:
                 timeline_svg(measured, out / "timeline.svg", title="Measured step 1: 1f1b, 4 ranks")
                 write_chrome_trace(measured, out / "timeline.json")
                 print(
-                    f"the plan beside the run: {reports[-1].plan.beside(measured)} (the plan's times are "
-                    "FLOPs and bytes at a GPU's nominal rates; on this CPU only their proportions mean something)"
-                )
-                print(
                     f"step 1 took {measured.makespan * 1e3:.0f} ms, {measured.bubble_fraction:.0%} of it idle; "
                     f"wrote {out / 'partition.svg'}, {out / 'timeline.svg'} and {out / 'timeline.json'} "
                     "(chrome://tracing)",
@@ -118,6 +118,12 @@ def train(steps: int, out: Path) -> None:
                 f"step {step:3d}  loss {loss.item():.4f}  ({time.perf_counter() - start:.1f} s)", flush=True
             )
 
+    if rank == 0 and steps > 2:  # every step after the first (which captured, measured and planned)
+        later = sorted(step_times[1:])
+        print(
+            f"the plan beside the run: {reports[-1].plan.beside(measured, step_s=statistics.median(later))} "
+            f"(median of {len(later)} steps, {later[0] * 1e3:.0f}-{later[-1] * 1e3:.0f} ms)"
+        )
     if rank == 0:
         reference = make_model()
         expected = reference(input_ids=batch(0), labels=batch(0)).loss.item()

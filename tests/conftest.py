@@ -5,6 +5,10 @@ pytest puts this folder on ``sys.path`` (its default "prepend" import mode, and 
 which is how test files import ``harness``, ``fixtures`` and ``models``. This file adds ``benchmarks/``
 for ``hf_models``, the small HuggingFace configs tests and benchmarks share (spawned workers inherit
 ``sys.path``).
+
+The pipelines tests build measure this machine's rates (``options["rates"]``, by default) and cache them
+per machine: the session keeps that cache in a temporary folder (``XDG_CACHE_HOME``, which spawned ranks
+inherit), so that the tests share it and never touch the user's ``~/.cache/dynapipe``.
 """
 
 from __future__ import annotations
@@ -12,11 +16,16 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="dynapipe-test-cache-")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -227,10 +227,14 @@ def test_meta_device_model_fails_at_once_naming_empty_init() -> None:
         _llama_step(model)()
 
 
-def test_profile_without_weights_fails() -> None:
+def test_profile_without_weights_times_random_weights(tmp_path) -> None:
+    """profile=True (rates measured afresh) needs no weights: operations are timed on random tensors."""
     _, model = _empty_twin("llama", 2)
-    with pytest.raises(dynapipe.ConfigError, match="profile=True.*empty_init"):
-        _llama_step(model, profile=True)()
+    hf = write_hf_folder(str(tmp_path), "llama")
+    reports: list = []
+    _llama_step(model, profile=True, checkpoint=hf, on_step=reports.append)()
+    rates = reports[0].plan.rates
+    assert rates.op_times and "measured" in rates.source
 
 
 def test_bad_checkpoints_fail_naming_the_key_and_file(tmp_path) -> None:

@@ -146,8 +146,8 @@ def test_costs_are_cached_per_options_and_profiling_replaces_only_times():
     estimated = graph_costs(captured)
     assert graph_costs(captured) is estimated
     assert graph_costs(captured, optimizer="sgd") is not estimated
-    profiled = graph_costs(captured, profile=True, repeats=1)
-    assert graph_costs(captured, profile=True, repeats=1) is profiled  # not measured again
+    profiled = graph_costs(captured, profile=True, rounds=1)
+    assert graph_costs(captured, profile=True, rounds=1) is profiled  # not measured again
     assert profiled.profiled and not estimated.profiled
     for (n, e), p in zip(estimated.nodes.items(), profiled.nodes.values(), strict=True):
         assert p.measured

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 import torch
@@ -328,14 +329,18 @@ def test_attention_backward_flops_come_from_the_counter(llama):
 def test_profiled_costs_feed_the_partitioner():
     model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)])
     captured = capture(lambda x: model(x).square().mean(), (torch.randn(16, 64),), n_microbatches=2)
-    costs = graph_costs(captured, profile=True, repeats=2)
+    costs = graph_costs(captured, profile=True, rounds=2)
     assert costs.profiled
     linears = [c for n, c in costs.nodes.items() if n.target is torch._C._nn.linear]
     # each half of the backward is measured as a difference of timings, so under load one half may be 0
     assert all(c.measured and c.forward > 0 and c.backward_input + c.backward_weight > 0 for c in linears)
     stage_of = assign_balanced(captured, 3, costs=costs)
     assert set(stage_of.values()) == {0, 1, 2}
-    assert costs.with_times(costs.times()).times() == costs.times()  # what ranks would broadcast
+    # one signature is timed once, and every node of it takes that time (the first linear's input needs no
+    # gradient: a signature of its own)
+    signatures = {costs.signatures[n] for n in costs.nodes if n.target is torch._C._nn.linear}
+    assert len({(c.forward, c.backward_input, c.backward_weight) for c in linears}) == len(signatures) == 2
+    assert len(costs.rates.op_times) < len(costs.nodes)
 
 
 def test_explain_reports_every_stage():
@@ -407,8 +412,9 @@ def test_explain_plans_as_the_backend_does():
         explain(MarkedNet(), (x, y), n_stages=2, split_points=["l3"])
 
 
-def _backend_stages(rank: int, world: int, schedule: str) -> list[tuple[str, int]]:
-    """The stage of every node in the plan the backend runs with default options (no n_microbatches)."""
+def _backend_stages(rank: int, world: int, schedule: str) -> tuple[list[tuple[str, int]], Any]:
+    """The stage of every node in the plan the backend runs with default options (no n_microbatches),
+    and the rates it measured."""
     reports = []
     model = _model("llama", 2)
     step = torch.compile(
@@ -419,7 +425,7 @@ def _backend_stages(rank: int, world: int, schedule: str) -> list[tuple[str, int
     step(_ids()).backward()
     plan = reports[0].plan
     assert plan.captured.n_microbatches == 4  # one per stage: 2 ranks x 2 virtual stages
-    return [(n.name, s) for n, s in plan.stage_of.items()]
+    return [(n.name, s) for n, s in plan.stage_of.items()], plan.rates
 
 
 def test_explain_default_plan_is_the_backends():
@@ -430,12 +436,16 @@ def test_explain_default_plan_is_the_backends():
 
     ids = _ids()
     inputs = dict(input_ids=ids, labels=ids, use_cache=False)
-    shown = explain(_model("llama", 2), inputs, n_stages=4, schedule="interleaved-1f1b")
-    assert shown.captured.n_microbatches == 4
     ran = run_distributed(_backend_stages, 2, "interleaved-1f1b", timeout=240)
+    rates = ran[0][1]  # explain() plans for the machine it is given: here the one the backend measured
+    assert ran[1][1] == rates and rates.measured
+    shown = explain(_model("llama", 2), inputs, n_stages=4, schedule="interleaved-1f1b", rates=rates)
+    assert shown.captured.n_microbatches == 4
     names = [(n.name, s) for n, s in shown.stage_of.items()]
-    assert ran[0] == ran[1] == names
-    two = explain(_model("llama", 2), inputs, n_stages=4, schedule="interleaved-1f1b", n_microbatches=2)
+    assert ran[0][0] == ran[1][0] == names
+    two = explain(
+        _model("llama", 2), inputs, n_stages=4, schedule="interleaved-1f1b", n_microbatches=2, rates=rates
+    )
     assert [(n.name, s) for n, s in two.stage_of.items()] != names
 
 

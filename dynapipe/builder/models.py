@@ -14,7 +14,7 @@ import torch
 from ..capture import FrameCall
 from ..capture.names import reachable_modules, root_modules
 from ..config import PipelineConfig
-from ..empty import allocate, initialise, is_empty
+from ..empty import allocate, initialise
 from ..errors import ConfigError
 from ..runtime.checkpoint import load_optimizer_state, pending_load
 from ..weights import WeightsFolder, model_names
@@ -36,13 +36,6 @@ def check_models(frame: FrameCall, config: PipelineConfig) -> list[torch.nn.Modu
                 "no values a pipeline could run; build the model under `with dynapipe.empty_init():` instead of "
                 "torch.device('meta') / init_empty_weights, so each rank fills only its own stages"
             )
-    empty = any(is_empty(t) for root in roots for t in root.parameters())
-    if config.profile and empty:
-        raise ConfigError(
-            "profile=True times every node with the real weights, but the model was built under "
-            "dynapipe.empty_init() and holds none yet; drop profile=True (the cost model estimates times) or "
-            "build the model eagerly"
-        )
     if config.checkpoint is not None:
         owners = [r for r in roots if any(True for _ in r.parameters())]
         if len(owners) != 1:

@@ -10,6 +10,7 @@ on every rank at once, before a step waits on another rank.
 from __future__ import annotations
 
 import dataclasses
+import time
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -22,12 +23,11 @@ from ..capture import FrameCall, capture_microbatch
 from ..codegen import StagePlan, build_stages, partition_digest
 from ..compiled_stage import CompiledStage, compile_stages
 from ..config import PipelineConfig
-from ..cost import GraphCosts, graph_costs
-from ..empty import is_empty
+from ..cost import Rates, graph_costs
 from ..errors import ConfigError, PartitionError
 from ..graph import CapturedGraph, CaptureShapes, written_in_place
 from ..microbatch import check_divisible, infer_batch_size
-from ..plan import CostSource, Explanation, Plan, local_costs, plan_pipeline, stage_count
+from ..plan import CostSource, Explanation, Plan, plan_pipeline, stage_count
 from ..runtime import (
     Comm,
     Pipeline,
@@ -55,6 +55,7 @@ from ..schedules import (
 )
 from .models import check_models, fill_state
 from .outputs import loss_index, output_specs
+from .rates import plan_rates
 from .report import StepReport
 
 __all__ = ["build_pipeline", "input_shapes"]
@@ -65,6 +66,7 @@ def build_pipeline(
 ) -> tuple[Pipeline, CaptureShapes]:
     """Capture ``frame`` on ``arguments`` (its ``number``-th capture; from ``dynamo``, Dynamo's trace, if it
     serves), plan, generate and place its stages; return the pipeline and the sizes its capture holds at."""
+    started = time.perf_counter()
     models = check_models(frame, config)  # meta tensors, a bad checkpoint: fail before any wait
     inputs = {n: v for n, v in arguments.items() if n != frame.self_name}
     batch_size = infer_batch_size(inputs)
@@ -78,11 +80,11 @@ def build_pipeline(
     n_microbatches = config.microbatches(n_stages)
     check_divisible(batch_size, n_microbatches)
     call = FrameCall(frame.code, frame.globals, frame.closure, arguments)
-    captured = _capture(call, n_microbatches, batch_size, dynamo, comm)
-    captured.number = number
+    captured = _capture(call, n_microbatches, batch_size, dynamo, comm, number)
     pp_of_stage = placement_map(spec.placement, n_ranks=mesh.n_pp, n_stages=n_stages)
+    rates = plan_rates(config, captured, comm, mesh, _device(inputs))
     plan, stages = _plan_stages(
-        captured, config, spec, comm, pp_of_stage, with_costs=config.on_step is not None
+        captured, config, spec, comm, pp_of_stage, rates, with_costs=config.on_step is not None
     )
     train, inference = _tables(plan, stages, pp_of_stage, mesh, n_microbatches, comm.in_issue_order)
     comm.agree(
@@ -112,7 +114,7 @@ def build_pipeline(
         loss_index=loss_index(captured),
         loss_reduction=config.loss_reduction,
         tied=tied_groups(stages, pp_of_stage, mesh, config.timeout_s),
-        on_step=_reporter(config, captured, plan),
+        on_step=_reporter(config, captured, plan, time.perf_counter() - started),
         ddp_comm_hook=config.ddp_comm_hook,
         watchdog_s=config.watchdog_s or 0.0,
         compiled=compiled,
@@ -121,13 +123,17 @@ def build_pipeline(
     return pipeline, captured.shapes
 
 
-def _capture(call: FrameCall, n_microbatches: int, batch_size: int, dynamo: Any, comm: Comm) -> CapturedGraph:
-    """The microbatch graph, by one path on every rank: Dynamo's graph serves only where it serves on all
-    (ranks with other data or another compile history can decide apart; their stage code must match)."""
+def _capture(
+    call: FrameCall, n_microbatches: int, batch_size: int, dynamo: Any, comm: Comm, number: int
+) -> CapturedGraph:
+    """The ``number``-th microbatch graph of the call, by one path on every rank: Dynamo's graph serves only
+    where it serves on all (ranks with other data or another compile history can decide apart; their stage
+    code must match)."""
     captured = capture_microbatch(call, n_microbatches=n_microbatches, batch_size=batch_size, dynamo=dynamo)
     if dynamo is not None and not all(comm.gather_objects(captured.one_trace, "the capture path")):
         if captured.one_trace:
             captured = capture_microbatch(call, n_microbatches=n_microbatches, batch_size=batch_size)
+    captured.number = number
     return captured
 
 
@@ -165,9 +171,7 @@ def _compile(
 def _join(config: PipelineConfig, inputs: dict[str, Any], batch_size: int) -> tuple[Comm, PipelineMesh]:
     """The process group (started if the user has not), the pp x dp mesh, and every rank's word that it
     was called the same way."""
-    device = next(
-        (t.device for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)), torch.device("cpu")
-    )
+    device = _device(inputs)
     ensure_process_group(device, config.timeout_s)
     comm = Comm(timedelta(seconds=config.timeout_s))
     mesh = build_mesh(device, dp_degree=config.dp_degree, mesh=config.mesh, timeout_s=config.timeout_s)
@@ -176,12 +180,20 @@ def _join(config: PipelineConfig, inputs: dict[str, Any], batch_size: int) -> tu
     return comm, mesh
 
 
+def _device(inputs: dict[str, Any]) -> torch.device:
+    """The device the call's tensors are on: the pipeline's."""
+    return next(
+        (t.device for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)), torch.device("cpu")
+    )
+
+
 def _plan_stages(
     captured: CapturedGraph,
     config: PipelineConfig,
     spec: ScheduleSpec,
     comm: Comm,
     pp_of_stage: dict[int, int],
+    rates: Rates,
     *,
     with_costs: bool,
 ) -> tuple[Plan, list[StagePlan]]:
@@ -195,7 +207,7 @@ def _plan_stages(
     owners = owner_stages([*captured.gm.parameters(), *captured.gm.buffers()], stage_ranks)
     plan_for = partial(
         plan_pipeline, captured, config, spec=spec, n_ranks=n_pp, n_stages=n_stages,
-        costs=_shared_costs(comm), with_costs=with_costs,
+        costs=_at_rates(rates), with_costs=with_costs,
     )  # fmt: skip
     plan = plan_for(owners=owners)
     try:
@@ -208,8 +220,8 @@ def _plan_stages(
         return plan, build_stages(captured, plan.stage_of, n_stages)
 
 
-def _reporter(config: PipelineConfig, captured: CapturedGraph, plan: Plan) -> Any:
-    """``on_step`` fed with the runtime's record of each step and the plan that runs."""
+def _reporter(config: PipelineConfig, captured: CapturedGraph, plan: Plan, build_s: float) -> Any:
+    """``on_step`` fed with the runtime's record of each step, the plan that runs and its build time."""
     if config.on_step is None:
         return None
     explanation = Explanation.of(captured, plan)
@@ -217,7 +229,7 @@ def _reporter(config: PipelineConfig, captured: CapturedGraph, plan: Plan) -> An
 
     def report(record: StepRecord) -> None:
         fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
-        on_step(StepReport(**fields, plan=explanation))
+        on_step(StepReport(**fields, plan=explanation, build_s=build_s))
 
     return report
 
@@ -283,20 +295,9 @@ def _modules_writing_inputs(captured: CapturedGraph) -> list[str]:
     return sorted(modules)
 
 
-def _shared_costs(comm: Comm) -> CostSource:
-    """Node costs every rank agrees on: with ``profile``, rank 0's measurements (ranks that cannot run
-    the graph, having freed other stages' parameters, send None), so every rank cuts the same way."""
-
-    def costs(captured: CapturedGraph, config: PipelineConfig) -> GraphCosts:
-        estimate = graph_costs(captured, optimizer=config.optimizer)
-        if not config.profile:
-            return estimate
-        can_profile = not any(is_empty(t) for t in [*captured.gm.parameters(), *captured.gm.buffers()])
-        mine = local_costs(captured, config).times() if can_profile else None
-        times = comm.gather_objects(mine, "profiled node times")[0]  # rank 0's measurements for everyone
-        return estimate if times is None else estimate.with_times(times)
-
-    return costs
+def _at_rates(rates: Rates) -> CostSource:
+    """Node costs at the rates every rank agreed on, so every rank cuts the same way."""
+    return lambda captured, config: graph_costs(captured, optimizer=config.optimizer, rates=rates)
 
 
 def input_shapes(inputs: dict[str, Any]) -> str:

@@ -16,6 +16,9 @@ class StepReport(StepRecord):
     which); ``stages[i].module.code`` is readable; ``plan`` is the partition that runs (print it)."""
 
     plan: Explanation | None = None
+    # seconds this rank took to build the pipeline that ran the step (capture, plan, codegen, tables, state
+    # placement; Dynamo's own trace before it is not included): the same for every step that pipeline runs
+    build_s: float = 0.0
 
     @property
     def peak_inflight(self) -> dict[int, int]:

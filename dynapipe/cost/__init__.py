@@ -41,15 +41,22 @@ records). A node's and a stage's phase seconds and FLOPs are one record,
 """
 
 from .graph import graph_costs
+from .profile import fit_roofline, time_ops
+from .rates import NOMINAL_RATES, Rates, fit_link
 from .records import NOMINAL_FLOP_RATE, NOMINAL_MEMORY_BANDWIDTH, OPTIMIZER_STATES, GraphCosts, NodeCost
 from .stages import stage_costs
 
 __all__ = [
     "NOMINAL_FLOP_RATE",
     "NOMINAL_MEMORY_BANDWIDTH",
+    "NOMINAL_RATES",
     "OPTIMIZER_STATES",
     "GraphCosts",
     "NodeCost",
+    "Rates",
+    "fit_link",
+    "fit_roofline",
     "graph_costs",
     "stage_costs",
+    "time_ops",
 ]

@@ -11,27 +11,26 @@ import sympy
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.node import _get_qualified_name
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten
 
 from ..config import Optimizer
 from ..graph import CapturedGraph, autocast_regions, grad_modes
 from .counter import FlopCounter
+from .rates import Rates
 from .records import OPTIMIZER_STATES, GraphCosts, NodeCost
 from .runner import Runner, backward_to, call_node
 from .sizes import bytes_expr, concrete, evaluate, has_tensor, hint, shape_values
 
-__all__ = ["fake_costs"]
+__all__ = ["fake_costs", "signature"]
 
 
 def fake_costs(
-    captured: CapturedGraph,
-    nodes: list[fx.Node],
-    optimizer: Optimizer,
-    flop_rate: float,
-    memory_bandwidth: float,
+    captured: CapturedGraph, nodes: list[fx.Node], optimizer: Optimizer, rates: Rates
 ) -> GraphCosts:
-    """Cost ``nodes`` (see :mod:`dynapipe.cost`) by replaying each once on fake tensors."""
+    """Cost ``nodes`` (see :mod:`dynapipe.cost`) by replaying each once on fake tensors; times by the
+    roofline at ``rates`` (the caller applies the times ``rates`` measured: :meth:`GraphCosts.timed`)."""
     graph = captured.gm.graph
     values = shape_values(graph)
     modes = grad_modes(graph)
@@ -44,6 +43,7 @@ def fake_costs(
         if isinstance(value, torch.Tensor):
             buffers.new((node, 0), evaluate(bytes_expr(value), values))
     costs: dict[fx.Node, NodeCost] = {}
+    signatures: dict[fx.Node, str | None] = {}
     uncosted: list[str] = []
     replays: dict[str, _Replay] = {}  # nodes of the same signature (layer after layer) replay alike
     with FlopCounter() as counter:
@@ -58,7 +58,7 @@ def fake_costs(
             if not has_tensor(value):  # sizes, side effects (grad mode, logging): no tensor work
                 costs[node] = NodeCost(**out)
                 continue
-            key = _signature(node, captured.gm, modes[node], regions[node])
+            key = signatures[node] = signature(node, captured.gm, modes[node], regions[node])
             replay = replays.get(key) if key is not None else None
             if replay is None:
                 try:
@@ -70,18 +70,16 @@ def fake_costs(
                     if key is not None:
                         replays[key] = replay
             saves = buffers.place(node, replay)
-            costs[node] = _node_cost(replay, flop_rate, memory_bandwidth, saves=saves, **out)
+            costs[node] = _node_cost(replay, rates, saves=saves, **out)
     state = _state_bytes(captured, OPTIMIZER_STATES[optimizer])
-    return GraphCosts(
-        costs, buffers.bytes, buffers.names, state, optimizer, False, flop_rate, uncosted, memory_bandwidth
-    )
+    return GraphCosts(costs, buffers.bytes, buffers.names, state, optimizer, rates, signatures, uncosted)
 
 
-def _node_cost(replay: _Replay, flop_rate: float, memory_bandwidth: float, **rest: Any) -> NodeCost:
-    """A replayed node's cost: each phase timed by the roofline, max(FLOPs / flop_rate, bytes moved /
-    memory_bandwidth)."""
+def _node_cost(replay: _Replay, rates: Rates, **rest: Any) -> NodeCost:
+    """A replayed node's cost: each phase timed by the roofline, max(FLOPs / flop rate, bytes moved /
+    memory bandwidth), plus launching an operation for each phase that does work."""
     f, i, w = (
-        max(flops / flop_rate, moved / memory_bandwidth)
+        max(flops / rates.flop_rate, moved / rates.memory_bandwidth) + (rates.op_overhead_s if moved else 0.0)
         for flops, moved in zip(replay.flops, replay.moved, strict=True)
     )
     return NodeCost(
@@ -206,9 +204,11 @@ def _input_leaves(node: fx.Node) -> list[tuple[fx.Node, int]]:
     return leaves
 
 
-def _signature(node: fx.Node, gm: fx.GraphModule, grad_mode: bool, autocast: tuple) -> str | None:
-    """Everything a replay depends on: the op, its constant arguments, and each input's shape, strides,
-    dtype and grad flag, the grad mode and autocast in force. None for ops reading subgraphs (their code is not part of the signature)."""
+def signature(node: fx.Node, gm: fx.GraphModule, grad_mode: bool, autocast: tuple) -> str | None:
+    """Everything a replay (and an operation's time) depends on: the op, its constant arguments, and
+    each input's shape, strides, dtype and grad flag, the grad mode and autocast in force; the same text
+    in every process (measured times are cached by it). None for ops reading subgraphs (their code is
+    not part of the signature)."""
 
     def leaf(v: Any) -> tuple:
         if isinstance(v, torch.Tensor):
@@ -226,7 +226,19 @@ def _signature(node: fx.Node, gm: fx.GraphModule, grad_mode: bool, autocast: tup
             described.append(tuple(leaf(v) for v in tree_flatten(src.meta.get("example_value"))[0]))
     index = {src: i for i, src in enumerate(node.all_input_nodes)}
     structure = fx.map_arg((node.args, node.kwargs), lambda n: f"<input {index[n]}>")
-    return repr((node.op, node.target, structure, described, grad_mode, autocast))
+    return repr((node.op, _target_name(node, gm), structure, described, grad_mode, autocast))
+
+
+def _target_name(node: fx.Node, gm: fx.GraphModule) -> str:
+    """The op by name (``torch.nn.functional.linear``; a module by its class), never an address."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__qualname__
+    if isinstance(node.target, str):
+        return node.target
+    try:
+        return _get_qualified_name(node.target)
+    except (RuntimeError, AttributeError, TypeError):
+        return getattr(node.target, "__qualname__", type(node.target).__qualname__)
 
 
 def _replay(node: fx.Node, runner: Runner, counter: FlopCounter, grad_mode: bool, autocast: tuple) -> _Replay:

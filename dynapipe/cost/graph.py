@@ -1,14 +1,15 @@
-"""The cost model's entry point: every node's cost, estimated or profiled, cached on the graph."""
+"""The cost model's entry point: every node's cost at the given rates, cached on the graph."""
 
 from __future__ import annotations
 
-import torch
+import dataclasses
 
 from ..config import Optimizer
 from ..graph import CapturedGraph, compute_nodes
 from .fake import fake_costs
-from .profile import graph_device, measure
-from .records import NOMINAL_FLOP_RATE, NOMINAL_MEMORY_BANDWIDTH, GraphCosts
+from .profile import time_ops
+from .rates import NOMINAL_RATES, Rates
+from .records import GraphCosts
 
 __all__ = ["graph_costs"]
 
@@ -19,26 +20,37 @@ def graph_costs(
     captured: CapturedGraph,
     *,
     optimizer: Optimizer = "adamw",
+    rates: Rates = NOMINAL_RATES,
     profile: bool = False,
-    flop_rate: float = NOMINAL_FLOP_RATE,
-    memory_bandwidth: float = NOMINAL_MEMORY_BANDWIDTH,
-    repeats: int = 3,
+    flop_rate: float | None = None,
+    memory_bandwidth: float | None = None,
+    rounds: int = 10,
 ) -> GraphCosts:
-    """Cost every compute node of ``captured`` (cached on the graph module for the same options)."""
-    nodes = compute_nodes(captured.gm.graph)
+    """Cost every compute node of ``captured`` at ``rates`` (cached on the graph module for the same
+    options). ``profile``: time every operation ``rates`` has not timed, here, in this process.
+    ``flop_rate`` / ``memory_bandwidth`` replace the rates' roofline."""
+    if flop_rate or memory_bandwidth:
+        rates = dataclasses.replace(
+            rates,
+            flop_rate=flop_rate or rates.flop_rate,
+            memory_bandwidth=memory_bandwidth or rates.memory_bandwidth,
+        )
     cache = captured.gm.meta.setdefault(_META_KEY, {})
-    key = (optimizer, bool(profile), float(flop_rate), float(memory_bandwidth), repeats if profile else 0)
+    key = (optimizer, rates, profile)
     if key in cache:
         return cache[key]
+    estimate = _estimate(captured, optimizer, rates, cache)
     if profile:
-        costs = graph_costs(
-            captured, optimizer=optimizer, flop_rate=flop_rate, memory_bandwidth=memory_bandwidth
-        )
-        device = graph_device(captured.gm.graph)
-        # profiling runs dropout too: leave the user's random streams as they were
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
-            costs = costs.with_times([measure(captured, n, costs.nodes[n], repeats, device) for n in nodes])
-    else:
-        costs = fake_costs(captured, nodes, optimizer, flop_rate, memory_bandwidth)
-    cache[key] = costs
+        missing = {s for s in estimate.signatures.values() if s is not None and s not in rates.op_times}
+        timed = time_ops(captured, estimate, missing, rounds)
+        rates = rates.with_ops(timed, source=f"{rates.source}, {len(timed)} operations timed in this process")
+    cache[key] = costs = estimate.timed(rates)
     return costs
+
+
+def _estimate(captured: CapturedGraph, optimizer: Optimizer, rates: Rates, cache: dict) -> GraphCosts:
+    """The fake run's costs at the rates' roofline (what the graph does does not depend on the rates)."""
+    key = (optimizer, rates.flop_rate, rates.memory_bandwidth, rates.op_overhead_s)
+    if key not in cache:
+        cache[key] = fake_costs(captured, compute_nodes(captured.gm.graph), optimizer, rates)
+    return cache[key]

@@ -1,9 +1,17 @@
-"""Timing each node on the real device: forward, input-gradient and weight-gradient seconds."""
+"""Timing a graph's operations on the real device: each distinct signature once, on random tensors.
+
+Transformer graphs repeat a few dozen signatures layer after layer, so timing one node of each takes
+seconds where timing every node took minutes. Parameters are random too, so a model built under
+``dynapipe.empty_init()`` (no weights yet) is timed as well. Each time is the mean of a few rounds: the
+ranks time at once, as they will run, and the mean of many rounds keeps what they cost one another (the
+fastest run would be one that happened to have the machine to itself).
+"""
 
 from __future__ import annotations
 
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -11,11 +19,12 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from ..graph import CapturedGraph, grad_modes
-from .records import NodeCost
+from .rates import OpTimes
+from .records import GraphCosts, NodeCost
 from .runner import Runner, backward_to, call_node
 from .sizes import concrete, has_tensor
 
-__all__ = ["graph_device", "measure"]
+__all__ = ["backward_entry_s", "fit_roofline", "graph_device", "time_ops"]
 
 
 def graph_device(graph: fx.Graph) -> torch.device:
@@ -26,29 +35,68 @@ def graph_device(graph: fx.Graph) -> torch.device:
     return torch.device("cpu")
 
 
-def measure(
-    captured: CapturedGraph, node: fx.Node, cost: NodeCost, repeats: int, device: torch.device
-) -> tuple[float, float, float]:
-    """Forward, input-gradient and weight-gradient seconds of ``node`` on real random tensors."""
-    value = node.meta.get("example_value")
-    if not has_tensor(value):
-        return (0.0, 0.0, 0.0)
+def time_ops(
+    captured: CapturedGraph, costs: GraphCosts, wanted: Collection[str], rounds: int = 10
+) -> dict[str, OpTimes]:
+    """Forward, input-gradient and weight-gradient seconds of one node of each signature in ``wanted``,
+    each backward without the autograd engine's entry (:func:`backward_entry_s`: an action pays it once).
 
-    def make(meta: torch.Tensor, grad: bool) -> torch.Tensor:
-        shape, _ = concrete(meta)
-        if meta.is_floating_point() or meta.is_complex():
-            t = torch.randn(shape, dtype=meta.dtype, device=meta.device)
-        elif meta.dtype is torch.bool:
-            t = torch.ones(shape, dtype=meta.dtype, device=meta.device)
-        else:  # indices: zero is valid for every embedding, gather and index
-            t = torch.zeros(shape, dtype=meta.dtype, device=meta.device)
-        return t.requires_grad_(grad and meta.requires_grad and (t.is_floating_point() or t.is_complex()))
+    Every round runs each operation once, one after another as a stage runs them; an operation's time is
+    its median over the rounds, times how much slower the rank ran than its CPU time (ranks that share
+    cores are descheduled now and then, as they will be in the step; a short run rarely sees it)."""
+    device = graph_device(captured.gm.graph)
+    modes = grad_modes(captured.gm.graph)
+    first: dict[str, fx.Node] = {}
+    for node, sig in costs.signatures.items():
+        if sig is not None and sig in wanted and sig not in first:
+            first[sig] = node
+    # timing runs dropout too: leave the user's random streams as they were
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+        runs = {
+            sig: _runs(captured, node, costs.nodes[node], modes[node], device) for sig, node in first.items()
+        }
+        entry = backward_entry_s(device)
+        samples, slowdown = _rounds({s: r for s, r in runs.items() if r is not None}, rounds, device)
+    out: dict[str, OpTimes] = {}
+    for sig, node in first.items():
+        if sig not in samples:  # an op that will not run on random inputs keeps its estimate
+            cost = costs.nodes[node]
+            out[sig] = (cost.forward, cost.backward_input, cost.backward_weight)
+            continue
+        f, i, w, both = ([slowdown * statistics.median(t) for t in samples[sig]] + [0.0] * 4)[:4]
+        entry_s = slowdown * entry
+        i, w = max(i - f - entry_s, 0.0) if i else 0.0, max(w - f - entry_s, 0.0) if w else 0.0
+        if both and i + w > 0:  # a full backward computes both at once: its time, split as the halves'
+            full = max(both - f - entry_s, 0.0)
+            i, w = full * i / (i + w), full * w / (i + w)
+        out[sig] = (f, i, w)
+    return out
 
-    def state(attr: torch.Tensor) -> torch.Tensor:  # a copy: in-place ops must not touch the user's tensors
-        return attr.detach().clone().requires_grad_(attr.requires_grad)
 
-    runner = Runner(captured, make, state)
-    grad_mode = grad_modes(captured.gm.graph)[node]
+def _rounds(
+    runs: dict[str, list[Callable[[], Any]]], rounds: int, device: torch.device
+) -> tuple[dict[str, list[list[float]]], float]:
+    """Each run's seconds in every round, and the wall time over this process's CPU time (CPU only)."""
+    samples: dict[str, list[list[float]]] = {sig: [[] for _ in fns] for sig, fns in runs.items()}
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(rounds):  # each ran once already (_runs): warm
+        for sig, phases in samples.items():
+            for fn, times in zip(runs[sig], phases, strict=True):
+                times.append(_timed(fn, device))
+    share = (time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9)
+    return samples, (1 / share if device.type == "cpu" and 0 < share < 1 else 1.0)
+
+
+def _runs(
+    captured: CapturedGraph, node: fx.Node, cost: NodeCost, grad_mode: bool, device: torch.device
+) -> list[Callable[[], Any]] | None:
+    """What to time of ``node`` on random inputs: its forward, then forward and input gradient, forward
+    and weight gradient, forward and both (those it has); None if it will not run on them."""
+    if not has_tensor(node.meta.get("example_value")):
+        return []
+    runner = Runner(
+        captured, lambda meta, grad: _random(meta, grad, meta.device), lambda a: _state(a, device)
+    )
     try:
         args, kwargs, inputs, params = runner.inputs(node)
         activations = [
@@ -63,27 +111,71 @@ def measure(
             with torch.set_grad_enabled(grad_mode):
                 return call_node(node, captured.gm, args, kwargs)
 
-        fwd = _timed(forward, repeats, device)
-        if not grad_mode or not (cost.backward_input_flops or cost.backward_weight_flops or cost.saves):
-            return (fwd, 0.0, 0.0)
-        bwd_in = _timed(lambda: backward_to(forward(), activations, retain=False), repeats, device) - fwd
-        bwd_w = _timed(lambda: backward_to(forward(), params, retain=False), repeats, device) - fwd
-        return (fwd, max(bwd_in, 0.0), max(bwd_w, 0.0))
-    except Exception:  # noqa: BLE001 - an op that will not run on random inputs keeps its FLOP estimate
-        return (cost.forward, cost.backward_input, cost.backward_weight)
+        forward()
+        runs = [forward]
+        if grad_mode and (cost.backward_input_flops or cost.backward_weight_flops or cost.saves):
+            runs.append(lambda: backward_to(forward(), activations, retain=False))
+            if params:
+                runs.append(lambda: backward_to(forward(), params, retain=False))
+                runs.append(lambda: backward_to(forward(), [*activations, *params], retain=False))
+            for run in runs[1:]:
+                run()
+        return runs
+    except Exception:  # noqa: BLE001 - an op that will not run on random inputs keeps its estimate
+        return None
 
 
-def _timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    def sync() -> None:
-        if device.type != "cpu":
-            torch.accelerator.synchronize(device)
+def backward_entry_s(device: torch.device, rounds: int = 20) -> float:
+    """What a backward costs beyond its operations' own backward: entering the autograd engine once."""
+    x = torch.ones(1, device=device, requires_grad=True)
+    forward = statistics.median(_timed(lambda: x * 1.0, device) for _ in range(rounds))
+    backward = statistics.median(
+        _timed(lambda: backward_to(x * 1.0, [x], retain=False), device) for _ in range(rounds)
+    )
+    return max(backward - forward, 0.0)
 
+
+def fit_roofline(costs: GraphCosts, op_times: dict[str, OpTimes]) -> tuple[float, float, float]:
+    """(FLOP/s, bytes/s, seconds per operation) that best describe the timed operations, for those the
+    timing has not seen (another model's, with the same saved rates): the overhead is the median
+    forward of the operations that do no FLOPs; the rates are work over time beyond it."""
+    timed = [(costs.nodes[n], op_times[s]) for n, s in costs.signatures.items() if s in op_times]
+    light = [t[0] for c, t in timed if not c.forward_flops and c.moved_bytes]
+    overhead = statistics.median(light) if light else 0.0
+    flops = seconds = moved = moved_seconds = 0.0
+    for cost, times in timed:
+        beyond = max(sum(times) - overhead * (1 + bool(times[1]) + bool(times[2])), 0.0)
+        if cost.flops:
+            flops, seconds = flops + cost.flops, seconds + beyond
+        elif cost.moved_bytes:
+            moved, moved_seconds = moved + cost.moved_bytes, moved_seconds + beyond
+    return (flops / seconds if seconds else 1e12, moved / moved_seconds if moved_seconds else 1e11, overhead)
+
+
+def _random(meta: torch.Tensor, grad: bool, device: torch.device) -> torch.Tensor:
+    shape, _ = concrete(meta)
+    if meta.is_floating_point() or meta.is_complex():
+        t = torch.randn(shape, dtype=meta.dtype, device=device)
+    elif meta.dtype is torch.bool:
+        t = torch.ones(shape, dtype=meta.dtype, device=device)
+    else:  # indices: zero is valid for every embedding, gather and index
+        t = torch.zeros(shape, dtype=meta.dtype, device=device)
+    return t.requires_grad_(grad and meta.requires_grad and (t.is_floating_point() or t.is_complex()))
+
+
+def _state(attr: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A stand-in of a parameter or buffer: a copy (in-place ops must not touch the user's tensors), or
+    random values of its shape where it holds none (built under ``empty_init``, or freed)."""
+    if attr.device.type == "meta" or (attr.numel() and not attr.untyped_storage().nbytes()):
+        return _random(attr, attr.requires_grad, device)
+    return attr.detach().clone().requires_grad_(attr.requires_grad)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+    start = time.perf_counter()
     fn()
-    samples = []
-    for _ in range(max(repeats, 1)):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        samples.append(time.perf_counter() - start)
-    return min(samples)  # the least disturbed run: other processes only ever add time
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+    return time.perf_counter() - start

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import sympy
@@ -11,19 +10,18 @@ import torch.fx as fx
 
 from ..config import Optimizer
 from ..schedules.simulate import PhaseCost
+from .rates import NOMINAL_RATES, OpTimes, Rates
 
 __all__ = ["NOMINAL_FLOP_RATE", "NOMINAL_MEMORY_BANDWIDTH", "OPTIMIZER_STATES", "GraphCosts", "NodeCost"]
 
 # Extra per-parameter copies each optimizer keeps (SGD counted with a momentum buffer: the worst case).
 OPTIMIZER_STATES: dict[Optimizer, int] = {"adamw": 2, "adam": 2, "sgd": 1, "none": 0}
-# FLOP/s that turns FLOPs into seconds without profiling: a nominal accelerator at a realistic fraction
-# of peak. Only ratios matter to the partitioner; the simulator compares it with link bandwidth.
-NOMINAL_FLOP_RATE = 100e12
-# Bytes/s of memory traffic on the same nominal accelerator (HBM3 at about 60% of 3.35 TB/s). A node's
-# estimated time is the roofline max(FLOPs / NOMINAL_FLOP_RATE, bytes moved / NOMINAL_MEMORY_BANDWIDTH):
-# norms, masks, rotary, softmax and the loss over a large vocabulary move memory and do few FLOPs, and a
-# matmul over few tokens is bound by reading its weight. 50 FLOPs per byte between the two.
-NOMINAL_MEMORY_BANDWIDTH = 2e12
+# The nominal accelerator's rates (see :data:`dynapipe.cost.rates.NOMINAL_RATES`): a node's estimated
+# time is the roofline max(FLOPs / flop rate, bytes moved / memory bandwidth), 50 FLOPs per byte
+# between the two: norms, masks, rotary, softmax and the loss over a large vocabulary move memory and do
+# few FLOPs, and a matmul over few tokens is bound by reading its weight.
+NOMINAL_FLOP_RATE = NOMINAL_RATES.flop_rate
+NOMINAL_MEMORY_BANDWIDTH = NOMINAL_RATES.memory_bandwidth
 
 
 @dataclass(frozen=True)
@@ -42,36 +40,37 @@ class NodeCost(PhaseCost):
 
 @dataclass
 class GraphCosts:
-    """Costs of every compute node of one captured graph, and the bytes each piece of state costs."""
+    """Costs of every compute node of one captured graph, and the bytes each piece of state costs;
+    times at ``rates`` (a node whose signature ``rates`` timed takes that time, the others the roofline)."""
 
     nodes: dict[fx.Node, NodeCost]
     buffer_bytes: list[int]  # per saved-activation buffer
     buffer_names: list[str]
     state_bytes: dict[fx.Node, tuple[int, int, int]]  # get_attr -> (parameter, gradient, optimizer state)
     optimizer: Optimizer
-    profiled: bool
-    flop_rate: float
+    rates: Rates = NOMINAL_RATES
+    signatures: dict[fx.Node, str | None] = field(default_factory=dict)  # what an operation's time depends on
     uncosted: list[str] = field(default_factory=list)  # nodes the fake run could not execute (0 FLOPs)
-    memory_bandwidth: float = NOMINAL_MEMORY_BANDWIDTH  # bytes/s the estimated times assume
 
-    def with_times(self, times: Sequence[tuple[float, float, float]]) -> GraphCosts:
-        """The same costs with measured (forward, backward-input, backward-weight) seconds per node, in the
-        order of :attr:`nodes`: ranks that profile separately agree by broadcasting one rank's times."""
-        nodes = {
-            n: dataclasses.replace(c, forward=t[0], backward_input=t[1], backward_weight=t[2], measured=True)
-            for (n, c), t in zip(self.nodes.items(), times, strict=True)
-        }
-        return GraphCosts(
-            nodes,
-            self.buffer_bytes,
-            self.buffer_names,
-            self.state_bytes,
-            self.optimizer,
-            True,
-            self.flop_rate,
-            self.uncosted,
-            self.memory_bandwidth,
-        )
+    @property
+    def profiled(self) -> bool:
+        """Whether any node's time was measured rather than estimated."""
+        return any(c.measured for c in self.nodes.values())
+
+    def timed(self, rates: Rates) -> GraphCosts:
+        """The same costs at ``rates``: each node whose signature ``rates`` has timed takes that time (the
+        nodes' roofline estimates stay for the others)."""
+        nodes = {}
+        for node, cost in self.nodes.items():
+            times: OpTimes | None = rates.op_times.get(self.signatures.get(node) or "")
+            nodes[node] = (
+                cost
+                if times is None
+                else dataclasses.replace(
+                    cost, forward=times[0], backward_input=times[1], backward_weight=times[2], measured=True
+                )
+            )
+        return dataclasses.replace(self, nodes=nodes, rates=rates)
 
     def times(self) -> list[tuple[float, float, float]]:
         return [(c.forward, c.backward_input, c.backward_weight) for c in self.nodes.values()]

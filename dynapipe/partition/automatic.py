@@ -40,6 +40,8 @@ __all__ = ["BALANCE_SLACK", "BalancedPartition", "StepObjective", "balanced_part
 
 # Stages may be this much slower than the best balance if that lets the cuts send fewer bytes.
 BALANCE_SLACK = 0.25
+# The even split a plan is compared with (balance_slack=0.03's limit).
+EVEN = 0.03
 # Splits sending this much more than the fewest bytes count as equal (a mask sent to one more stage).
 _BYTES_TOLERANCE = 0.05
 # Relative precision of the bottleneck searches.
@@ -56,6 +58,8 @@ class BalancedPartition:
     bottleneck_s: float  # the smallest achievable slowest-stage time
     layer_bottleneck_s: float | None  # the same, cutting only at layer boundaries (None: no layers found)
     refined: bool  # whether min-cut refinement moved the cuts off the chain order
+    step_s: float | None = None  # the step objective of the cuts chosen (None: no objective)
+    even_step_s: float | None = None  # the same of the even split (stages within EVEN of the best balance)
 
 
 def balanced_partition(
@@ -103,14 +107,18 @@ def balanced_partition(
     # with too few busy nodes for every stage to get one, allow idle stages
     busy = fewest_bytes(chain, limit * (1 + 1e-12), memory) is not None
     cuts = _few_bytes_best_balance(chain, n_stages, bound, limit, memory, busy)
+    step_s = even_step_s = None
     if step is not None and chain.timed:
         step_limit = limit if step_slack is None else bound * (1 + step_slack)
         cuts = shortest_step(chain, cuts, step, bound, step_limit, memory, busy)
+        step_s = step(chain.stage_costs(cuts))
+        even = fewest_bytes(chain, bound * (1 + EVEN) * (1 + 1e-12), memory, busy=busy)
+        even_step_s = step(chain.stage_costs(even[1])) if even is not None else None
     ideals, refined = refine(chain, cuts, memory)
     stage_of = {node: sum(1 for ideal in ideals if i not in ideal) for i, node in enumerate(chain.nodes)}
     order = {n: i for i, n in enumerate(compute_nodes(captured.gm.graph))}
     stage_of = dict(sorted(stage_of.items(), key=lambda item: order[item[0]]))
-    return BalancedPartition(stage_of, tuple(cuts), bound, layer_bound, refined)
+    return BalancedPartition(stage_of, tuple(cuts), bound, layer_bound, refined, step_s, even_step_s)
 
 
 def _check_enough_cuts(chain: Chain, n_stages: int, unsplittable: Sequence[str]) -> None:

@@ -5,8 +5,6 @@ what ``explain()`` prints is the partition that runs."""
 
 from .explanation import Explanation
 from .planner import (
-    LINK_BANDWIDTH,
-    LINK_LATENCY_S,
     CostSource,
     Plan,
     local_costs,
@@ -17,8 +15,6 @@ from .planner import (
 )
 
 __all__ = [
-    "LINK_BANDWIDTH",
-    "LINK_LATENCY_S",
     "CostSource",
     "Explanation",
     "Plan",

@@ -9,17 +9,19 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from ..cost import stage_costs
+from ..cost import NOMINAL_RATES, Rates, stage_costs
 from ..formatting import format_bytes, format_seconds
 from ..graph import CapturedGraph
 from ..schedules import StageCost, Timeline
-from .planner import LINK_BANDWIDTH, LINK_LATENCY_S, Plan, predict_step
+from .planner import Plan, predict_step
 
 __all__ = ["Explanation"]
 
 
 # Above the best balance by this share, the table says why the automatic plan is uneven and how to even it.
 UNEVEN = 0.05
+# A measured stage this far off its planned compute is named beside the run.
+DISAGREE = 0.15
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class Explanation:
     predicted: Timeline | None = None  # one simulated step of the plan's schedule
     lower_bound_s: float | None = None  # all the step's work spread evenly over the ranks
     best_imbalance: float | None = None  # the best balance any split reaches, for comparison
+    rates: Rates = NOMINAL_RATES  # what the seconds are at
+    even_step_s: float | None = None  # the predicted step of the even split, for comparison
 
     @classmethod
     def of(cls, captured: CapturedGraph, plan: Plan) -> Explanation:
@@ -59,6 +63,8 @@ class Explanation:
             predict_step(plan, stages),
             lower_bound,
             over_mean(plan.bottleneck_s),
+            plan.costs.rates,
+            plan.even_step_s,
         )
 
     @property
@@ -98,14 +104,27 @@ class Explanation:
             foot += f"; best possible: {self.best_imbalance:.3f}"
         if self.layer_imbalance is not None:
             foot += f"; best split at layer boundaries: {self.layer_imbalance:.3f}"
-        if self.best_imbalance is not None and self.imbalance > self.best_imbalance * (1 + UNEVEN):
-            foot += " (uneven for a shorter predicted step; balance_slack=0.03 keeps stages even)"
+        why = self.why_uneven()
+        if why:
+            foot += f" ({why})"
         per_mb = (
             f"per microbatch of {self.captured.microbatch_size}; FLOPs and time are forward + backward; "
             f"costed at {self.captured.shapes.representative(self._input_names())} (the same stages run at "
             "every sequence length)"
         )
-        return "\n".join([*lines, foot, per_mb, self._capture_line(), *self._step_lines()])
+        return "\n".join([*lines, foot, per_mb, self._capture_line(), *self.step_lines()])
+
+    def why_uneven(self) -> str | None:
+        """Why the plan is uneven, in the rates' seconds (None: it is not)."""
+        if self.best_imbalance is None or self.imbalance <= self.best_imbalance * (1 + UNEVEN):
+            return None
+        heavy = max(self.stages, key=lambda s: s.time_s).index
+        if self.predicted is None or self.even_step_s is None:
+            return f"stage {heavy} heavier for a shorter predicted step; balance_slack=0.03 keeps stages even"
+        return (
+            f"stage {heavy} heavier: predicted step {format_seconds(self.predicted.makespan)} against "
+            f"{format_seconds(self.even_step_s)} for stages within 3% of the best balance (balance_slack=0.03)"
+        )
 
     def _capture_line(self) -> str:
         """Which capture path ran (``captured.one_trace``): Dynamo's own graph, or a second trace."""
@@ -118,28 +137,59 @@ class Explanation:
         names = self.captured.gm.meta.get("input_names", {})
         return [names.get(s, s) for s in self.captured.input_sources]
 
-    def beside(self, measured: Timeline) -> str:
+    def beside(self, measured: Timeline, step_s: float | None = None) -> str:
         """The predicted step beside a measured one (e.g. the ranks' ``StepReport.timeline`` merged, from
-        ``on_step``). Times from FLOPs assume the nominal FLOP rate: compare shapes and bubbles, or
-        plan with ``profile=True`` to compare seconds."""
+        ``on_step``; ``step_s``: a median of several steps, to compare instead of this one's makespan),
+        and every stage whose measured compute differs from the plan's by more than
+        :data:`DISAGREE`. Nominal rates predict for a nominal GPU: on another machine only the
+        proportions mean something."""
+        step = measured.makespan if step_s is None else step_s
+        text = f"measured step {format_seconds(step)}, bubble {measured.bubble_fraction:.1%}"
         if self.predicted is None:
-            return f"measured step {format_seconds(measured.makespan)}, bubble {measured.bubble_fraction:.1%}"
-        return (
-            f"predicted step {format_seconds(self.predicted.makespan)}, bubble {self.predicted.bubble_fraction:.1%}; "
-            f"measured {format_seconds(measured.makespan)}, bubble {measured.bubble_fraction:.1%}"
+            return text
+        text = (
+            f"predicted step {format_seconds(self.predicted.makespan)}, bubble "
+            f"{self.predicted.bubble_fraction:.1%}; {text} ({self.predicted.makespan / step:.2f}x)"
         )
+        return "; ".join([text, *self._stages_off(measured)])
 
-    def _step_lines(self) -> list[str]:
+    def _stages_off(self, measured: Timeline) -> list[str]:
+        """The stages whose measured compute per microbatch is off the plan's by more than DISAGREE."""
+        if self.predicted is None:
+            return []
+        off = []
+        for s, (plan_s, run_s) in enumerate(
+            zip(_stage_busy(self.predicted), _stage_busy(measured), strict=False)
+        ):
+            if plan_s > 0 and abs(run_s / plan_s - 1) > DISAGREE:
+                off.append(
+                    f"stage {s} computes {format_seconds(run_s)} per step against {format_seconds(plan_s)} "
+                    f"planned ({run_s / plan_s - 1:+.0%})"
+                )
+        return off
+
+    def step_lines(self) -> list[str]:
+        """The predicted step and the rates it is in."""
         if self.predicted is None or self.lower_bound_s is None:
             return []
         step = self.predicted.makespan
         ratio = f"{step / self.lower_bound_s:.3f}x" if self.lower_bound_s > 0 else "-"
         return [
-            f"predicted step ({self.captured.n_microbatches} microbatches, {len(self.predicted.ranks)} ranks, "
-            f"link {LINK_LATENCY_S * 1e6:.0f} us + bytes / {LINK_BANDWIDTH / 1e9:.0f} GB/s): {format_seconds(step)}; "
-            f"bubble {self.predicted.bubble_fraction:.1%}; lower bound (all work / ranks) "
-            f"{format_seconds(self.lower_bound_s)}, the plan takes {ratio} of it"
+            f"predicted step ({self.captured.n_microbatches} microbatches, {len(self.predicted.ranks)} ranks): "
+            f"{format_seconds(step)}; bubble {self.predicted.bubble_fraction:.1%}; lower bound (all work / "
+            f"ranks) {format_seconds(self.lower_bound_s)}, the plan takes {ratio} of it",
+            self.rates.describe(),
         ]
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _stage_busy(timeline: Timeline) -> list[float]:
+    """Compute seconds of each stage in one step (forward and backward of every microbatch)."""
+    busy: dict[int, float] = {}
+    for event in timeline.events:
+        action = event.action
+        if action is not None and action.kind.is_compute:
+            busy[action.stage] = busy.get(action.stage, 0.0) + event.end - event.start
+    return [busy.get(s, 0.0) for s in range(max(busy, default=-1) + 1)]

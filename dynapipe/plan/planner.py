@@ -11,11 +11,13 @@ weight work). The partitioner takes the largest of these as every stage's memory
 
 Among the near-balanced splits it considers, the partitioner keeps the one whose simulated step of the
 chosen schedule is shortest (:func:`step_time`: per-stage forward, input-gradient and weight-gradient
-time, the bytes each cut sends over the default link below). :func:`explain` reports that step.
+time, what each action pays beside its operations, the bytes each cut sends over the link; all at the
+rates the node costs carry, measured or nominal). :func:`explain` reports that step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -24,7 +26,7 @@ import torch.fx as fx
 
 from .. import schedules
 from ..config import PipelineConfig
-from ..cost import GraphCosts, graph_costs
+from ..cost import NOMINAL_RATES, GraphCosts, Rates, graph_costs
 from ..errors import ConfigError
 from ..graph import CapturedGraph
 from ..partition import (
@@ -34,11 +36,9 @@ from ..partition import (
     assign_by_split_points,
     balanced_partition,
 )
-from ..schedules import ScheduleError, ScheduleSpec, StageCost, Table, Timeline, placement_map, simulate
+from ..schedules import Kind, ScheduleError, ScheduleSpec, StageCost, Table, Timeline, placement_map, simulate
 
 __all__ = [
-    "LINK_BANDWIDTH",
-    "LINK_LATENCY_S",
     "CostSource",
     "Plan",
     "local_costs",
@@ -50,10 +50,6 @@ __all__ = [
 
 CostSource = Callable[[CapturedGraph, PipelineConfig], GraphCosts]
 
-# The link between two ranks when nothing was measured, for the predicted step: a transfer takes
-# LINK_LATENCY_S + bytes / LINK_BANDWIDTH (25 GB/s: PCIe 4/5 or a 200 Gb/s network; NVLink is faster).
-LINK_LATENCY_S = 20e-6
-LINK_BANDWIDTH = 25e9
 # With more than one microbatch the step depends on balance, so by default the step search may take
 # splits up to this much slower than the best balance when their step is shorter; one microbatch's step
 # is all the work plus the transfers whatever the balance, so the search then keeps the partitioner's
@@ -74,10 +70,11 @@ class Plan:
     layer_bottleneck_s: float | None = None  # the best split at layer boundaries (automatic only)
     bottleneck_s: float | None = None  # the best balance of any split (automatic only)
     kept_owners: bool = False  # the stages are those that own the tensors (an earlier pipeline's)
+    even_step_s: float | None = None  # the predicted step of the even split (automatic only)
 
 
 def local_costs(captured: CapturedGraph, config: PipelineConfig) -> GraphCosts:
-    """Node costs measured (``profile``) or estimated in this process."""
+    """Node costs at the nominal rates, every operation timed in this process with ``profile``."""
     return graph_costs(captured, optimizer=config.optimizer, profile=config.profile)
 
 
@@ -131,7 +128,7 @@ def plan_pipeline(
         unsplittable=config.unsplittable,
         max_stage_memory=config.max_stage_memory,
         in_flight=max(in_flight),
-        step=step_time(table, spec, n_ranks),
+        step=step_time(table, spec, n_ranks, node_costs.rates),
         slack=slack,
         step_slack=step_slack,
     )
@@ -140,6 +137,7 @@ def plan_pipeline(
         costs=node_costs,
         layer_bottleneck_s=part.layer_bottleneck_s,
         bottleneck_s=part.bottleneck_s,
+        even_step_s=part.even_step_s,
     )
 
 
@@ -157,28 +155,43 @@ def _split_points(captured: CapturedGraph, config: PipelineConfig) -> list[str] 
     return markers or list(config.split_points)
 
 
-def step_time(table: Table, spec: ScheduleSpec, n_ranks: int) -> StepObjective:
+def step_time(table: Table, spec: ScheduleSpec, n_ranks: int, rates: Rates = NOMINAL_RATES) -> StepObjective:
     """The partitioner's objective: one simulated step of ``table`` over a split's per-stage costs."""
-    return lambda costs: _simulate(table, spec, n_ranks, costs).makespan
+    return lambda costs: _simulate(table, spec, n_ranks, costs, rates).makespan
 
 
 def predict_step(plan: Plan, stages: Sequence[StageCost]) -> Timeline:
-    """One simulated training step of ``plan``'s schedule over its per-stage costs and the default link."""
-    return _simulate(plan.table, plan.spec, plan.n_ranks, stages)
+    """One simulated training step of ``plan``'s schedule over its per-stage costs, at its costs' rates."""
+    rates = plan.costs.rates if plan.costs is not None else NOMINAL_RATES
+    return _simulate(plan.table, plan.spec, plan.n_ranks, stages, rates)
 
 
-def _simulate(table: Table, spec: ScheduleSpec, n_ranks: int, costs: Sequence[StageCost]) -> Timeline:
-    """The step over the default link, with every edge the stages send over (skips too): the same for
-    the partitioner's objective and for explain()'s prediction."""
+def _simulate(
+    table: Table, spec: ScheduleSpec, n_ranks: int, costs: Sequence[StageCost], rates: Rates
+) -> Timeline:
+    """The step at ``rates``, with every edge the stages send over (skips too): the same for the
+    partitioner's objective and for explain()'s prediction. Every action also pays ``rates.action_s``
+    and every backward action the autograd engine's entry."""
     edges = sorted({(s, d) for s, cost in enumerate(costs) for d in cost.sends})
+    split = any(a.kind is Kind.W for actions in table.values() for a in actions if a is not None)
+    a, entry = rates.action_s, rates.backward_entry_s
+    paid = [
+        dataclasses.replace(
+            c,
+            forward=c.forward + a,
+            backward_input=c.backward_input + a + entry,
+            backward_weight=c.backward_weight + (a + entry if split else 0.0),
+        )
+        for c in costs
+    ] if a or entry else list(costs)  # fmt: skip
     return simulate(
         table,
-        costs,
+        paid,
         n_ranks=n_ranks,
         n_stages=len(costs),
         placement=spec.placement,
-        link_latency=LINK_LATENCY_S,
-        link_bandwidth=LINK_BANDWIDTH,
+        link_latency=rates.link_latency_s,
+        link_bandwidth=rates.link_bandwidth,
         edges=edges,
     )
 

@@ -184,4 +184,5 @@ def partition_text(explanation: Explanation, *, width: int = 100) -> str:
         f"per microbatch of {explanation.captured.microbatch_size}; compute is forward + backward; "
         "sends are activations (gradients return the same size)"
     )
-    return "\n".join(lines)
+    why = explanation.why_uneven()
+    return "\n".join([*lines, *([f"uneven: {why}"] if why else []), *explanation.step_lines()])

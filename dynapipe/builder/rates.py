@@ -1,0 +1,174 @@
+"""The rates a pipeline is planned at (``options["rates"]``): measured on this machine by every rank at
+once and cached per machine, nominal, or loaded from a saved set.
+
+Measuring times each distinct operation of the captured graph at its microbatch shapes, on every rank
+at the same moment (ranks that share cores slow one another down as they will in the step), and the
+link between pipeline neighbours over the real process group. Every rank then takes the median of all
+ranks' times, so all plan with the same numbers. The cache (``$XDG_CACHE_HOME/dynapipe``, else
+``~/.cache/dynapipe``) is keyed by the device, the torch version and the world's layout; a cache from
+another machine, torch or layout is never read, and a restart or a second script only times the
+operations the cache lacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import PipelineConfig
+from ..cost import NOMINAL_RATES, Rates, fit_link, fit_roofline, graph_costs, time_ops
+from ..cost.profile import backward_entry_s
+from ..cost.rates import OpTimes
+from ..errors import ConfigError
+from ..graph import CapturedGraph
+from ..runtime import Comm, PipelineMesh
+from ..runtime.link import time_link
+
+__all__ = ["cache_path", "machine", "plan_rates"]
+
+# Sizes the link is timed at: a small message (its latency) and one large enough for its bandwidth.
+_LINK_SIZES = (4 << 10, 1 << 20)
+_LINK_ROUNDS = 8
+
+
+def plan_rates(
+    config: PipelineConfig, captured: CapturedGraph, comm: Comm, mesh: PipelineMesh, device: torch.device
+) -> Rates:
+    """The rates every rank plans ``captured`` at (see the module docstring)."""
+    if config.rates == "nominal":
+        return NOMINAL_RATES
+    if config.rates != "measure":
+        try:
+            return Rates.load(config.rates)
+        except ValueError as err:
+            raise ConfigError(f"options['rates']: {err}; give 'measure', 'nominal' or a saved set") from None
+    key = machine(device, mesh)
+    cached = None if config.profile else _read_cache(cache_path(key), key)
+    wanted = {s for s in graph_costs(captured, optimizer=config.optimizer).signatures.values() if s}
+    complete = _digest(cached) if cached is not None and wanted <= set(cached.op_times) else None
+    views = comm.gather_objects(complete, "the cached rates")
+    if cached is not None and complete is not None and views.count(complete) == len(views):
+        return cached  # every rank holds the same complete set
+    # rank 0's cache (if any) is everyone's base: the ranks time what it lacks, all at once
+    base = comm.gather_objects(cached.to_json() if cached is not None else None, "the cached rates")[0]
+    rates = _measure(captured, config, comm, mesh, device, wanted, base and Rates.from_json(base, ""), key)
+    if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:
+        _write_cache(cache_path(key), rates)
+    return rates
+
+
+def _measure(
+    captured: CapturedGraph,
+    config: PipelineConfig,
+    comm: Comm,
+    mesh: PipelineMesh,
+    device: torch.device,
+    wanted: set[str],
+    base: Rates | None,
+    key: dict[str, str],
+) -> Rates:
+    """Time the operations ``base`` lacks (and the link, without a base), on every rank at once; take
+    the median of every rank's times, and fit the roofline to this graph's operations."""
+    estimate = graph_costs(captured, optimizer=config.optimizer)
+    mine = time_ops(captured, estimate, wanted - set(base.op_times) if base else wanted)
+    link = (
+        []
+        if base
+        else time_link(mesh, device, _LINK_SIZES, _LINK_ROUNDS, timedelta(seconds=config.timeout_s))
+    )
+    everyone = comm.gather_objects((mine, link, backward_entry_s(device)), "the measured rates")
+    ops: dict[str, OpTimes] = {
+        sig: (_median(everyone, sig, 0), _median(everyone, sig, 1), _median(everyone, sig, 2)) for sig in mine
+    }
+    all_ops = {**(base.op_times if base else {}), **ops}
+    flop_rate, memory_bandwidth, overhead = fit_roofline(estimate, all_ops)
+    if base is not None:
+        latency, bandwidth, entry = base.link_latency_s, base.link_bandwidth, base.backward_entry_s
+    else:
+        samples = [s for _, samples, _ in everyone for s in samples]
+        latency, bandwidth = fit_link(samples) if samples else (0.0, NOMINAL_RATES.link_bandwidth)
+        entry = statistics.median(e for _, _, e in everyone)
+    return Rates(
+        flop_rate=flop_rate,
+        memory_bandwidth=memory_bandwidth,
+        op_overhead_s=overhead,
+        link_latency_s=latency,
+        link_bandwidth=bandwidth,
+        backward_entry_s=entry,
+        op_times=all_ops,
+        source=f"measured on this machine by {dist.get_world_size()} ranks at once, cached in {cache_path(key)}",
+        machine=key,
+    )
+
+
+def _median(everyone: list, sig: str, phase: int) -> float:
+    return statistics.median(times[sig][phase] for times, _, _ in everyone)
+
+
+def machine(device: torch.device, mesh: PipelineMesh) -> dict[str, str]:
+    """What measured rates hold for: the device, the torch version and the world's layout."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads per rank"
+    world = dist.get_world_size()
+    return {
+        "device": f"{device.type}: {name}",
+        "torch": torch.__version__,
+        "layout": (
+            f"{world} ranks ({mesh.n_pp} pipeline x {mesh.dp_degree} data parallel), "
+            f"{os.environ.get('LOCAL_WORLD_SIZE', world)} on this host, over {dist.get_backend()}"
+        ),
+    }
+
+
+def cache_path(key: dict[str, str]) -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dynapipe"
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return root / f"rates-{digest}.json"
+
+
+def _read_cache(path: Path, key: dict[str, str]) -> Rates | None:
+    """The cached rates of exactly this machine, torch and layout; anything else (none, damaged,
+    another machine's) is not used."""
+    try:
+        rates = Rates.from_json(json.loads(path.read_text()), f"cached on this machine ({path})")
+    except (OSError, ValueError, TypeError):
+        return None
+    return rates if dict(rates.machine) == key else None
+
+
+def _write_cache(path: Path, rates: Rates) -> None:
+    """Write atomically (a rank of another script may be reading); a cache that cannot be written only
+    costs the next run its measuring."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(rates.to_json(), indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _digest(rates: Rates) -> str:
+    """The numbers, whatever file they were read from."""
+    numbers = {k: v for k, v in rates.to_json().items() if k != "source"}
+    return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

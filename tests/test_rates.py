@@ -1,0 +1,109 @@
+"""Plans in this machine's seconds (``options["rates"]``, ``dynapipe.cost.Rates``): measured by every rank
+at once when a pipeline is built, cached per machine, nominal or loaded; explain() plans for the machine
+it is told about.
+
+The prediction test states its tolerance: the plan's step within 0.5x-2x of the median measured step of
+a 2-rank Llama on this 2-core machine (nominal rates are off by two orders of magnitude here). Closer
+figures (within 15% for the demo and ``benchmarks/bench_models.py``'s rows) are measured by that
+benchmark, on a quiet machine, not asserted by a test.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import pytest
+import torch
+from harness import run_distributed
+from models import HF_CASES
+
+import dynapipe
+from dynapipe.builder.rates import cache_path
+from dynapipe.cost import NOMINAL_RATES, Rates
+from dynapipe.errors import ConfigError
+
+pytestmark = pytest.mark.hf
+
+
+def _train(rank: int, world: int, options: dict, steps: int = 1) -> dict:
+    """Steps of the 2-stage Llama case; rank 0's plan (its rates, predicted step) and step times."""
+    torch.set_num_threads(1)
+    case = HF_CASES["llama"](2)
+    reports: list = []
+    options = {"n_microbatches": 4, "timeout_s": 60, "on_step": reports.append, **options}
+    step = torch.compile(case.step, backend="dynapipe", options=options)
+    times, started = [], time.perf_counter()
+    for _ in range(steps):
+        began = time.perf_counter()
+        step(*case.args).backward()
+        times.append(time.perf_counter() - began)
+    plan = reports[0].plan
+    return {
+        "rates": plan.rates,
+        "predicted": plan.predicted_step_s,
+        "times": times,
+        "first_s": times[0],
+        "total_s": time.perf_counter() - started,
+        "text": str(plan),
+    }
+
+
+def test_measured_rates_drive_the_plan_and_predict_the_step() -> None:
+    measured = run_distributed(_train, 2, {}, 8, timeout=240)
+    nominal = run_distributed(_train, 2, {"rates": "nominal"}, timeout=240)
+    rates = measured[0]["rates"]
+    assert rates == measured[1]["rates"]  # every rank plans with the same numbers
+    assert rates.measured and rates.flop_rate < NOMINAL_RATES.flop_rate / 10  # a CPU, not the nominal GPU
+    assert rates.link_latency_s != NOMINAL_RATES.link_latency_s and rates.link_bandwidth > 0
+    assert "measured on this machine by 2 ranks" in rates.source and "rates: measured" in measured[0]["text"]
+    assert nominal[0]["rates"] == NOMINAL_RATES and "rates: nominal" in nominal[0]["text"]
+    step = statistics.median(measured[0]["times"][1:])
+    assert 0.5 * step <= measured[0]["predicted"] <= 2.0 * step, (measured[0]["predicted"], step)
+    assert nominal[0]["predicted"] < step / 20  # the nominal GPU's prediction is nowhere near this CPU
+
+
+def test_the_cache_is_reused_and_a_foreign_one_ignored() -> None:
+    first = run_distributed(_train, 2, {}, timeout=240)[0]["rates"]
+    again = run_distributed(_train, 2, {}, timeout=240)[0]["rates"]
+    assert again.source.startswith("cached on this machine") and again.op_times == first.op_times
+    path = cache_path(dict(first.machine))
+    data = json.loads(path.read_text())
+    foreign = {**data, "machine": {**data["machine"], "torch": "1.0"}, "link_latency_s": 123.0}
+    path.write_text(json.dumps(foreign))  # another torch's numbers in this machine's file: not used
+    fresh = run_distributed(_train, 2, {}, timeout=240)[0]["rates"]
+    assert fresh.source.startswith("measured") and fresh.link_latency_s != 123.0
+    path.write_text("{not json")  # a damaged cache is measured again, not an error
+    assert run_distributed(_train, 2, {}, timeout=240)[0]["rates"].source.startswith("measured")
+    assert json.loads(path.read_text())["machine"] == data["machine"]  # and rewritten
+
+
+def test_saved_rates_are_loaded_and_bad_ones_refused(tmp_path) -> None:
+    saved = Rates(flop_rate=1e9, memory_bandwidth=1e9, link_latency_s=1e-3, link_bandwidth=1e8, source="x")
+    saved.save(tmp_path / "gpu.json")
+    out = run_distributed(_train, 2, {"rates": str(tmp_path / "gpu.json")}, timeout=240)[0]
+    assert out["rates"].link_latency_s == 1e-3 and f"loaded from {tmp_path / 'gpu.json'}" in out["text"]
+    (tmp_path / "bad.json").write_text('{"flops": 1}')
+    failed = run_distributed(
+        _train, 2, {"rates": str(tmp_path / "bad.json")}, timeout=240, allow_failure=True
+    )
+    for rank in (0, 1):
+        assert "options['rates']: cannot read rates from" in str(failed[rank]), failed[rank]
+        assert "unknown fields ['flops']" in str(failed[rank])
+    with pytest.raises(ConfigError, match="rates must be 'measure', 'nominal' or the path"):
+        dynapipe.PipelineConfig(rates=3)
+
+
+def test_explain_plans_for_the_machine_it_is_told_about(tmp_path) -> None:
+    case = HF_CASES["llama"](2)
+    inputs = dict(input_ids=case.args[0], labels=case.args[1])
+    nominal = dynapipe.explain(case.model, inputs, n_stages=2)
+    assert "rates: nominal (100 TFLOP/s" in str(nominal)  # never this machine's unasked
+    slow = Rates(flop_rate=1e9, memory_bandwidth=1e9, op_overhead_s=1e-5, source="a slow machine")
+    slow.save(tmp_path / "slow.json")
+    loaded = dynapipe.explain(case.model, inputs, n_stages=2, rates=tmp_path / "slow.json")
+    assert f"loaded from {tmp_path / 'slow.json'}" in str(loaded)
+    assert loaded.predicted_step_s > 100 * nominal.predicted_step_s
+    with pytest.raises(ConfigError, match="explain\\(\\) plans without a process group"):
+        dynapipe.explain(case.model, inputs, n_stages=2, rates="measure")
