@@ -2,6 +2,8 @@
 
     python benchmarks/bench_llama.py            # hidden 256, 8 layers, sequence 128, 1F1B, 10 timed steps
     python benchmarks/bench_llama.py --steps 4  # quicker
+    python benchmarks/bench_llama.py --profile  # and where dynapipe's first step goes (slows it)
+    python benchmarks/bench_llama.py --firsts 3  # each first step 3 times, alternating: median, paired ratios
 
 Both libraries train the same randomly initialised ``LlamaForCausalLM`` (split before ``model.layers.4``,
 4 microbatches of 2 sequences) with the same loss. **First step** is everything from the model in memory to
@@ -10,8 +12,9 @@ partition, codegen, state placement, the step); torch's is ``pipeline()`` (torch
 + its first ``schedule.step``. dynapipe runs twice: the default call (Dynamo's trace, then a re-trace at the
 microbatch size) and ``dynamic=True`` (Dynamo's trace is the capture). **Step** is the median (min-max) of
 the timed steps afterwards, alternating the runs step by step so that load from elsewhere falls on all alike. Every step starts at a
-barrier and counts the slowest rank. dynapipe's first step is also broken down (rank 0) by a profile of its
-phases, so the table says where the time goes.
+barrier and counts the slowest rank. With ``--profile``, dynapipe's first step is also broken down (rank 0) by
+a cProfile of its phases, so the table says where the time goes; the profiler slows Dynamo's tracing about
+1.5x and only dynapipe's runs are profiled, so the first-step ratios are read from a run without it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ PHASES = {
     ("trace.py", "capture_microbatch"): "  capture (re-trace or Dynamo's graph)",
     ("trace.py", "_retrace"): "    re-trace at the microbatch size",
     ("one_trace.py", "at_microbatch"): "    Dynamo's graph at the microbatch size",
+    ("rates.py", "plan_rates"): "  rates (measured, or read from cache)",
     ("planner.py", "plan_pipeline"): "  cost model + partition",
     ("codegen.py", "build_stages"): "  codegen",
     ("state.py", "place_state"): "  state placement",
@@ -132,38 +136,49 @@ def _warm_up_torch(ids: torch.Tensor) -> None:
     torch._dynamo.reset()
 
 
-def _worker(steps: int) -> tuple | None:
-    dist.init_process_group("gloo")
+def _first_steps(ids: torch.Tensor, repeats: int, profiled: bool) -> tuple[dict, dict, dict]:
+    """Each way's first step, ``repeats`` times (the order reversed every other time, Dynamo reset before
+    each): the seconds, the last build's steady step function, and rank 0's profile of the last build."""
     rank = dist.get_rank()
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-    _warm_up_torch(ids)
-    first, runs, profiles = {}, {}, {}
+    first: dict[str, list[float]] = {}
+    runs, profiles = {}, {}
     setups = {
         "torch-pp": _setup_torch,
         "dynapipe": _setup_dynapipe,
         "dynamic=True": partial(_setup_dynapipe, dynamic=True),
     }
-    for name, setup in setups.items():
-        box = []
+    for repeat in range(repeats):
+        for name in list(setups) if repeat % 2 == 0 else list(setups)[::-1]:
+            box: list = []
 
-        def build_and_step(setup=setup, box=box) -> None:
-            box.append(setup(ids))
-            box[0]()
+            def build_and_step(setup=setups[name], box=box) -> None:
+                box.append(setup(ids))
+                box[0]()
 
-        profiles[name] = profile = cProfile.Profile()
-        if name != "torch-pp" and rank == 0:
-            profile.enable()
-        first[name] = timed(build_and_step)
-        profile.disable()
-        runs[name] = box[0]
+            torch._dynamo.reset()
+            profiles[name] = profile = cProfile.Profile()
+            if profiled and name != "torch-pp" and rank == 0:
+                profile.enable()
+            first.setdefault(name, []).append(timed(build_and_step))
+            profile.disable()
+            runs[name] = box[0]
+    return first, runs, profiles
+
+
+def _worker(steps: int, profiled: bool = False, repeats: int = 1) -> tuple | None:
+    dist.init_process_group("gloo")
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    _warm_up_torch(ids)
+    first, runs, profiles = _first_steps(ids, repeats, profiled)
     for run in runs.values():  # one more untimed step each: both warm
         timed(run)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(steps):
         for name in list(runs) if i % 2 == 0 else list(runs)[::-1]:
             times[name].append(timed(runs[name]))
-    if rank == 0:
-        return first, times, {name: _phases(profiles[name]) for name in ("dynapipe", "dynamic=True")}
+    if dist.get_rank() == 0:
+        phases = {name: _phases(profiles[name]) for name in ("dynapipe", "dynamic=True") if profiled}
+        return first, times, phases
     return None
 
 
@@ -180,21 +195,27 @@ def _phases(profile: cProfile.Profile) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="profile dynapipe's first step (slows it)")
+    parser.add_argument("--firsts", type=int, default=1, help="first steps of each way, alternating")
     args = parser.parse_args()
-    first, times, phases = launch(_worker, args.steps, nproc=WORLD)[0]  # rank 0's timings and profile
+    # rank 0's timings and profile
+    first, times, phases = launch(_worker, args.steps, args.profile, args.firsts, nproc=WORLD)[0]
     print(f"Llama hidden 256, 8 layers, batch {BATCH} x {SEQ}, {WORLD} ranks, 1F1B, {MICRO} microbatches")
-    print(f"{'':10s} {'first step s':>13s} {'step ms median (min-max)':>26s}")
+    print(f"{'':12s} {'first step s median (min-max)':>30s} {'step ms median (min-max)':>26s}")
     for name in ("dynapipe", "dynamic=True", "torch-pp"):
-        t = times[name]
+        t, f = times[name], first[name]
         spread = f"{statistics.median(t) * 1e3:.1f} ({min(t) * 1e3:.1f}-{max(t) * 1e3:.1f})"
-        print(f"{name:10s} {first[name]:13.2f} {spread:>26s}")
+        firsts = f"{statistics.median(f):.2f} ({min(f):.2f}-{max(f):.2f})"
+        print(f"{name:12s} {firsts:>30s} {spread:>26s}")
     for name in ("dynapipe", "dynamic=True"):
         ratios = [d / t for d, t in zip(times[name], times["torch-pp"], strict=True)]
+        paired = [d / t for d, t in zip(first[name], first["torch-pp"], strict=True)]
         print(
-            f"{name} / torch-pp: first step {first[name] / first['torch-pp']:.2f}, "
+            f"{name} / torch-pp: first step {statistics.median(paired):.2f} ({min(paired):.2f}-"
+            f"{max(paired):.2f}) over {len(paired)} paired, "
             f"step {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) over paired steps"
         )
-    for name in ("dynapipe", "dynamic=True"):
+    for name in ("dynapipe", "dynamic=True") if args.profile else ():
         print(f"{name}'s first step on rank 0, by phase (s; the rest is Dynamo tracing the call):")
         for key, label in PHASES.items():
             if key in phases[name]:

@@ -77,3 +77,26 @@ def test_the_same_code_is_fine_where_it_cannot_differ() -> None:
     capture(BranchOnBatch(), (torch.randn(2, 4),), n_microbatches=1)  # the microbatch is the batch
     capture(Fine(), (torch.randn(8, 4), torch.randn(8, 4)), n_microbatches=8)
     capture(Fine(), (torch.randn(8, 4), torch.randn(8, 4)), n_microbatches=2)
+
+
+def test_one_row_microbatches_trace_the_frame_once(monkeypatch) -> None:
+    """At one row per microbatch the frame is traced once, at two rows (where the batch checks can read the
+    batch dimension), and that graph re-run at one row is the graph a second trace at one row gives."""
+    from torch._dynamo.callback import callback_handler
+
+    from dynapipe.capture import trace
+
+    def captured(model: nn.Module) -> tuple[int, object]:
+        torch._dynamo.reset()
+        traces: list[int] = []  # every trace of a frame by Dynamo (reset() drops the callback)
+        callback_handler.register_start_callback(lambda *_: traces.append(1))
+        graph = capture(model, (torch.randn(8, 4), torch.randn(8, 4)), n_microbatches=8)
+        return len(traces), graph
+
+    n_folded, folded = captured(Fine())
+    monkeypatch.setattr(trace, "at_one_row", lambda *_: None)  # the fallback: a second trace, at one row
+    n_traced, traced = captured(Fine())
+    assert (n_folded, n_traced) == (1, 2)
+    ops = [[(n.op, str(n.target)) for n in g.gm.graph.nodes] for g in (folded, traced)]
+    assert ops[0] == ops[1]  # the same graph (node names may differ: the two traces number them apart)
+    assert folded.shapes.guards == traced.shapes.guards

@@ -6,17 +6,21 @@ frame again: it re-runs that graph's fake tensors at the microbatch size (sizes 
 Python bytecode), which costs a fraction of a Dynamo trace. It does so only where the result is the
 graph a re-trace would give; anything else (a batch size Dynamo fixed or shares with another size, an
 assumption Dynamo made that fails at the microbatch size, a one-row microbatch, a higher-order op, a
-Python number of the call made dynamic) returns None and the caller re-traces as before.
+Python number of the call made dynamic) returns None and the caller re-traces as before. The same re-run
+serves one-row microbatches of the re-trace (:func:`at_one_row`): dynapipe traces at two rows, where the
+batch checks can read the batch dimension, and re-runs that graph at one row instead of tracing again.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import sympy
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
@@ -25,7 +29,7 @@ from ..microbatch import is_batched, rows_of
 from .frame import FrameCall
 from .recorded import Trace
 
-__all__ = ["at_microbatch"]
+__all__ = ["at_microbatch", "at_one_row"]
 
 _SIZE_SOURCE = re.compile(r"^(.*)\.size\(\)\[(\d+)\]$")
 # a Python number among the call's arguments (``L['scale']``, ``L['cfg']['eps']``), not a model's attribute:
@@ -36,8 +40,22 @@ _ARGUMENT_LEAF = re.compile(r"^L\['[^']+'\](\[[^\]]+\])*$")
 def at_microbatch(trace: Trace, frame: FrameCall, batch_size: int, rows: int) -> Trace | None:
     """``trace`` (Dynamo's graph of ``frame`` at ``batch_size``) at ``rows`` rows, or None if it cannot
     serve as the microbatch graph."""
+    return _at_rows(trace, frame, batch_size, rows) if rows >= 2 else None
+
+
+def at_one_row(trace: Trace, frame: FrameCall, batch_size: int) -> Trace | None:
+    """dynapipe's own trace of ``frame`` at two rows (the batch size symbolic, so the batch checks can
+    read it) at one row, the batch size fixed at 1 as a trace at one row fixes it; None if it cannot
+    serve (the caller traces at one row). The graph is the one the full batch runs: a Python branch on
+    ``x.shape[0] == 1`` takes the full batch's way, as a trace at one row would not."""
+    with warnings.catch_warnings():  # the trace at two rows showed the code's own; this re-run adds none
+        warnings.simplefilter("ignore")
+        return _at_rows(trace, frame, batch_size, 1)
+
+
+def _at_rows(trace: Trace, frame: FrameCall, batch_size: int, rows: int) -> Trace | None:
     kinds = _kinds(trace, frame, batch_size)
-    if rows < 2 or kinds is None or not _holds_at(trace, kinds, rows):
+    if kinds is None or not _holds_at(trace, kinds, rows):
         return None
     if any(isinstance(getattr(trace.gm, str(n.target), None), fx.GraphModule) for n in trace.gm.graph.nodes):
         return None  # a higher-order op's body keeps Dynamo's sizes
@@ -108,7 +126,7 @@ def _holds_at(trace: Trace, kinds: list[str], rows: int) -> bool:
         return False  # a size equal to the batch size by chance shares its symbol
     for symbol in batch:
         low, high = trace.ranges.get(symbol, (2, None))
-        if rows < low or (high is not None and rows > high):
+        if max(rows, 2) < low or (high is not None and rows > high):  # 1: fixed, as Dynamo fixes it
             return False
     values = {
         **{s: sympy.sympify(v) for s, v in trace.hints.items()},
@@ -130,7 +148,7 @@ def _propagate(trace: Trace, frame: FrameCall, kinds: list[str], rows: int) -> T
     gm.recompile()
     grad = torch.is_grad_enabled()  # the graph sets and resets grad mode; a failure halfway must not leak
     try:
-        with mode:
+        with mode, enable_python_dispatcher():  # as Dynamo runs ops: decompositions keep sizes symbolic
             _Propagate(gm).run(*args)
     finally:
         torch.set_grad_enabled(grad)

@@ -26,7 +26,7 @@ from .frame import FrameCall, ignore_logging_in_graphs
 from .inputs import check_no_foreign_cache, input_names
 from .markers import is_split_marker
 from .names import ModelNames, reachable_modules
-from .one_trace import at_microbatch
+from .one_trace import at_microbatch, at_one_row
 from .recorded import Trace, trace_of
 from .sizes import rewrite_sizes
 
@@ -114,8 +114,6 @@ def capture_microbatch(
     one_trace = trace is not None
     trace, general = (trace, trace) if trace is not None else _retrace(frame, batch_size, size)
     symbols = batch_symbols(general.gm)
-    if general is not trace:
-        check_no_batch_squeeze(general.gm, symbols)
     check_guards(general.guards, symbols, general.hints, microbatch=max(size, 2), batch=batch_size)
     check_no_batch_slicing(general.gm, symbols)
     captured = _to_captured(trace, frame, batch_size, n_microbatches)
@@ -124,18 +122,29 @@ def capture_microbatch(
 
 
 def _retrace(frame: FrameCall, batch_size: int, size: int) -> tuple[Trace, Trace]:
-    """The trace at ``size`` rows and the one the batch checks read: at two rows for one-row microbatches,
-    where the batch dimension is symbolic and can be recognised."""
-    every_dim = True
-    try:
-        trace = _trace_rows(frame, batch_size, size, every_dim=every_dim)
-    except (CaptureError, GraphBreakError):
-        # code Dynamo cannot trace with symbolic lengths: fixed lengths (each new one is captured again)
-        every_dim = False
-        trace = _trace_rows(frame, batch_size, size, every_dim=every_dim)
-    if size == 1 and batch_size >= 2:
-        return trace, _trace_rows(frame, batch_size, 2, every_dim=every_dim)
-    return trace, trace
+    """The trace at ``size`` rows and the one the batch checks read: for one-row microbatches, the frame is
+    traced at two rows, where the batch dimension is symbolic and can be recognised, and that graph is
+    re-run at one row (traced again at one row only where it cannot be)."""
+    rows = 2 if size == 1 and batch_size >= 2 else size
+    general, every_dim = _trace_dims(frame, batch_size, rows, every_dim=True)
+    if rows == size:
+        return general, general
+    check_no_batch_squeeze(general.gm, batch_symbols(general.gm))  # before the graph runs at one row
+    trace = at_one_row(general, frame, batch_size)
+    if trace is None:
+        trace, _ = _trace_dims(frame, batch_size, size, every_dim=every_dim)
+    return trace, general
+
+
+def _trace_dims(frame: FrameCall, batch_size: int, rows: int, *, every_dim: bool) -> tuple[Trace, bool]:
+    """The trace at ``rows`` rows, with every dimension of the batched inputs dynamic if ``every_dim`` and
+    Dynamo can trace the code so, and whether it did."""
+    if every_dim:
+        try:
+            return _trace_rows(frame, batch_size, rows, every_dim=True), True
+        except (CaptureError, GraphBreakError):
+            pass  # code Dynamo cannot trace with symbolic lengths: fixed lengths (each new one captures again)
+    return _trace_rows(frame, batch_size, rows, every_dim=False), False
 
 
 def _trace_rows(frame: FrameCall, batch_size: int, rows: int, *, every_dim: bool) -> Trace:
