@@ -35,9 +35,9 @@ class PipelineConfig:
         to send fewer bytes, and more where few microbatches make a heavier first stage faster. Set it
         when equal stage times matter more than the estimate, e.g. stages that will run on other devices.
         Automatic partition only: with split points it is an error.
-    rates: the seconds the plan is made in. "measure" (default): the machine that runs, measured when
-        the first pipeline is built by every rank at once (each distinct operation of the graph at its
-        microbatch shapes, the link between pipeline neighbours) and cached per machine under
+    rates: the seconds the plan is made in. "measure" (default): the machine that runs, measured by its
+        ranks when the first pipeline is built (each distinct operation of the graph at its microbatch
+        shapes, the link between pipeline neighbours) and cached per machine under
         ``$XDG_CACHE_HOME/dynapipe`` (``~/.cache/dynapipe``); "nominal": a nominal GPU and link (FLOPs
         and bytes at fixed rates); or the path of a saved set (``dynapipe.cost.Rates.save``, or a cache
         file from the target machine).

@@ -99,14 +99,9 @@ def explain(
     stage_count(config, spec, n_ranks)
     captured = capture(model, example_inputs, n_microbatches=config.microbatches(n_stages))
     machine = _rates(rates)
+    costs = lambda c, cfg: graph_costs(c, optimizer=cfg.optimizer, rates=machine, profile=cfg.profile)  # noqa: E731
     plan = plan_pipeline(
-        captured,
-        config,
-        spec=spec,
-        n_ranks=n_ranks,
-        n_stages=n_stages,
-        costs=lambda c, cfg: graph_costs(c, optimizer=cfg.optimizer, rates=machine, profile=cfg.profile),
-        with_costs=True,
+        captured, config, spec=spec, n_ranks=n_ranks, n_stages=n_stages, costs=costs, with_costs=True
     )
     return Explanation.of(captured, plan)
 

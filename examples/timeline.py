@@ -2,7 +2,7 @@
 
     python examples/timeline.py                          # 4 processes, 1F1B, writes timeline*.svg/json here
     python examples/timeline.py --schedule zb-h1 --nproc 2 --out /tmp/tl
-    python examples/timeline.py --profile                # partition on timed nodes: compare the pictures
+    python examples/timeline.py --nominal                # plan at a nominal GPU's rates: compare the pictures
     torchrun --nproc-per-node 4 examples/timeline.py
 
 ``options={"on_step": hook}`` hands every rank a :class:`dynapipe.runtime.StepReport` after each step;
@@ -82,7 +82,7 @@ def measured_costs(timeline, n_stages: int) -> dict[int, StageCost]:
     }
 
 
-def run(schedule: str, steps: int, out: Path, profile: bool) -> None:
+def run(schedule: str, steps: int, out: Path, nominal: bool) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
     spec = get_schedule(schedule)
@@ -97,7 +97,8 @@ def run(schedule: str, steps: int, out: Path, profile: bool) -> None:
             "n_microbatches": MICROBATCHES,
             "n_stages": n_stages,
             "on_step": reports.append,
-            "profile": profile,  # partition on measured node times instead of FLOP estimates
+            # plan in this machine's measured seconds (the default), or a nominal GPU's
+            "rates": "nominal" if nominal else "measure",
         },
     )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -159,9 +160,11 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("."))
-    parser.add_argument("--profile", action="store_true", help="balance stages on timed nodes, not FLOPs")
+    parser.add_argument(
+        "--nominal", action="store_true", help="plan at a nominal GPU's rates, not measured ones"
+    )
     args = parser.parse_args()
-    launch(run, args.schedule, args.steps, args.out, args.profile, nproc=args.nproc)
+    launch(run, args.schedule, args.steps, args.out, args.nominal, nproc=args.nproc)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ which CI runs after the default suite)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -39,6 +40,12 @@ def test_demo_says_what_dynapipe_did(tmp_path):
     assert "dynapipe cut the model into 4 stages" in out and "parameters per stage" in out
     # which layers share a stage is the partitioner's choice (the step objective's), not the demo's
     assert "model.layers." in out and "lm_head" in out and "schedule: 1f1b" in out
+    # the plan in this machine's measured seconds, and its prediction beside the median step that ran
+    assert "rates: measured on this machine by 4 ranks, cached in" in out, out
+    assert re.search(
+        r"the plan beside the run: predicted step [\d.]+ [mu]?s.*measured step [\d.]+ [mu]?s", out
+    ), out
+    assert "(median of 2 steps" in out
     for name in ("partition.svg", "timeline.svg"):
         ET.parse(tmp_path / name)  # well-formed SVG
     assert (tmp_path / "timeline.json").stat().st_size > 0

@@ -148,12 +148,14 @@ def _check(results: dict, families: list[str], n_layers: int, world: int) -> Non
 
 def test_generate_matches_one_process_on_two_ranks():
     families = ["llama", "gpt2", "opt", "bloom"]
-    results = run_distributed(_generate_pipelined, 2, families, 2, False, timeout=240)
+    # the bytes each decode step sends are bounded for the plan of nominal rates (here and below):
+    # measured ones (this machine's, under whatever load) may move a cut to one that sends another tensor
+    results = run_distributed(_generate_pipelined, 2, families, 2, False, {"rates": "nominal"}, timeout=240)
     _check(results, families, 2, 2)
 
 
 def test_generate_llama_on_four_ranks():
-    results = run_distributed(_generate_pipelined, 4, ["llama"], 4, True, timeout=240)
+    results = run_distributed(_generate_pipelined, 4, ["llama"], 4, True, {"rates": "nominal"}, timeout=240)
     _check(results, ["llama"], 4, 4)
     ids, mask = _prompts()
     expected = _model("llama", 4).generate(

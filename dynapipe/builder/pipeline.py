@@ -10,7 +10,9 @@ on every rank at once, before a step waits on another rank.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -82,7 +84,7 @@ def build_pipeline(
     call = FrameCall(frame.code, frame.globals, frame.closure, arguments)
     captured = _capture(call, n_microbatches, batch_size, dynamo, comm, number)
     pp_of_stage = placement_map(spec.placement, n_ranks=mesh.n_pp, n_stages=n_stages)
-    rates = plan_rates(config, captured, comm, mesh, _device(inputs))
+    rates = functools.cache(partial(plan_rates, config, captured, comm, mesh, _device(inputs)))
     plan, stages = _plan_stages(
         captured, config, spec, comm, pp_of_stage, rates, with_costs=config.on_step is not None
     )
@@ -193,7 +195,7 @@ def _plan_stages(
     spec: ScheduleSpec,
     comm: Comm,
     pp_of_stage: dict[int, int],
-    rates: Rates,
+    rates: Callable[[], Rates],
     *,
     with_costs: bool,
 ) -> tuple[Plan, list[StagePlan]]:
@@ -295,9 +297,11 @@ def _modules_writing_inputs(captured: CapturedGraph) -> list[str]:
     return sorted(modules)
 
 
-def _at_rates(rates: Rates) -> CostSource:
-    """Node costs at the rates every rank agreed on, so every rank cuts the same way."""
-    return lambda captured, config: graph_costs(captured, optimizer=config.optimizer, rates=rates)
+def _at_rates(rates: Callable[[], Rates]) -> CostSource:
+    """Node costs at the rates every rank agreed on, so every rank cuts the same way. The rates are
+    measured (or read) only when a plan needs costs: every rank's plan asks at the same point, or none
+    does (a later pipeline that keeps the earlier one's stages, split points without a report)."""
+    return lambda captured, config: graph_costs(captured, optimizer=config.optimizer, rates=rates())
 
 
 def input_shapes(inputs: dict[str, Any]) -> str:

@@ -1,10 +1,11 @@
-"""The rates a pipeline is planned at (``options["rates"]``): measured on this machine by every rank at
-once and cached per machine, nominal, or loaded from a saved set.
+"""The rates a pipeline is planned at (``options["rates"]``): measured on this machine by its ranks
+and cached per machine, nominal, or loaded from a saved set.
 
-Measuring times each distinct operation of the captured graph at its microbatch shapes, on every rank
-at the same moment (ranks that share cores slow one another down as they will in the step), and the
-link between pipeline neighbours over the real process group. Every rank then takes the median of all
-ranks' times, so all plan with the same numbers. The cache (``$XDG_CACHE_HOME/dynapipe``, else
+Measuring times each distinct operation of the captured graph at its microbatch shapes (every rank a
+share of them, on a core of its own: ranks that share cores take turns, and the simulator charges what
+they cost one another where they compute at once), how the operations compose (one rank runs a window
+of the graph), and the link between pipeline neighbours over the real process group, all ranks at once.
+The ranks exchange what they measured, so all plan with the same numbers. The cache (``$XDG_CACHE_HOME/dynapipe``, else
 ``~/.cache/dynapipe``) is keyed by the device, the torch version and the world's layout; a cache from
 another machine, torch or layout is never read, and a restart or a second script only times the
 operations the cache lacks.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -24,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import PipelineConfig
-from ..cost import NOMINAL_RATES, Rates, fit_link, fit_roofline, graph_costs, time_ops
+from ..cost import NOMINAL_RATES, GraphCosts, Rates, fit_link, fit_roofline, graph_costs, time_ops
+from ..cost.calibrate import composition
 from ..cost.profile import backward_entry_s
 from ..cost.rates import OpTimes
 from ..errors import ConfigError
@@ -75,27 +78,35 @@ def _measure(
     base: Rates | None,
     key: dict[str, str],
 ) -> Rates:
-    """Time the operations ``base`` lacks (and the link, without a base), on every rank at once; take
-    the median of every rank's times, and fit the roofline to this graph's operations."""
+    """Time the operations ``base`` lacks (every rank a share of them) and the link (without a base),
+    and fit the roofline to this graph's operations."""
     estimate = graph_costs(captured, optimizer=config.optimizer)
-    mine = time_ops(captured, estimate, wanted - set(base.op_times) if base else wanted)
+    cores = _shared_cores(device, mesh)
+    mine = _time_my_share(
+        captured, estimate, sorted(wanted - set(base.op_times) if base else wanted), cores, comm
+    )
     link = (
         []
         if base
         else time_link(mesh, device, _LINK_SIZES, _LINK_ROUNDS, timedelta(seconds=config.timeout_s))
     )
     everyone = comm.gather_objects((mine, link, backward_entry_s(device)), "the measured rates")
-    ops: dict[str, OpTimes] = {
-        sig: (_median(everyone, sig, 0), _median(everyone, sig, 1), _median(everyone, sig, 2)) for sig in mine
+    all_ops = {
+        **(base.op_times if base else {}),
+        **{s: t for times, _, _ in everyone for s, t in times.items()},
     }
-    all_ops = {**(base.op_times if base else {}), **ops}
     flop_rate, memory_bandwidth, overhead = fit_roofline(estimate, all_ops)
     if base is not None:
         latency, bandwidth, entry = base.link_latency_s, base.link_bandwidth, base.backward_entry_s
+        extra = (base.forward_extra_s, base.backward_extra_s)
     else:
         samples = [s for _, samples, _ in everyone for s in samples]
         latency, bandwidth = fit_link(samples) if samples else (0.0, NOMINAL_RATES.link_bandwidth)
         entry = statistics.median(e for _, _, e in everyone)
+        # one rank, while the others wait: how operations compose, not how ranks share cores (the
+        # simulator charges that where they compute at once)
+        composed = composition(captured, estimate, all_ops, entry) if dist.get_rank() == 0 else None
+        extra = comm.gather_objects(composed, "how the operations compose")[0]
     return Rates(
         flop_rate=flop_rate,
         memory_bandwidth=memory_bandwidth,
@@ -103,14 +114,43 @@ def _measure(
         link_latency_s=latency,
         link_bandwidth=bandwidth,
         backward_entry_s=entry,
+        cores=cores,
+        forward_extra_s=extra[0],
+        backward_extra_s=extra[1],
         op_times=all_ops,
-        source=f"measured on this machine by {dist.get_world_size()} ranks at once, cached in {cache_path(key)}",
+        source=f"measured on this machine by {dist.get_world_size()} ranks, cached in {cache_path(key)}",
         machine=key,
     )
 
 
-def _median(everyone: list, sig: str, phase: int) -> float:
-    return statistics.median(times[sig][phase] for times, _, _ in everyone)
+def _time_my_share(
+    captured: CapturedGraph, estimate: GraphCosts, wanted: list[str], cores: float, comm: Comm
+) -> dict[str, OpTimes]:
+    """This rank's share of the operations to time (every rank times others), each timed on a core of its
+    own: where the ranks share fewer cores than there are of them, they take turns, as many at once as
+    there are cores (ranks that time at once on one core would each see the other's time too, and the
+    simulator already charges the ranks that compute at once)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    at_once = max(int(cores), 1) if cores else world
+    mine: dict[str, OpTimes] = {}
+    for turn in range(math.ceil(world / at_once)):
+        if rank // at_once == turn:
+            mine = time_ops(captured, estimate, set(wanted[rank::world]))
+        if at_once < world:
+            comm.gather_objects(None, "timing the operations in turns")  # the next turn starts together
+    return mine
+
+
+def _shared_cores(device: torch.device, mesh: PipelineMesh) -> float:
+    """Cores one pipeline's ranks share (0: none, each rank has its own device or cores enough): on CPU,
+    the cores this process may run on, counted in ranks' worth of threads, in the proportion of this
+    host's ranks that are one pipeline's."""
+    if device.type != "cpu":
+        return 0.0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    shared = cores / max(torch.get_num_threads(), 1) * min(mesh.n_pp, local) / local
+    return shared if shared < mesh.n_pp else 0.0
 
 
 def machine(device: torch.device, mesh: PipelineMesh) -> dict[str, str]:

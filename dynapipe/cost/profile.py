@@ -2,9 +2,7 @@
 
 Transformer graphs repeat a few dozen signatures layer after layer, so timing one node of each takes
 seconds where timing every node took minutes. Parameters are random too, so a model built under
-``dynapipe.empty_init()`` (no weights yet) is timed as well. Each time is the mean of a few rounds: the
-ranks time at once, as they will run, and the mean of many rounds keeps what they cost one another (the
-fastest run would be one that happened to have the machine to itself).
+``dynapipe.empty_init()`` (no weights yet) is timed as well. Each time is the median of a few rounds.
 """
 
 from __future__ import annotations
@@ -21,10 +19,10 @@ from torch.utils._pytree import tree_flatten
 from ..graph import CapturedGraph, grad_modes
 from .rates import OpTimes
 from .records import GraphCosts, NodeCost
-from .runner import Runner, backward_to, call_node
+from .runner import Runner, backward_to, call_node, differentiable
 from .sizes import concrete, has_tensor
 
-__all__ = ["backward_entry_s", "fit_roofline", "graph_device", "time_ops"]
+__all__ = ["backward_entry_s", "fit_roofline", "graph_device", "random_like", "stand_in", "time_ops", "timed"]
 
 
 def graph_device(graph: fx.Graph) -> torch.device:
@@ -42,8 +40,9 @@ def time_ops(
     each backward without the autograd engine's entry (:func:`backward_entry_s`: an action pays it once).
 
     Every round runs each operation once, one after another as a stage runs them; an operation's time is
-    its median over the rounds, times how much slower the rank ran than its CPU time (ranks that share
-    cores are descheduled now and then, as they will be in the step; a short run rarely sees it)."""
+    its median over the rounds: its own time, as if it had a core to itself (ranks that share cores are
+    descheduled now and then; the simulator charges that where they compute at once, :mod:`dynapipe.
+    schedules.sharing`)."""
     device = graph_device(captured.gm.graph)
     modes = grad_modes(captured.gm.graph)
     first: dict[str, fx.Node] = {}
@@ -56,18 +55,17 @@ def time_ops(
             sig: _runs(captured, node, costs.nodes[node], modes[node], device) for sig, node in first.items()
         }
         entry = backward_entry_s(device)
-        samples, slowdown = _rounds({s: r for s, r in runs.items() if r is not None}, rounds, device)
+        samples = _rounds({s: r for s, r in runs.items() if r is not None}, rounds, device)
     out: dict[str, OpTimes] = {}
     for sig, node in first.items():
         if sig not in samples:  # an op that will not run on random inputs keeps its estimate
             cost = costs.nodes[node]
             out[sig] = (cost.forward, cost.backward_input, cost.backward_weight)
             continue
-        f, i, w, both = ([slowdown * statistics.median(t) for t in samples[sig]] + [0.0] * 4)[:4]
-        entry_s = slowdown * entry
-        i, w = max(i - f - entry_s, 0.0) if i else 0.0, max(w - f - entry_s, 0.0) if w else 0.0
+        f, i, w, both = ([statistics.median(t) for t in samples[sig]] + [0.0] * 4)[:4]
+        i, w = max(i - f - entry, 0.0) if i else 0.0, max(w - f - entry, 0.0) if w else 0.0
         if both and i + w > 0:  # a full backward computes both at once: its time, split as the halves'
-            full = max(both - f - entry_s, 0.0)
+            full = max(both - f - entry, 0.0)
             i, w = full * i / (i + w), full * w / (i + w)
         out[sig] = (f, i, w)
     return out
@@ -75,16 +73,14 @@ def time_ops(
 
 def _rounds(
     runs: dict[str, list[Callable[[], Any]]], rounds: int, device: torch.device
-) -> tuple[dict[str, list[list[float]]], float]:
-    """Each run's seconds in every round, and the wall time over this process's CPU time (CPU only)."""
+) -> dict[str, list[list[float]]]:
+    """Each run's seconds in every round."""
     samples: dict[str, list[list[float]]] = {sig: [[] for _ in fns] for sig, fns in runs.items()}
-    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(rounds):  # each ran once already (_runs): warm
         for sig, phases in samples.items():
             for fn, times in zip(runs[sig], phases, strict=True):
-                times.append(_timed(fn, device))
-    share = (time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9)
-    return samples, (1 / share if device.type == "cpu" and 0 < share < 1 else 1.0)
+                times.append(timed(fn, device))
+    return samples
 
 
 def _runs(
@@ -95,7 +91,7 @@ def _runs(
     if not has_tensor(node.meta.get("example_value")):
         return []
     runner = Runner(
-        captured, lambda meta, grad: _random(meta, grad, meta.device), lambda a: _state(a, device)
+        captured, lambda meta, grad: random_like(meta, grad, meta.device), lambda a: stand_in(a, device)
     )
     try:
         args, kwargs, inputs, params = runner.inputs(node)
@@ -111,9 +107,10 @@ def _runs(
             with torch.set_grad_enabled(grad_mode):
                 return call_node(node, captured.gm, args, kwargs)
 
-        forward()
+        out = forward()
         runs = [forward]
-        if grad_mode and (cost.backward_input_flops or cost.backward_weight_flops or cost.saves):
+        # every op autograd records has a backward to run, views and casts too (not FLOPs, but time)
+        if grad_mode and any(differentiable(t) and t.grad_fn is not None for t in tree_flatten(out)[0]):
             runs.append(lambda: backward_to(forward(), activations, retain=False))
             if params:
                 runs.append(lambda: backward_to(forward(), params, retain=False))
@@ -126,13 +123,30 @@ def _runs(
 
 
 def backward_entry_s(device: torch.device, rounds: int = 20) -> float:
-    """What a backward costs beyond its operations' own backward: entering the autograd engine once."""
+    """What a backward costs beyond its operations' own backward: entering the autograd engine once.
+    Timed as the backward of a chain of one multiplication less what each link of a chain of eight
+    adds, so that no operation's own backward is in it."""
     x = torch.ones(1, device=device, requires_grad=True)
-    forward = statistics.median(_timed(lambda: x * 1.0, device) for _ in range(rounds))
-    backward = statistics.median(
-        _timed(lambda: backward_to(x * 1.0, [x], retain=False), device) for _ in range(rounds)
-    )
-    return max(backward - forward, 0.0)
+
+    def chain(links: int) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            y = x
+            for _ in range(links):
+                y = y * 1.0
+            return y
+
+        return run
+
+    def backward(links: int) -> float:
+        forward = chain(links)
+        alone = statistics.median(timed(forward, device) for _ in range(rounds))
+        both = statistics.median(
+            timed(lambda: backward_to(forward(), [x], retain=False), device) for _ in range(rounds)
+        )
+        return both - alone
+
+    one, eight = backward(1), backward(8)
+    return max(one - (eight - one) / 7, 0.0)
 
 
 def fit_roofline(costs: GraphCosts, op_times: dict[str, OpTimes]) -> tuple[float, float, float]:
@@ -152,7 +166,7 @@ def fit_roofline(costs: GraphCosts, op_times: dict[str, OpTimes]) -> tuple[float
     return (flops / seconds if seconds else 1e12, moved / moved_seconds if moved_seconds else 1e11, overhead)
 
 
-def _random(meta: torch.Tensor, grad: bool, device: torch.device) -> torch.Tensor:
+def random_like(meta: torch.Tensor, grad: bool, device: torch.device) -> torch.Tensor:
     shape, _ = concrete(meta)
     if meta.is_floating_point() or meta.is_complex():
         t = torch.randn(shape, dtype=meta.dtype, device=device)
@@ -163,15 +177,15 @@ def _random(meta: torch.Tensor, grad: bool, device: torch.device) -> torch.Tenso
     return t.requires_grad_(grad and meta.requires_grad and (t.is_floating_point() or t.is_complex()))
 
 
-def _state(attr: torch.Tensor, device: torch.device) -> torch.Tensor:
+def stand_in(attr: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A stand-in of a parameter or buffer: a copy (in-place ops must not touch the user's tensors), or
     random values of its shape where it holds none (built under ``empty_init``, or freed)."""
     if attr.device.type == "meta" or (attr.numel() and not attr.untyped_storage().nbytes()):
-        return _random(attr, attr.requires_grad, device)
+        return random_like(attr, attr.requires_grad, device)
     return attr.detach().clone().requires_grad_(attr.requires_grad)
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
     if device.type != "cpu":
         torch.accelerator.synchronize(device)
     start = time.perf_counter()

@@ -38,6 +38,9 @@ class Rates:
     link_bandwidth: float = 25e9  # PCIe 4/5 or a 200 Gb/s network (NVLink is faster)
     action_s: float = 0.0  # what the runtime pays per action beside its operations (posting receives, ...)
     backward_entry_s: float = 0.0  # entering the autograd engine, once per backward action
+    cores: float = 0.0  # cores one pipeline's ranks share (CPU processes); 0: each rank has its own device
+    forward_extra_s: float = 0.0  # per operation, what a stage's forward adds to its own time (calibrate)
+    backward_extra_s: float = 0.0  # the same for the backward
     op_times: Mapping[str, OpTimes] = field(default_factory=dict, hash=False)
     source: str = "nominal"
     machine: Mapping[str, str] = field(default_factory=dict, hash=False)
@@ -49,6 +52,8 @@ class Rates:
     def describe(self) -> str:
         """One line: where the rates come from and the numbers a reader can check."""
         link = f"link {_us(self.link_latency_s)} + bytes / {self.link_bandwidth / 1e9:.3g} GB/s"
+        if self.cores:
+            link += f"; the ranks share {self.cores:g} cores"
         if not self.measured:
             return (
                 f"rates: {self.source} ({self.flop_rate / 1e12:.0f} TFLOP/s, "
@@ -57,6 +62,8 @@ class Rates:
         return (
             f"rates: {self.source} ({len(self.op_times)} operations timed, {self.flop_rate / 1e9:.3g} GFLOP/s "
             f"and {self.memory_bandwidth / 1e9:.3g} GB/s fitted, {_us(self.op_overhead_s)} per operation, "
+            f"{_us(self.forward_extra_s)} forward and {_us(self.backward_extra_s)} backward more each as a stage "
+            "runs them, "
             f"{_us(self.action_s)} per action, {_us(self.backward_entry_s)} per backward, {link})"
         )
 

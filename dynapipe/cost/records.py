@@ -58,19 +58,27 @@ class GraphCosts:
         return any(c.measured for c in self.nodes.values())
 
     def timed(self, rates: Rates) -> GraphCosts:
-        """The same costs at ``rates``: each node whose signature ``rates`` has timed takes that time (the
-        nodes' roofline estimates stay for the others)."""
+        """The same costs at ``rates``: each node whose signature ``rates`` has timed takes that time, as a
+        stage runs it (with what composing operations adds); the roofline estimates stay for the others."""
         nodes = {}
         for node, cost in self.nodes.items():
             times: OpTimes | None = rates.op_times.get(self.signatures.get(node) or "")
-            nodes[node] = (
-                cost
-                if times is None
-                else dataclasses.replace(
-                    cost, forward=times[0], backward_input=times[1], backward_weight=times[2], measured=True
-                )
-            )
+            nodes[node] = cost if times is None else _as_run(cost, times, rates)
         return dataclasses.replace(self, nodes=nodes, rates=rates)
 
     def times(self) -> list[tuple[float, float, float]]:
         return [(c.forward, c.backward_input, c.backward_weight) for c in self.nodes.values()]
+
+
+def _as_run(cost: NodeCost, times: OpTimes, rates: Rates) -> NodeCost:
+    """``cost`` with an operation's timed phases as a stage runs them: its own time plus what each phase
+    adds per operation (a backward's share split as its halves)."""
+    f, i, w = times
+    extra = rates.backward_extra_s
+    return dataclasses.replace(
+        cost,
+        forward=max(f + rates.forward_extra_s, 0.0) if f else 0.0,
+        backward_input=max(i + extra * i / (i + w), 0.0) if i + w else 0.0,
+        backward_weight=max(w + extra * w / (i + w), 0.0) if i + w else 0.0,
+        measured=True,
+    )

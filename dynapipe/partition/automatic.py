@@ -31,6 +31,7 @@ import torch.fx as fx
 from ..cost import GraphCosts
 from ..errors import PartitionError
 from ..graph import CapturedGraph, compute_nodes
+from ..schedules import StageCost
 from .bottleneck import fewest_bytes, greedy, memory_error, min_bottleneck
 from .chain import Chain
 from .mincut import refine
@@ -58,8 +59,7 @@ class BalancedPartition:
     bottleneck_s: float  # the smallest achievable slowest-stage time
     layer_bottleneck_s: float | None  # the same, cutting only at layer boundaries (None: no layers found)
     refined: bool  # whether min-cut refinement moved the cuts off the chain order
-    step_s: float | None = None  # the step objective of the cuts chosen (None: no objective)
-    even_step_s: float | None = None  # the same of the even split (stages within EVEN of the best balance)
+    even_stages: tuple[StageCost, ...] = ()  # the even split's stages (within EVEN of the best balance)
 
 
 def balanced_partition(
@@ -107,18 +107,17 @@ def balanced_partition(
     # with too few busy nodes for every stage to get one, allow idle stages
     busy = fewest_bytes(chain, limit * (1 + 1e-12), memory) is not None
     cuts = _few_bytes_best_balance(chain, n_stages, bound, limit, memory, busy)
-    step_s = even_step_s = None
+    even_stages: tuple[StageCost, ...] = ()
     if step is not None and chain.timed:
         step_limit = limit if step_slack is None else bound * (1 + step_slack)
         cuts = shortest_step(chain, cuts, step, bound, step_limit, memory, busy)
-        step_s = step(chain.stage_costs(cuts))
         even = fewest_bytes(chain, bound * (1 + EVEN) * (1 + 1e-12), memory, busy=busy)
-        even_step_s = step(chain.stage_costs(even[1])) if even is not None else None
+        even_stages = tuple(chain.stage_costs(even[1])) if even is not None else ()
     ideals, refined = refine(chain, cuts, memory)
     stage_of = {node: sum(1 for ideal in ideals if i not in ideal) for i, node in enumerate(chain.nodes)}
     order = {n: i for i, n in enumerate(compute_nodes(captured.gm.graph))}
     stage_of = dict(sorted(stage_of.items(), key=lambda item: order[item[0]]))
-    return BalancedPartition(stage_of, tuple(cuts), bound, layer_bound, refined, step_s, even_step_s)
+    return BalancedPartition(stage_of, tuple(cuts), bound, layer_bound, refined, even_stages)
 
 
 def _check_enough_cuts(chain: Chain, n_stages: int, unsplittable: Sequence[str]) -> None:

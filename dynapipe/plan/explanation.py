@@ -64,7 +64,7 @@ class Explanation:
             lower_bound,
             over_mean(plan.bottleneck_s),
             plan.costs.rates,
-            plan.even_step_s,
+            predict_step(plan, plan.even_stages).makespan if plan.even_stages else None,
         )
 
     @property

@@ -37,6 +37,7 @@ from ..partition import (
     balanced_partition,
 )
 from ..schedules import Kind, ScheduleError, ScheduleSpec, StageCost, Table, Timeline, placement_map, simulate
+from ..schedules.sharing import shared_cores
 
 __all__ = [
     "CostSource",
@@ -70,7 +71,7 @@ class Plan:
     layer_bottleneck_s: float | None = None  # the best split at layer boundaries (automatic only)
     bottleneck_s: float | None = None  # the best balance of any split (automatic only)
     kept_owners: bool = False  # the stages are those that own the tensors (an earlier pipeline's)
-    even_step_s: float | None = None  # the predicted step of the even split (automatic only)
+    even_stages: tuple[StageCost, ...] = ()  # the even split's stages, for comparison (automatic only)
 
 
 def local_costs(captured: CapturedGraph, config: PipelineConfig) -> GraphCosts:
@@ -99,7 +100,7 @@ def plan_pipeline(
     """Stage of every compute node: ``pipe_split()`` markers, else ``split_points``, else the stages that
     already own the model's tensors (``owners``, from an earlier pipeline over the same model: a later one
     must not pull other ranks' weights in), else the balanced partition on the node costs ``costs``
-    returns (the backend passes rank 0's profile, shared). The plan carries those costs, and with
+    returns (the backend's are at the rates every rank agreed on). The plan carries those costs, and with
     ``with_costs`` it carries them for split points too (to explain the plan)."""
     points = _split_points(captured, config)
     table = spec.build(n_ranks=n_ranks, n_stages=n_stages, n_microbatches=captured.n_microbatches)
@@ -137,7 +138,7 @@ def plan_pipeline(
         costs=node_costs,
         layer_bottleneck_s=part.layer_bottleneck_s,
         bottleneck_s=part.bottleneck_s,
-        even_step_s=part.even_step_s,
+        even_stages=part.even_stages,
     )
 
 
@@ -156,8 +157,10 @@ def _split_points(captured: CapturedGraph, config: PipelineConfig) -> list[str] 
 
 
 def step_time(table: Table, spec: ScheduleSpec, n_ranks: int, rates: Rates = NOMINAL_RATES) -> StepObjective:
-    """The partitioner's objective: one simulated step of ``table`` over a split's per-stage costs."""
-    return lambda costs: _simulate(table, spec, n_ranks, costs, rates).makespan
+    """The partitioner's objective: one simulated step of ``table`` over a split's per-stage costs (each
+    rank on a core of its own: the search tries hundreds of splits, and replaying shared cores takes a
+    few replays each; the prediction of the plan chosen charges them)."""
+    return lambda costs: _simulate(table, spec, n_ranks, costs, rates, shared=False).makespan
 
 
 def predict_step(plan: Plan, stages: Sequence[StageCost]) -> Timeline:
@@ -167,11 +170,17 @@ def predict_step(plan: Plan, stages: Sequence[StageCost]) -> Timeline:
 
 
 def _simulate(
-    table: Table, spec: ScheduleSpec, n_ranks: int, costs: Sequence[StageCost], rates: Rates
+    table: Table,
+    spec: ScheduleSpec,
+    n_ranks: int,
+    costs: Sequence[StageCost],
+    rates: Rates,
+    shared: bool = True,
 ) -> Timeline:
     """The step at ``rates``, with every edge the stages send over (skips too): the same for the
     partitioner's objective and for explain()'s prediction. Every action also pays ``rates.action_s``
-    and every backward action the autograd engine's entry."""
+    and every backward action the autograd engine's entry; ranks that share cores slow one another
+    down where they compute at once (:mod:`dynapipe.schedules.sharing`)."""
     edges = sorted({(s, d) for s, cost in enumerate(costs) for d in cost.sends})
     split = any(a.kind is Kind.W for actions in table.values() for a in actions if a is not None)
     a, entry = rates.action_s, rates.backward_entry_s
@@ -184,7 +193,8 @@ def _simulate(
         )
         for c in costs
     ] if a or entry else list(costs)  # fmt: skip
-    return simulate(
+    replay = partial(
+        simulate,
         table,
         paid,
         n_ranks=n_ranks,
@@ -194,6 +204,9 @@ def _simulate(
         link_bandwidth=rates.link_bandwidth,
         edges=edges,
     )
+    if shared and 0 < rates.cores < n_ranks:
+        return shared_cores(lambda durations: replay(durations=durations), rates.cores)
+    return replay()
 
 
 def stage_count(config: PipelineConfig, spec: ScheduleSpec, world: int) -> int:

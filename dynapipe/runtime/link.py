@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
 
 from ..errors import PipelineError
 from .mesh import PipelineMesh
@@ -33,10 +34,12 @@ def time_link(
         recv = torch.empty_like(send)
         for i in range(rounds + 1):
             start = time.perf_counter()
-            works = dist.batch_isend_irecv(
+            # c10d's own functions: P2POp checks them by identity, and the build may run inside Dynamo,
+            # where torch.distributed's names can stand for traceable wrappers
+            works = c10d.batch_isend_irecv(
                 [
-                    dist.P2POp(dist.isend, send, after, tag=_TAG),
-                    dist.P2POp(dist.irecv, recv, before, tag=_TAG),
+                    c10d.P2POp(c10d.isend, send, after, tag=_TAG),
+                    c10d.P2POp(c10d.irecv, recv, before, tag=_TAG),
                 ]
             )
             for work in works:

@@ -263,11 +263,13 @@ def simulate(
     link_bandwidth: float = math.inf,
     edges: Iterable[tuple[int, int]] | None = None,
     stage_graph: StageGraph | None = None,
+    durations: Mapping[Action, float] | None = None,
 ) -> Timeline:
     """The timeline of one step of ``table`` (compute-only or lowered; comms are modelled by the link).
     Raises :class:`ScheduleError` if the table cannot complete.
 
-    ``costs`` is one :class:`StageCost` for all stages, a list, or a ``{stage: cost}`` dict.
+    ``costs`` is one :class:`StageCost` for all stages, a list, or a ``{stage: cost}`` dict;
+    ``durations`` gives single actions another duration (ranks that share cores: :mod:`.sharing`).
     """
     table = normalize_table(table)
     per_stage = _per_stage(costs, n_stages)
@@ -287,7 +289,7 @@ def simulate(
         return finished + link_latency + per_stage[producer].bytes_to(consumer) / link_bandwidth
 
     finish: dict[Action, float] = {}
-    free = dict.fromkeys(work, 0.0)
+    free, seconds = dict.fromkeys(work, 0.0), durations or {}
     events: list[TimelineEvent] = []
 
     def advance(rank: int, action: Action) -> bool:
@@ -295,8 +297,9 @@ def simulate(
         if any(d not in finish for d in deps):
             return False
         start = max([free[rank], *(arrival(d, action, finish[d]) for d in deps)])
-        end = start + per_stage[action.stage].duration(action.kind)
-        finish[action] = free[rank] = end
+        finish[action] = free[rank] = end = start + seconds.get(
+            action, per_stage[action.stage].duration(action.kind)
+        )
         events.append(TimelineEvent(rank, str(action), start, end))
         return True
 
@@ -305,12 +308,12 @@ def simulate(
         waits = [
             f"rank {r} waits at {_waiting(work[r][at], graph, kinds, finish)}" for r, at in stuck.items()
         ]
-        raise ScheduleError(
-            f"simulation cannot go on: {'; '.join(waits)}, which never run; validate() names the missing "
-            "action or the deadlock cycle"
-        )
+        raise ScheduleError(f"simulation cannot go on: {'; '.join(waits)}, {_NEVER}")
     events.sort(key=lambda e: (e.start, e.rank))
     return Timeline(events=events, n_ranks=n_ranks)
+
+
+_NEVER = "which never run; validate() names the missing action or the deadlock cycle"
 
 
 def _waiting(action: Action, graph: StageGraph, kinds: Mapping, finish: Mapping[Action, float]) -> str:
