@@ -15,8 +15,8 @@
   ``"step"`` (the step's own named work)
 - ``plan``: null, or the plan that ran: ``title``, ``partition_svg`` (the picture of
   :func:`~dynapipe.viz.partition_svg`), ``n_microbatches``, ``microbatch_size``, ``predicted_step_s`` and
-  ``predicted_bubble`` (null where the plan simulated no step), ``beside`` (``Explanation.beside``'s line)
-  and ``stages``: per stage ``index``, ``n_nodes``, ``modules``, ``bits`` (modules it holds a few nodes of),
+  ``predicted_bubble`` (null where the plan simulated no step), ``beside`` (``Explanation.beside``'s line),
+  ``rates`` (``Rates.describe()``: what the predicted seconds are in; absent in older runs) and ``stages``: per stage ``index``, ``n_nodes``, ``modules``, ``bits`` (modules it holds a few nodes of),
   ``shared`` (tied state -> the stages reading it), ``params`` and the tensors it ``sends`` and
   ``receives`` (``[{"stage", "bytes", "tensors": [{"name", "shape", "dtype", "bytes"}]}]``, per
   microbatch; the receiver's ``stage`` is the sender), ``compute_s`` (``forward``, ``backward_input``,
@@ -160,6 +160,7 @@ def plan_data(plan: Explanation, measured: Timeline) -> dict:
         "predicted_step_s": None if predicted is None else predicted.makespan,
         "predicted_bubble": None if predicted is None else predicted.bubble_fraction,
         "beside": plan.beside(measured),
+        "rates": plan.rates.describe(),  # what the predicted seconds are in (measured, nominal, loaded)
         "stages": stages,
     }
 
