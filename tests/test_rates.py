@@ -70,10 +70,11 @@ def test_the_cache_is_reused_and_a_foreign_one_ignored() -> None:
     assert again.source.startswith("cached on this machine") and again.op_times == first.op_times
     path = cache_path(dict(first.machine))
     data = json.loads(path.read_text())
-    foreign = {**data, "machine": {**data["machine"], "torch": "1.0"}, "link_latency_s": 123.0}
-    path.write_text(json.dumps(foreign))  # another torch's numbers in this machine's file: not used
-    fresh = run_distributed(_train, 2, {}, timeout=240)[0]["rates"]
-    assert fresh.source.startswith("measured") and fresh.link_latency_s != 123.0
+    for change in ({"torch": "1.0"}, {"rates format": "0"}):  # another torch's, another dynapipe's numbers
+        foreign = {**data, "machine": {**data["machine"], **change}, "link_latency_s": 123.0}
+        path.write_text(json.dumps(foreign))  # in this machine's file: not used
+        fresh = run_distributed(_train, 2, {}, timeout=240)[0]["rates"]
+        assert fresh.source.startswith("measured") and fresh.link_latency_s != 123.0
     path.write_text("{not json")  # a damaged cache is measured again, not an error
     assert run_distributed(_train, 2, {}, timeout=240)[0]["rates"].source.startswith("measured")
     assert json.loads(path.read_text())["machine"] == data["machine"]  # and rewritten

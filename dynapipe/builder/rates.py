@@ -6,8 +6,8 @@ share of them, on a core of its own: ranks that share cores take turns, and the 
 they cost one another where they compute at once), how the operations compose (one rank runs a window
 of the graph), and the link between pipeline neighbours over the real process group, all ranks at once.
 The ranks exchange what they measured, so all plan with the same numbers. The cache (``$XDG_CACHE_HOME/dynapipe``, else
-``~/.cache/dynapipe``) is keyed by the device, the torch version and the world's layout; a cache from
-another machine, torch or layout is never read, and a restart or a second script only times the
+``~/.cache/dynapipe``) is keyed by the device, the torch version, the world's layout and
+:data:`RATES_FORMAT`; a cache from another machine, torch, layout or way of measuring is never read, and a restart or a second script only times the
 operations the cache lacks.
 """
 
@@ -40,6 +40,9 @@ __all__ = ["cache_path", "machine", "plan_rates"]
 # Sizes the link is timed at: a small message (its latency) and one large enough for its bandwidth.
 _LINK_SIZES = (4 << 10, 1 << 20)
 _LINK_ROUNDS = 8
+# Part of the cache's key: raised whenever what is measured, or how, changes, so that a cache written by
+# another version of dynapipe is never read as this one's numbers.
+RATES_FORMAT = "2"
 
 
 def plan_rates(
@@ -154,13 +157,15 @@ def _shared_cores(device: torch.device, mesh: PipelineMesh) -> float:
 
 
 def machine(device: torch.device, mesh: PipelineMesh) -> dict[str, str]:
-    """What measured rates hold for: the device, the torch version and the world's layout."""
+    """What measured rates hold for: how they were measured, the device, the torch version and the
+    world's layout."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"{_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads per rank"
     world = dist.get_world_size()
     return {
+        "rates format": RATES_FORMAT,
         "device": f"{device.type}: {name}",
         "torch": torch.__version__,
         "layout": (
