@@ -36,7 +36,6 @@ class Rates:
     op_overhead_s: float = 0.0  # what launching one operation costs (eager dispatch, a kernel launch)
     link_latency_s: float = 20e-6  # a transfer takes link_latency_s + bytes / link_bandwidth
     link_bandwidth: float = 25e9  # PCIe 4/5 or a 200 Gb/s network (NVLink is faster)
-    action_s: float = 0.0  # what the runtime pays per action beside its operations (posting receives, ...)
     backward_entry_s: float = 0.0  # entering the autograd engine, once per backward action
     cores: float = 0.0  # cores one pipeline's ranks share (CPU processes); 0: each rank has its own device
     forward_extra_s: float = 0.0  # per operation, what a stage's forward adds to its own time (calibrate)
@@ -64,7 +63,7 @@ class Rates:
             f"and {self.memory_bandwidth / 1e9:.3g} GB/s fitted, {_us(self.op_overhead_s)} per operation, "
             f"{_us(self.forward_extra_s)} forward and {_us(self.backward_extra_s)} backward more each as a stage "
             "runs them, "
-            f"{_us(self.action_s)} per action, {_us(self.backward_entry_s)} per backward, {link})"
+            f"{_us(self.backward_entry_s)} per backward, {link})"
         )
 
     def with_ops(self, op_times: Mapping[str, OpTimes], **changes: Any) -> Rates:

@@ -178,21 +178,20 @@ def _simulate(
     shared: bool = True,
 ) -> Timeline:
     """The step at ``rates``, with every edge the stages send over (skips too): the same for the
-    partitioner's objective and for explain()'s prediction. Every action also pays ``rates.action_s``
-    and every backward action the autograd engine's entry; ranks that share cores slow one another
-    down where they compute at once (:mod:`dynapipe.schedules.sharing`)."""
+    partitioner's objective and for explain()'s prediction. Every backward action also pays the autograd
+    engine's entry; ranks that share cores slow one another down where they compute at once
+    (:mod:`dynapipe.schedules.sharing`)."""
     edges = sorted({(s, d) for s, cost in enumerate(costs) for d in cost.sends})
     split = any(a.kind is Kind.W for actions in table.values() for a in actions if a is not None)
-    a, entry = rates.action_s, rates.backward_entry_s
+    entry = rates.backward_entry_s
     paid = [
         dataclasses.replace(
             c,
-            forward=c.forward + a,
-            backward_input=c.backward_input + a + entry,
-            backward_weight=c.backward_weight + (a + entry if split else 0.0),
+            backward_input=c.backward_input + entry,
+            backward_weight=c.backward_weight + (entry if split else 0.0),
         )
         for c in costs
-    ] if a or entry else list(costs)  # fmt: skip
+    ]
     replay = partial(
         simulate,
         table,
