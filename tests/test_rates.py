@@ -35,12 +35,16 @@ def _train(rank: int, world: int, options: dict, steps: int = 1) -> dict:
     options = {"n_microbatches": 4, "timeout_s": 60, "on_step": reports.append, **options}
     step = torch.compile(case.step, backend="dynapipe", options=options)
     times, started = [], time.perf_counter()
+    torch.manual_seed(5)
     for _ in range(steps):
         began = time.perf_counter()
         step(*case.args).backward()
         times.append(time.perf_counter() - began)
     plan = reports[0].plan
+    drawn = torch.rand(4)  # what the user's script draws next (the step itself draws nothing)
+    torch.manual_seed(5)
     return {
+        "random stream kept": torch.equal(drawn, torch.rand(4)),
         "rates": plan.rates,
         "predicted": plan.predicted_step_s,
         "times": times,
@@ -56,6 +60,8 @@ def test_measured_rates_drive_the_plan_and_predict_the_step() -> None:
     nominal = run_distributed(_train, 2, {"rates": "nominal"}, timeout=240)
     rates = measured[0]["rates"]
     assert rates == measured[1]["rates"]  # every rank plans with the same numbers
+    # measuring draws random tensors, each rank its own share, none from the user's random stream
+    assert measured[0]["random stream kept"] and measured[1]["random stream kept"]
     assert rates.measured and rates.flop_rate < NOMINAL_RATES.flop_rate / 10  # a CPU, not the nominal GPU
     assert rates.link_latency_s != NOMINAL_RATES.link_latency_s and rates.link_bandwidth > 0
     assert "measured on this machine by 2 ranks" in rates.source and "rates: measured" in measured[0]["text"]

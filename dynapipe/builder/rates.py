@@ -65,7 +65,9 @@ def plan_rates(
         return cached  # every rank holds the same complete set
     # rank 0's cache (if any) is everyone's base: the ranks time what it lacks, all at once
     base = comm.gather_objects(cached.to_json() if cached is not None else None, "the cached rates")[0]
-    rates = _measure(captured, config, comm, mesh, device, wanted, base and Rates.from_json(base, ""), key)
+    # measuring draws random tensors, each rank its own share: the user's random stream must not see it
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+        rates = _measure(captured, config, comm, mesh, device, wanted, base and Rates.from_json(base, ""), key)
     if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:
         _write_cache(cache_path(key), rates)
     return rates
