@@ -4,8 +4,10 @@ re-traces it. Both equal one process, and the plan says which path ran."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from harness import run_distributed
+from models import CASES, HF_CASES
 
 
 def one_trace_worker(rank: int, world: int, dynamic: bool) -> dict:
@@ -56,3 +58,64 @@ def test_default_compile_retraces() -> None:
     for rank, out in run_distributed(one_trace_worker, 2, False).items():
         # Dynamo traces at the full batch, dynapipe re-traces at the microbatch; the capture serves both lengths
         assert out == {"frames traced": 2, "captures": [1], "one trace": [False]}, (rank, out)
+
+
+def _rebuilt_and_rerun(case) -> tuple:
+    """Dynamo's graph of ``case`` (dynamic=True) at two rows, both ways: rebuilt from its symbolic sizes,
+    and with every operation run again on fake tensors."""
+    from dynapipe.capture import ignore_logging_in_graphs, one_trace
+    from dynapipe.capture.frame import FrameCall
+    from dynapipe.capture.recorded import trace_of
+
+    ignore_logging_in_graphs()  # as the backend does: HF's warning_once inside the loss
+    box = {}
+
+    def record(gm, example_inputs):
+        box["trace"] = trace_of(gm)
+        return gm.forward
+
+    torch.compile(case.step, backend=record, dynamic=True, fullgraph=True)(*case.args, **case.kwargs)
+    module = isinstance(case.step, torch.nn.Module)
+    fn = type(case.step).forward if module else case.step
+    code = fn.__code__
+    values = ((case.step,) if module else ()) + case.args
+    frame = FrameCall(
+        code,
+        fn.__globals__,
+        fn.__closure__,
+        {**dict(zip(code.co_varnames, values, strict=False)), **case.kwargs},
+    )
+    trace = box["trace"]
+    kinds = one_trace._kinds(trace, frame, case.args[0].shape[0])
+    assert kinds is not None and one_trace._holds_at(trace, kinds, 2)
+    return one_trace._substitute(trace, kinds, 2), one_trace._propagate(trace, frame, kinds, 2)
+
+
+def _values(trace) -> list:
+    """Every node's example value: tensors as (shape, stride, dtype, requires_grad, which storage they
+    share), sizes at their values and whether symbolic (symbol names may differ: s48 is s77)."""
+    storages: dict[int, int] = {}
+
+    def describe(value):
+        if isinstance(value, (torch.SymInt, torch.SymFloat)):
+            expr = value.node.shape_env.replace(value.node.expr)  # a size its environment fixed reads fixed
+            return value.node.pytype(expr) if expr.is_number else ("symbolic", value.node.hint)
+        if isinstance(value, torch.Tensor):
+            storage = storages.setdefault(value.untyped_storage()._cdata, len(storages))
+            shape, stride = (tuple(describe(d) for d in dims) for dims in (value.shape, value.stride()))
+            return (shape, stride, value.dtype, value.requires_grad, storage)
+        if isinstance(value, (list, tuple)):
+            return tuple(describe(v) for v in value)
+        return value
+
+    return [(n.name, describe(n.meta.get("example_value"))) for n in trace.gm.graph.nodes if n.op != "output"]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "skip", "tied"])
+def test_rebuilt_sizes_equal_a_rerun(name) -> None:
+    # the one-trace path rebuilds each value from Dynamo's symbols instead of running the graph again:
+    # the same sizes, strides, dtypes, grad flags and aliasing as running it, at the microbatch's hints
+    rebuilt, rerun = _rebuilt_and_rerun({**CASES, **HF_CASES}[name](2))
+    assert _values(rebuilt) == _values(rerun)
+    assert rebuilt.hints.items() <= rerun.hints.items()
+    assert [s for s, v in rebuilt.placeholders] == [s for s, v in rerun.placeholders]

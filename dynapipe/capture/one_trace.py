@@ -203,7 +203,10 @@ class _Sizes:
     def _symbol(self, symbol: sympy.Symbol) -> sympy.Expr:
         if symbol not in self.trace.hints:
             raise ValueError(f"{symbol} is a size Dynamo gave no value (an unbacked size)")
-        value = self.rows if symbol in self.batch else int(self.trace.hints[symbol])
+        hint = self.trace.hints[symbol]
+        if not hint.is_Integer:  # a model's float constant Dynamo made a symbol: baked in (_bake_float)
+            return hint
+        value = self.rows if symbol in self.batch else int(hint)
         if symbol in self.fixed:
             return sympy.Integer(value)
         source = (self.dynamo.var_to_sources.get(symbol) or [ConstantSource(str(symbol))])[0]
@@ -221,6 +224,10 @@ class _Sizes:
             expr = self.expr(value.node.expr)
             hint = int(expr.xreplace(self.env.backed_var_to_val))
             new = hint if expr.is_number else self.env.create_symintnode(expr, hint=hint)
+        elif isinstance(value, torch.SymFloat):  # a size made a float (``x.size(-1) ** -0.5``)
+            expr = self.expr(value.node.expr)
+            hint_f = float(expr.xreplace(self.env.backed_var_to_val))
+            new = hint_f if expr.is_number else self.env.create_symfloatnode(expr, hint=hint_f)
         elif isinstance(value, torch.Tensor):
             new = self._tensor(value, memo)
         elif isinstance(value, (list, tuple)):
@@ -244,9 +251,8 @@ class _Sizes:
             if base is None:
                 new = torch.empty_strided(shape, stride, dtype=value.dtype, device=value.device)
                 self.storages[storage] = new
-            else:
-                with torch.no_grad():
-                    new = base.as_strided(shape, stride, self.value(value.storage_offset(), memo))
+            else:  # a leaf, its grad flag set below, as Dynamo's example values are leaves
+                new = base.detach().as_strided(shape, stride, self.value(value.storage_offset(), memo))
         return new.requires_grad_() if value.requires_grad else new
 
     def guards(self, guards: list[tuple[Any, str]]) -> list[tuple[Any, str]]:
