@@ -67,7 +67,9 @@ def plan_rates(
     base = comm.gather_objects(cached.to_json() if cached is not None else None, "the cached rates")[0]
     # measuring draws random tensors, each rank its own share: the user's random stream must not see it
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
-        rates = _measure(captured, config, comm, mesh, device, wanted, base and Rates.from_json(base, ""), key)
+        rates = _measure(
+            captured, config, comm, mesh, device, wanted, base and Rates.from_json(base, ""), key
+        )
     if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:
         _write_cache(cache_path(key), rates)
     return rates
