@@ -10,7 +10,9 @@ Both libraries train the same randomly initialised ``LlamaForCausalLM`` (split b
 the first step's loss and gradients: dynapipe's is ``torch.compile`` + the first call (Dynamo, capture,
 partition, codegen, state placement, the step); torch's is ``pipeline()`` (torch.export) + building the stage
 + its first ``schedule.step``. dynapipe runs twice: the default call (Dynamo's trace, then a re-trace at the
-microbatch size) and ``dynamic=True`` (Dynamo's trace is the capture). **Step** is the median (min-max) of
+microbatch size) and ``dynamic=True`` (Dynamo's trace is the capture). "Dynamo alone" is the floor of the
+one-trace path: ``torch.compile(dynamic=True, backend="eager")`` of the same call and one microbatch's
+eager step, no dynapipe (first step only). **Step** is the median (min-max) of
 the timed steps afterwards, alternating the runs step by step so that load from elsewhere falls on all alike. Every step starts at a
 barrier and counts the slowest rank. With ``--profile``, dynapipe's first step is also broken down (rank 0) by
 a cProfile of its phases, so the table says where the time goes; the profiler slows Dynamo's tracing about
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import math
 import os
 import pstats
 import statistics
@@ -35,6 +38,7 @@ from hf_models import bench_llama_model
 from dynapipe import launch
 
 WORLD, BATCH, SEQ, MICRO, VOCAB = 2, 8, 128, 4, 8000
+FLOOR = "Dynamo alone"  # torch.compile(dynamic=True, backend="eager"): the one-trace path's floor
 # dynapipe's functions that mark the phases of its first step (cumulative time on rank 0)
 PHASES = {
     ("pipeline.py", "build_pipeline"): "dynapipe's build (all below but the step)",
@@ -101,6 +105,21 @@ def _setup_dynapipe(ids: torch.Tensor, dynamic: bool = False):
     return run
 
 
+def _setup_dynamo_only(ids: torch.Tensor):
+    """The floor of the one-trace path: Dynamo's own symbolic trace of the same call (backend "eager",
+    one process per rank) and one microbatch's eager step, a quarter of the work a pipelined first step
+    does; no dynapipe at all."""
+    net = Logits(_model())
+    step = torch.compile(lambda ids, labels: loss_fn(net(ids), labels), backend="eager", dynamic=True)
+    micro = ids[: BATCH // MICRO]
+
+    def run() -> None:
+        step(micro, micro).backward()
+        net.zero_grad(set_to_none=True)
+
+    return run
+
+
 def _setup_torch(ids: torch.Tensor):
     from torch.distributed.pipelining import Schedule1F1B, SplitPoint, pipeline
 
@@ -146,6 +165,7 @@ def _first_steps(ids: torch.Tensor, repeats: int, profiled: bool) -> tuple[dict,
         "torch-pp": _setup_torch,
         "dynapipe": _setup_dynapipe,
         "dynamic=True": partial(_setup_dynapipe, dynamic=True),
+        FLOOR: _setup_dynamo_only,
     }
     for repeat in range(repeats):
         for name in list(setups) if repeat % 2 == 0 else list(setups)[::-1]:
@@ -170,6 +190,7 @@ def _worker(steps: int, profiled: bool = False, repeats: int = 1) -> tuple | Non
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     _warm_up_torch(ids)
     first, runs, profiles = _first_steps(ids, repeats, profiled)
+    del runs[FLOOR]  # a first step only: its steps are not pipelined
     for run in runs.values():  # one more untimed step each: both warm
         timed(run)
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -202,19 +223,18 @@ def main() -> None:
     first, times, phases = launch(_worker, args.steps, args.profile, args.firsts, nproc=WORLD)[0]
     print(f"Llama hidden 256, 8 layers, batch {BATCH} x {SEQ}, {WORLD} ranks, 1F1B, {MICRO} microbatches")
     print(f"{'':12s} {'first step s median (min-max)':>30s} {'step ms median (min-max)':>26s}")
-    for name in ("dynapipe", "dynamic=True", "torch-pp"):
-        t, f = times[name], first[name]
+    for name in ("dynapipe", "dynamic=True", "torch-pp", FLOOR):
+        t, f = times.get(name, [math.nan]), first[name]
         spread = f"{statistics.median(t) * 1e3:.1f} ({min(t) * 1e3:.1f}-{max(t) * 1e3:.1f})"
         firsts = f"{statistics.median(f):.2f} ({min(f):.2f}-{max(f):.2f})"
         print(f"{name:12s} {firsts:>30s} {spread:>26s}")
-    for name in ("dynapipe", "dynamic=True"):
-        ratios = [d / t for d, t in zip(times[name], times["torch-pp"], strict=True)]
+    for name in ("dynapipe", "dynamic=True", FLOOR):
         paired = [d / t for d, t in zip(first[name], first["torch-pp"], strict=True)]
-        print(
-            f"{name} / torch-pp: first step {statistics.median(paired):.2f} ({min(paired):.2f}-"
-            f"{max(paired):.2f}) over {len(paired)} paired, "
-            f"step {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) over paired steps"
-        )
+        line = f"{name} / torch-pp: first step {statistics.median(paired):.2f} ({min(paired):.2f}-{max(paired):.2f})"
+        if name in times:
+            ratios = [d / t for d, t in zip(times[name], times["torch-pp"], strict=True)]
+            line += f", step {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) over paired steps"
+        print(f"{line} over {len(paired)} paired")
     for name in ("dynapipe", "dynamic=True") if args.profile else ():
         print(f"{name}'s first step on rank 0, by phase (s; the rest is Dynamo tracing the call):")
         for key, label in PHASES.items():
