@@ -23,12 +23,29 @@ def ignore_logging_in_graphs() -> None:
     """Let Dynamo drop ``logger.warning(...)``-style calls instead of breaking the graph on them.
 
     Libraries log inside forward (HuggingFace's ``logger.warning_once``); on one device a graph break
-    there costs little, but a pipeline needs one graph, so such calls are skipped while tracing.
+    there costs little, but a pipeline needs one graph, so such calls are skipped while tracing. The
+    methods a library adds to ``logging.Logger`` after this runs (transformers adds ``warning_once`` when
+    it is first imported, which can be after the first compile) are skipped too (:class:`_LoggingFunctions`).
     """
     import logging
 
     names = [n for n in dir(logging.Logger) if n in _LOGGER_METHODS or n.endswith("_once")]
-    torch._dynamo.config.ignore_logging_functions.update(getattr(logging.Logger, n) for n in names)
+    functions = torch._dynamo.config.ignore_logging_functions
+    if not isinstance(functions, _LoggingFunctions):
+        torch._dynamo.config.ignore_logging_functions = functions = _LoggingFunctions(functions)
+    functions.update(getattr(logging.Logger, n) for n in names)
+
+
+class _LoggingFunctions(set):
+    """Dynamo's set of logging functions to skip, which also holds every logging method of
+    ``logging.Logger`` as it is when Dynamo asks, not only as it was when the set was filled."""
+
+    def __contains__(self, fn: object) -> bool:
+        import logging
+
+        name = getattr(fn, "__name__", "")
+        is_logging = name in _LOGGER_METHODS or name.endswith("_once")
+        return super().__contains__(fn) or (is_logging and getattr(logging.Logger, name, None) is fn)
 
 
 @dataclass(frozen=True)
