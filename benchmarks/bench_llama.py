@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import math
 import os
 import pstats
 import statistics
@@ -224,17 +223,18 @@ def main() -> None:
     print(f"Llama hidden 256, 8 layers, batch {BATCH} x {SEQ}, {WORLD} ranks, 1F1B, {MICRO} microbatches")
     print(f"{'':12s} {'first step s median (min-max)':>30s} {'step ms median (min-max)':>26s}")
     for name in ("dynapipe", "dynamic=True", "torch-pp", FLOOR):
-        t, f = times.get(name, [math.nan]), first[name]
-        spread = f"{statistics.median(t) * 1e3:.1f} ({min(t) * 1e3:.1f}-{max(t) * 1e3:.1f})"
+        t, f = times.get(name), first[name]
+        spread = f"{statistics.median(t) * 1e3:.1f} ({min(t) * 1e3:.1f}-{max(t) * 1e3:.1f})" if t else "-"
         firsts = f"{statistics.median(f):.2f} ({min(f):.2f}-{max(f):.2f})"
         print(f"{name:12s} {firsts:>30s} {spread:>26s}")
     for name in ("dynapipe", "dynamic=True", FLOOR):
         paired = [d / t for d, t in zip(first[name], first["torch-pp"], strict=True)]
         line = f"{name} / torch-pp: first step {statistics.median(paired):.2f} ({min(paired):.2f}-{max(paired):.2f})"
+        line += f" over {len(paired)} paired"
         if name in times:
             ratios = [d / t for d, t in zip(times[name], times["torch-pp"], strict=True)]
             line += f", step {statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) over paired steps"
-        print(f"{line} over {len(paired)} paired")
+        print(line)
     for name in ("dynapipe", "dynamic=True") if args.profile else ():
         print(f"{name}'s first step on rank 0, by phase (s; the rest is Dynamo tracing the call):")
         for key, label in PHASES.items():
