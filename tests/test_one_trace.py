@@ -66,6 +66,7 @@ def _rebuilt_and_rerun(case) -> tuple:
     from dynapipe.capture import ignore_logging_in_graphs, one_trace
     from dynapipe.capture.frame import FrameCall
     from dynapipe.capture.recorded import trace_of
+    from dynapipe.capture.resized import rebuilt_at
 
     ignore_logging_in_graphs()  # as the backend does: HF's warning_once inside the loss
     box = {}
@@ -88,7 +89,7 @@ def _rebuilt_and_rerun(case) -> tuple:
     trace = box["trace"]
     kinds = one_trace._kinds(trace, frame, case.args[0].shape[0])
     assert kinds is not None and one_trace._holds_at(trace, kinds, 2)
-    return one_trace._substitute(trace, kinds, 2), one_trace._propagate(trace, frame, kinds, 2)
+    return rebuilt_at(trace, kinds, 2), one_trace._propagate(trace, frame, kinds, 2)
 
 
 def _values(trace) -> list:
