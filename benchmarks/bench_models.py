@@ -10,8 +10,10 @@ and ``n_microbatches`` = the stage count times ``--micro``. Three plans of the s
 compiled on its own copy in the same processes: **auto** (the default options), **even**
 (``balance_slack=0.03``: every stage within 3% of the best balance; "(same)" where it is the auto plan)
 and **equal** (``split_points`` at equal numbers of layers, what a person writes). Their steps alternate
-(auto, even, equal, auto, ...) so that load on the machine falls on all alike; every step's time is the
-slowest rank's. Reported per plan: the median step (min-max) in ms and the step its plan predicted
+(auto, even, equal, auto, ...) so that load on the machine falls on all alike, each plan running one
+untimed step after the switch and then the timed one (switching plans disturbs the memory allocator: a
+plan's first step after another's pays page faults that a training run of one plan does not); every
+step's time is the slowest rank's. Reported per plan: the median step (min-max) in ms and the step its plan predicted
 (``StepReport.plan.predicted_step_s``, at the rates measured when it was built); and the ratio of the
 auto plan to the better of the other two, the median of the rounds' ratios (below 1: auto is faster).
 """
@@ -101,16 +103,17 @@ def _worker(name: str, n_mb: int, steps: int) -> tuple[dict[str, list[float]], d
     times: dict[str, list[float]] = {v: [] for v in variants}
     for i in range(steps + 2):
         for variant, (step, opt) in runs.items():  # alternate: load falls on every plan alike
-            if dist.is_initialized():  # the first call starts the process group
-                dist.barrier()
-            start = time.perf_counter()
-            step(ids).backward()
-            opt.step()
-            opt.zero_grad()
-            elapsed = torch.tensor([time.perf_counter() - start])
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank's step
-            if i >= 2:
-                times[variant].append(elapsed.item())
+            for settle in (True, False):  # a step untimed after the switch: the allocator settles
+                if dist.is_initialized():  # the first call starts the process group
+                    dist.barrier()
+                start = time.perf_counter()
+                step(ids).backward()
+                opt.step()
+                opt.zero_grad()
+                elapsed = torch.tensor([time.perf_counter() - start])
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank's step
+                if i >= 2 and not settle:
+                    times[variant].append(elapsed.item())
     predicted = {v: r[0].plan.predicted_step_s for v, r in reports.items()}
     same = _cuts(reports["auto"][0]) == _cuts(reports["even"][0])
     return times, predicted, same
@@ -135,7 +138,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.models, args.stages, args.micro, args.steps = ["demo"], [4], [1], 6
-    print(f"1F1B, {args.steps} timed steps per plan, alternating; ms: median (min-max) [predicted]")
+    print(
+        f"1F1B, {args.steps} timed steps per plan, alternating (each after an untimed one); ms: median (min-max) [predicted]"
+    )
     print(
         f"{'model':6s} {'p':>2s} {'m':>3s} {'auto':>28s} {'even (slack .03)':>28s} {'equal layers':>28s} "
         f"{'auto/better':>11s} {'pred/meas':>18s}"
