@@ -28,7 +28,7 @@ import torch.distributed as dist
 from ..config import PipelineConfig
 from ..cost import NOMINAL_RATES, GraphCosts, Rates, fit_link, fit_roofline, graph_costs, time_ops
 from ..cost.calibrate import composition
-from ..cost.profile import backward_entry_s
+from ..cost.profile import backward_entry_s, graph_device
 from ..cost.rates import OpTimes
 from ..errors import ConfigError
 from ..graph import CapturedGraph
@@ -42,7 +42,7 @@ _LINK_SIZES = (4 << 10, 1 << 20)
 _LINK_ROUNDS = 8
 # Part of the cache's key: raised whenever what is measured, or how, changes, so that a cache written by
 # another version of dynapipe is never read as this one's numbers.
-RATES_FORMAT = "4"
+RATES_FORMAT = "5"
 
 
 def plan_rates(
@@ -89,7 +89,7 @@ def _measure(
     and fit the roofline to this graph's operations."""
     estimate = graph_costs(captured, optimizer=config.optimizer)
     cores = _shared_cores(device, mesh)
-    mine = _time_my_share(
+    mine, my_entry = _time_my_share(
         captured, estimate, sorted(wanted - set(base.op_times) if base else wanted), cores, comm
     )
     link = (
@@ -97,7 +97,7 @@ def _measure(
         if base
         else time_link(mesh, device, _LINK_SIZES, _LINK_ROUNDS, timedelta(seconds=config.timeout_s))
     )
-    everyone = comm.gather_objects((mine, link, backward_entry_s(device)), "the measured rates")
+    everyone = comm.gather_objects((mine, link, my_entry), "the measured rates")
     all_ops = {
         **(base.op_times if base else {}),
         **{s: t for times, _, _ in everyone for s, t in times.items()},
@@ -132,20 +132,23 @@ def _measure(
 
 def _time_my_share(
     captured: CapturedGraph, estimate: GraphCosts, wanted: list[str], cores: float, comm: Comm
-) -> dict[str, OpTimes]:
-    """This rank's share of the operations to time (every rank times others), each timed on a core of its
+) -> tuple[dict[str, OpTimes], float]:
+    """This rank's share of the operations to time (every rank times others) and the autograd engine's
+    entry (timed once, and the same number the operation times leave out), each timed on a core of its
     own: where the ranks share fewer cores than there are of them, they take turns, as many at once as
     there are cores (ranks that time at once on one core would each see the other's time too, and the
     simulator already charges the ranks that compute at once)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     at_once = max(int(cores), 1) if cores else world
     mine: dict[str, OpTimes] = {}
+    entry = 0.0
     for turn in range(math.ceil(world / at_once)):
         if rank // at_once == turn:
-            mine = time_ops(captured, estimate, set(wanted[rank::world]))
+            entry = backward_entry_s(graph_device(captured.gm.graph))
+            mine = time_ops(captured, estimate, set(wanted[rank::world]), entry=entry)
         if at_once < world:
             comm.gather_objects(None, "timing the operations in turns")  # the next turn starts together
-    return mine
+    return mine, entry
 
 
 def _shared_cores(device: torch.device, mesh: PipelineMesh) -> float:

@@ -18,6 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from torch.utils._sympy.value_ranges import ValueRanges
 
+from ..graph import dims_of
 from .recorded import Trace
 
 __all__ = ["bake_float", "copy_graph", "rebuilt_at"]
@@ -29,12 +30,14 @@ def rebuilt_at(trace: Trace, kinds: list[str], rows: int) -> Trace:
     its value, as a re-trace fixes it; a value it cannot rebuild (an unbacked size) raises."""
     gm, graph = copy_graph(trace)
     nodes = list(graph.find_nodes(op="placeholder"))
-    dims = {
-        kind: set().union(*(_dims(n) for n, k in zip(nodes, kinds, strict=True) if k == kind))
-        for kind in ("batched", "input")
-    }
-    batch = {d for n, k in zip(nodes, kinds, strict=True) if k == "batched" for d in _dims(n)[:1]}
-    sizes = _Sizes(trace, batch, dims["input"], rows)
+    batch, fixed = set(), set()
+    for node, kind in zip(nodes, kinds, strict=True):
+        dims = dims_of(node.meta["example_value"]) if kind in ("batched", "input") else ()
+        if kind == "batched":
+            batch.add(dims[0])  # a symbol (one_trace._holds_at checked)
+        else:
+            fixed |= set().union(*(getattr(d, "free_symbols", set()) for d in dims))
+    sizes = _Sizes(trace, batch, fixed, rows)
     for node, (_, value), kind in zip(nodes, trace.placeholders, kinds, strict=True):
         if kind == "float":
             bake_float(graph, node, value)
@@ -49,12 +52,6 @@ def rebuilt_at(trace: Trace, kinds: list[str], rows: int) -> Trace:
     ]
     gm.recompile()
     return Trace(gm, placeholders, sizes.guards(trace.guards), *sizes.hints_and_ranges())
-
-
-def _dims(node: fx.Node) -> list[sympy.Expr]:
-    value = node.meta["example_value"]
-    shape = value.shape if isinstance(value, torch.Tensor) else ()
-    return [d.node.expr if isinstance(d, torch.SymInt) else sympy.Integer(d) for d in shape]
 
 
 class _Sizes:
@@ -82,7 +79,7 @@ class _Sizes:
         if symbol not in self.trace.hints:
             raise ValueError(f"{symbol} is a size Dynamo gave no value (an unbacked size)")
         hint = self.trace.hints[symbol]
-        if not hint.is_Integer:  # a model's float constant Dynamo made a symbol: baked in (_bake_float)
+        if not hint.is_Integer:  # a model's float constant Dynamo made a symbol: baked in (bake_float)
             return hint
         value = self.rows if symbol in self.batch else int(hint)
         if symbol in self.fixed:

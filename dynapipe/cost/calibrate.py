@@ -69,13 +69,16 @@ def composition(
     def forward() -> list[torch.Tensor]:
         return [t for t in tree_flatten(run(outside))[0] if differentiable(t) and t.grad_fn]
 
-    def both() -> None:
-        outs = forward()
+    grads: list[torch.Tensor] = []
+
+    def both() -> None:  # into the parameters' .grad, as a stage; the output gradients made once, as
+        outs = forward()  # the operations' own times leave making them out
         if outs:
-            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            torch.autograd.backward(outs, grads)
 
     try:
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+            grads = [torch.ones_like(o) for o in forward()]
             both()  # warm
             f = statistics.median(timed(forward, device) for _ in range(rounds))
             b = statistics.median(timed(both, device) for _ in range(rounds)) - f - entry_s

@@ -39,10 +39,15 @@ def graph_device(graph: fx.Graph) -> torch.device:
 
 
 def time_ops(
-    captured: CapturedGraph, costs: GraphCosts, wanted: Collection[str], rounds: int = 10
+    captured: CapturedGraph,
+    costs: GraphCosts,
+    wanted: Collection[str],
+    rounds: int = 10,
+    entry: float | None = None,
 ) -> dict[str, OpTimes]:
     """Forward, input-gradient and weight-gradient seconds of one node of each signature in ``wanted``,
-    each backward without the autograd engine's entry (:func:`backward_entry_s`: an action pays it once).
+    each backward without the autograd engine's entry (``entry``, else timed here: :func:`backward_entry_s`;
+    an action pays it once).
 
     Each phase runs ``rounds`` times in a row, its time the median of the calls that page-faulted least
     (:func:`_steady`): its own time, as if it had a core to itself (ranks that share cores are
@@ -59,7 +64,7 @@ def time_ops(
         runs = {
             sig: _runs(captured, node, costs.nodes[node], modes[node], device) for sig, node in first.items()
         }
-        entry = backward_entry_s(device)
+        entry = backward_entry_s(device) if entry is None else entry
         samples = {
             sig: [_steady(fn, rounds, device) for fn in fns] for sig, fns in runs.items() if fns is not None
         }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Mapping
+from typing import TypeGuard
 
 from .actions import Action
 from .simulate import Timeline
@@ -29,9 +30,7 @@ def shared_cores(replay: Callable[[Mapping[Action, float] | None], Timeline], co
     """The step ``replay`` simulates (given per-action durations, or None for its own), with the ranks
     sharing ``cores`` cores."""
     timeline = replay(None)
-    base = {
-        e.action: e.end - e.start for e in timeline.events if e.action is not None and _computes(e.action)
-    }
+    base = {e.action: e.end - e.start for e in timeline.events if _computes(e.action)}
     stretch = dict.fromkeys(base, 1.0)
     for _ in range(_ROUNDS):
         busy = _mean_busy(timeline)
@@ -41,15 +40,13 @@ def shared_cores(replay: Callable[[Mapping[Action, float] | None], Timeline], co
     return timeline
 
 
-def _computes(action: Action | None) -> bool:
+def _computes(action: Action | None) -> TypeGuard[Action]:
     return action is not None and action.kind.is_compute
 
 
 def _mean_busy(timeline: Timeline) -> dict[Action, float]:
     """Per compute action, the mean number of ranks computing over its span (itself included)."""
-    spans = [
-        (e.start, e.end, e.action) for e in timeline.events if e.action is not None and _computes(e.action)
-    ]
+    spans = [(e.start, e.end, e.action) for e in timeline.events if _computes(e.action)]
     changes: dict[float, int] = {}
     for start, end, _ in spans:
         changes[start] = changes.get(start, 0) + 1
@@ -67,5 +64,4 @@ def _mean_busy(timeline: Timeline) -> dict[Action, float]:
     return {
         action: (integral(end) - integral(start)) / (end - start) if end > start else 1.0
         for start, end, action in spans
-        if action is not None
     }
