@@ -48,6 +48,8 @@ def _train(rank: int, world: int, options: dict, steps: int = 1) -> dict:
         "random stream kept": torch.equal(drawn, torch.rand(4)),
         "rates": plan.rates,
         "predicted": plan.predicted_step_s,
+        "rehearsed": plan.rehearsed_step_s,
+        "simulated": plan.predicted.makespan,
         "times": times,
         "first_s": times[0],
         "total_s": time.perf_counter() - started,
@@ -70,6 +72,11 @@ def test_measured_rates_drive_the_plan_and_predict_the_step() -> None:
     step = statistics.median(measured[0]["times"][1:])
     assert 0.4 * step <= measured[0]["predicted"] <= 2.5 * step, (measured[0]["predicted"], step)
     assert nominal[0]["predicted"] < step / 20  # the nominal GPU's prediction is nowhere near this CPU
+    # at measured rates on CPU processes the prediction is the rehearsed step, which every rank agrees on;
+    # nominal rates describe another machine, so nothing is rehearsed here
+    assert measured[0]["predicted"] == measured[0]["rehearsed"] == measured[1]["rehearsed"]
+    assert "rehearsed on these ranks" in measured[0]["text"]
+    assert nominal[0]["rehearsed"] is None and nominal[0]["predicted"] == nominal[0]["simulated"]
 
 
 def test_the_cache_is_reused_and_a_foreign_one_ignored() -> None:

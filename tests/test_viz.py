@@ -121,6 +121,26 @@ def test_merge_per_rank_recordings_and_draw_communication():
     assert len(_by_class(root, "row")) == 2
 
 
+def test_recorded_steps_are_lined_up_by_when_each_rank_began():
+    # each rank's recording counts from its own start; rank 1 began 2 ms after rank 0
+    first = Timeline(
+        [TimelineEvent(0, "0F0", 0.0, 0.001), TimelineEvent(0, "0SEND_F0->1", 0.001, 0.0011)], started=100.0
+    )
+    second = Timeline(
+        [TimelineEvent(1, "1RECV_F0<-0", 0.0, 0.0005), TimelineEvent(1, "1F0", 0.0005, 0.0015)],
+        started=100.002,
+    )
+    merged = merge_timelines([second, first])
+    assert merged.started == 100.0
+    starts = {e.name: e.start for e in merged.events}
+    assert starts["0F0"] == 0.0 and starts["1RECV_F0<-0"] == pytest.approx(0.002)
+    assert starts["1F0"] == pytest.approx(0.0025) and merged.makespan == pytest.approx(0.0035)
+    # a timeline without a start (simulated) is merged as it is
+    assert merge_timelines([Timeline(first.events), Timeline(second.events)]).makespan == pytest.approx(
+        0.0015
+    )
+
+
 def test_step_events_are_drawn_as_named_work_not_actions():
     timeline = _sim("1f1b", ranks=2, microbatches=4)
     end = timeline.makespan

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -27,9 +28,9 @@ from ..compiled_stage import CompiledStage, compile_stages
 from ..config import PipelineConfig
 from ..cost import Rates, graph_costs
 from ..errors import ConfigError, PartitionError
-from ..graph import CapturedGraph, CaptureShapes, written_in_place
+from ..graph import CapturedGraph, CaptureShapes, Sizes, written_in_place
 from ..microbatch import check_divisible, infer_batch_size
-from ..plan import CostSource, Explanation, Plan, plan_pipeline, stage_count
+from ..plan import CostSource, Explanation, Plan, action_seconds, plan_pipeline, stage_count
 from ..runtime import (
     Comm,
     Pipeline,
@@ -61,6 +62,8 @@ from .rates import plan_rates
 from .report import StepReport
 
 __all__ = ["build_pipeline", "input_shapes"]
+
+_REHEARSAL_S = 1.0  # what rehearsing the plan's step may take, about (see _rehearsed)
 
 
 def build_pipeline(
@@ -103,6 +106,7 @@ def build_pipeline(
     place_state(stages, local, comm, fill=partial(fill_state, models, config.checkpoint))
     record_owners(stages, tuple(pp_of_stage[s] for s in range(n_stages)))
     compiled, how_compiled = _compile(config, stages, local, inputs, captured.shapes, comm)
+    reporter = _Reporter(config.on_step, Explanation.of(captured, plan)) if config.on_step else None
     pipeline = Pipeline(
         stages=stages,
         rank_of_stage={s: mesh.global_rank(pp) for s, pp in pp_of_stage.items()},
@@ -116,13 +120,28 @@ def build_pipeline(
         loss_index=loss_index(captured),
         loss_reduction=config.loss_reduction,
         tied=tied_groups(stages, pp_of_stage, mesh, config.timeout_s),
-        on_step=_reporter(config, captured, plan, time.perf_counter() - started),
+        on_step=reporter,
         ddp_comm_hook=config.ddp_comm_hook,
         watchdog_s=config.watchdog_s or 0.0,
         compiled=compiled,
         how_compiled=how_compiled,
     )
+    if reporter is not None:
+        if config.rates == "measure" and _device(inputs).type == "cpu" and mesh.n_pp > 1:
+            reporter.plan = _rehearsed(reporter.plan, plan, pipeline)
+        reporter.build_s = time.perf_counter() - started
     return pipeline, captured.shapes
+
+
+def _rehearsed(explanation: Explanation, plan: Plan, pipeline: Pipeline) -> Explanation:
+    """``explanation`` with its step rehearsed on the pipeline's ranks: CPU processes sharing a machine
+    pay delays no simulation of them knows (:mod:`dynapipe.runtime.rehearsal`). As many rounds as fit in
+    about a second, from 2 to 5."""
+    simulated = explanation.predicted_step_s or 0.0
+    rounds = min(max(int(_REHEARSAL_S / max(simulated, 1e-3)), 2), 5)
+    seconds = action_seconds(plan, explanation.stages)
+    step = pipeline.rehearse(Sizes(explanation.captured.shapes.hints), seconds, rounds)
+    return dataclasses.replace(explanation, rehearsed_step_s=step)
 
 
 def _capture(
@@ -222,18 +241,18 @@ def _plan_stages(
         return plan, build_stages(captured, plan.stage_of, n_stages)
 
 
-def _reporter(config: PipelineConfig, captured: CapturedGraph, plan: Plan, build_s: float) -> Any:
-    """``on_step`` fed with the runtime's record of each step, the plan that runs and its build time."""
-    if config.on_step is None:
-        return None
-    explanation = Explanation.of(captured, plan)
-    on_step = config.on_step
+@dataclass
+class _Reporter:
+    """``on_step`` fed with the runtime's record of each step, the plan that runs (rehearsed once the
+    pipeline exists) and the pipeline's build time."""
 
-    def report(record: StepRecord) -> None:
+    on_step: Callable[[StepReport], None]
+    plan: Explanation
+    build_s: float = 0.0
+
+    def __call__(self, record: StepRecord) -> None:
         fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
-        on_step(StepReport(**fields, plan=explanation, build_s=build_s))
-
-    return report
+        self.on_step(StepReport(**fields, plan=self.plan, build_s=self.build_s))
 
 
 def _tables(

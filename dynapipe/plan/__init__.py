@@ -7,6 +7,7 @@ from .explanation import Explanation
 from .planner import (
     CostSource,
     Plan,
+    action_seconds,
     local_costs,
     plan_pipeline,
     predict_step,
@@ -18,6 +19,7 @@ __all__ = [
     "CostSource",
     "Explanation",
     "Plan",
+    "action_seconds",
     "local_costs",
     "plan_pipeline",
     "predict_step",

@@ -37,6 +37,9 @@ class Explanation:
     best_imbalance: float | None = None  # the best balance any split reaches, for comparison
     rates: Rates = NOMINAL_RATES  # what the seconds are at
     even_step_s: float | None = None  # the predicted step of the even split, for comparison
+    # the plan's step rehearsed on the machine's own ranks (CPU processes at measured rates; see
+    # dynapipe.runtime.rehearsal): what the simulation of ``predicted`` leaves out, paid for real
+    rehearsed_step_s: float | None = None
 
     @classmethod
     def of(cls, captured: CapturedGraph, plan: Plan) -> Explanation:
@@ -69,7 +72,10 @@ class Explanation:
 
     @property
     def predicted_step_s(self) -> float | None:
-        """The simulated step time of the plan's schedule (None for a hand-made Explanation)."""
+        """The predicted step time of the plan's schedule: rehearsed where it was, else simulated (None
+        for a hand-made Explanation)."""
+        if self.rehearsed_step_s is not None:
+            return self.rehearsed_step_s
         return self.predicted.makespan if self.predicted is not None else None
 
     @property
@@ -145,11 +151,12 @@ class Explanation:
         proportions mean something."""
         step = measured.makespan if step_s is None else step_s
         text = f"measured step {format_seconds(step)}, bubble {measured.bubble_fraction:.1%}"
-        if self.predicted is None:
+        predicted = self.predicted_step_s
+        if self.predicted is None or predicted is None:
             return text
         text = (
-            f"predicted step {format_seconds(self.predicted.makespan)}, bubble "
-            f"{self.predicted.bubble_fraction:.1%}; {text} ({self.predicted.makespan / step:.2f}x)"
+            f"predicted step {format_seconds(predicted)}, bubble "
+            f"{self.predicted.bubble_fraction:.1%}; {text} ({predicted / step:.2f}x)"
         )
         return "; ".join([text, *self._stages_off(measured)])
 
@@ -172,11 +179,16 @@ class Explanation:
         """The predicted step and the rates it is in."""
         if self.predicted is None or self.lower_bound_s is None:
             return []
-        step = self.predicted.makespan
+        step = self.predicted_step_s or self.predicted.makespan
         ratio = f"{step / self.lower_bound_s:.3f}x" if self.lower_bound_s > 0 else "-"
+        how = (
+            f"rehearsed on these ranks (the simulation alone: {format_seconds(self.predicted.makespan)})"
+            if self.rehearsed_step_s is not None
+            else "simulated"
+        )
         return [
-            f"predicted step ({self.captured.n_microbatches} microbatches, {len(self.predicted.ranks)} ranks): "
-            f"{format_seconds(step)}; bubble {self.predicted.bubble_fraction:.1%}; lower bound (all work / "
+            f"predicted step ({self.captured.n_microbatches} microbatches, {len(self.predicted.ranks)} ranks), "
+            f"{how}: {format_seconds(step)}; bubble {self.predicted.bubble_fraction:.1%}; lower bound (all work / "
             f"ranks) {format_seconds(self.lower_bound_s)}, the plan takes {ratio} of it",
             self.rates.describe(),
         ]

@@ -92,6 +92,7 @@ class _Clock:
     def __init__(self, device: torch.device, gpu: bool) -> None:
         self.gpu = gpu and device.type == "cuda"
         self.origin = time.perf_counter()
+        self.started = time.time()  # the same moment on the wall clock, which every rank's host shares
         if self.gpu:
             self.first = torch.cuda.Event(enable_timing=True)
             self.first.record()
@@ -196,7 +197,7 @@ class Step:
             )
             for what, a, b in self.spans
         ]
-        return Timeline(sorted(events, key=lambda e: (e.start, e.end)))
+        return Timeline(sorted(events, key=lambda e: (e.start, e.end)), started=self.clock.started)
 
     def run(self, table: Sequence[Action | None], prologue: NamedWork, epilogue: NamedWork) -> None:
         handlers: dict[Kind, Callable[[Action], None]] = {

@@ -11,7 +11,7 @@ call whose loss is never back-propagated leaves ``.grad`` untouched.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from .comm import Comm
 from .executor import Executor, device_of
 from .grad_norm import register_pipeline_params
 from .mesh import PipelineMesh
+from .rehearsal import rehearse
 from .state import allocate_read_inputs, refresh_state, state_readers
 
 __all__ = ["OutputSpec", "Pipeline", "StepRecord"]
@@ -167,6 +168,11 @@ class Pipeline:
             watchdog_s=self.watchdog_s,
             compiled=self.compiled,
         )
+
+    def rehearse(self, sizes: Sizes, seconds: Mapping[Action, float], rounds: int) -> float:
+        """The slowest rank's step when this pipeline's training table runs with every compute action
+        taking ``seconds`` of CPU time (:mod:`.rehearsal`); every rank of the pipeline calls it."""
+        return rehearse(self.executor, self.actions, sizes, seconds, rounds)
 
     def agree(self, values: dict[str, str], what: str) -> None:
         """Fail on every rank, naming the difference, unless every rank of the pipeline has ``values``."""

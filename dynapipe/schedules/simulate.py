@@ -163,6 +163,9 @@ class Timeline:
 
     events: list[TimelineEvent] = field(default_factory=list)
     n_ranks: int = 0  # 0: the ranks that appear in events (one rank's own recording covers just that rank)
+    # when the recorded step began, on the host's wall clock (events count from there): ranks start a step
+    # at different times, and merging their recordings lines them up by it; 0.0 for a simulated step
+    started: float = 0.0
 
     @property
     def ranks(self) -> list[int]:

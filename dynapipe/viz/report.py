@@ -79,8 +79,10 @@ def write_report(
         payloads = _gather(reports, timeout_s)
         if payloads is None:
             return None
-        timeline = merge_timelines(Timeline([TimelineEvent(**e) for e in p["events"]]) for p in payloads)
-        ranks = [{k: v for k, v in p.items() if k != "events"} for p in payloads]
+        timeline = merge_timelines(
+            Timeline([TimelineEvent(**e) for e in p["events"]], started=p["started"]) for p in payloads
+        )
+        ranks = [{k: v for k, v in p.items() if k not in ("events", "started")} for p in payloads]
         if plan is None:
             plan = _first(reports).plan
     if not timeline.events:
@@ -107,6 +109,7 @@ def _payload(report: StepReport | None) -> dict | None:
         "stages": sorted(report.stages),
         "rank_of_stage": {str(s): r for s, r in sorted(report.rank_of_stage.items())},
         "events": timeline_data(report.timeline)["events"],
+        "started": report.timeline.started,
     }
 
 

@@ -22,6 +22,7 @@ attributes (rank, action, start, end) for tools and tests.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -48,15 +49,28 @@ _STEP_LABEL = "the step's own work (named)"
 def merge_timelines(timelines: Iterable[Timeline]) -> Timeline:
     """One timeline holding every event of ``timelines`` (e.g. each rank's ``StepReport.timeline``).
 
-    Events keep their rank and times; the result's ``n_ranks`` is the largest of the inputs' when that
-    covers every rank seen, otherwise 0 (the ranks that appear).
+    Recorded steps (each counting from its own rank's start) are lined up by when each began
+    (``Timeline.started``), so that the merged step starts with the first rank's and a message's wait
+    lines up with its send; the result's ``n_ranks`` is the largest of the inputs' when that covers every
+    rank seen, otherwise 0 (the ranks that appear).
     """
     timelines = list(timelines)
-    events = sorted((e for t in timelines for e in t.events), key=lambda e: (e.start, e.rank, e.end))
+    starts = [t.started for t in timelines if t.events]
+    first = min(starts) if starts and all(starts) else None
+    shifted = (
+        (
+            dataclasses.replace(e, start=e.start + t.started - first, end=e.end + t.started - first)
+            for e in t.events
+        )
+        if first is not None
+        else t.events
+        for t in timelines
+    )
+    events = sorted((e for es in shifted for e in es), key=lambda e: (e.start, e.rank, e.end))
     n_ranks = max((t.n_ranks for t in timelines), default=0)
     if any(e.rank >= n_ranks for e in events):
         n_ranks = 0
-    return Timeline(events=events, n_ranks=n_ranks)
+    return Timeline(events=events, n_ranks=n_ranks, started=first or 0.0)
 
 
 def write_chrome_trace(timeline: Timeline, path: str | Path) -> None:
