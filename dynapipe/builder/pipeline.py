@@ -74,12 +74,7 @@ def build_pipeline(
     started = time.perf_counter()
     models = check_models(frame, config)  # meta tensors, a bad checkpoint: fail before any wait
     inputs = {n: v for n, v in arguments.items() if n != frame.self_name}
-    batch_size = infer_batch_size(inputs)
-    if batch_size is None:
-        raise ConfigError(
-            "the compiled call has no input tensor with a batch dimension to split into microbatches"
-        )
-    comm, mesh = _join(config, inputs, batch_size)
+    comm, mesh = _join(config, inputs, batch_size := _batch_size(inputs))
     spec = get_schedule(config.schedule)
     n_stages = stage_count(config, spec, mesh.n_pp)
     n_microbatches = config.microbatches(n_stages)
@@ -126,11 +121,19 @@ def build_pipeline(
         compiled=compiled,
         how_compiled=how_compiled,
     )
-    if reporter is not None:
-        if config.rates == "measure" and _device(inputs).type == "cpu" and mesh.n_pp > 1:
-            reporter.plan = _rehearsed(reporter.plan, plan, pipeline)
-        reporter.build_s = time.perf_counter() - started
+    if reporter is not None:  # at this machine's rates on CPU processes, the plan's step is rehearsed
+        rehearse = config.rates == "measure" and _device(inputs).type == "cpu" and mesh.n_pp > 1
+        reporter.finish(plan, pipeline, rehearse, started)
     return pipeline, captured.shapes
+
+
+def _batch_size(inputs: dict[str, Any]) -> int:
+    batch_size = infer_batch_size(inputs)
+    if batch_size is None:
+        raise ConfigError(
+            "the compiled call has no input tensor with a batch dimension to split into microbatches"
+        )
+    return batch_size
 
 
 def _rehearsed(explanation: Explanation, plan: Plan, pipeline: Pipeline) -> Explanation:
@@ -249,6 +252,12 @@ class _Reporter:
     on_step: Callable[[StepReport], None]
     plan: Explanation
     build_s: float = 0.0
+
+    def finish(self, plan: Plan, pipeline: Pipeline, rehearse: bool, started: float) -> None:
+        """Once the pipeline is built: its plan's step rehearsed (if ``rehearse``), and the build's time
+        since ``started`` (``time.perf_counter()``), the rehearsal's included."""
+        self.plan = _rehearsed(self.plan, plan, pipeline) if rehearse else self.plan
+        self.build_s = time.perf_counter() - started
 
     def __call__(self, record: StepRecord) -> None:
         fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}

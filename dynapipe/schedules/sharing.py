@@ -7,9 +7,10 @@ bubbles are when the others are idle, so a stage's time depends on the schedule 
 the step, stretches each action by the mean number of busy ranks over its span divided by ``c`` (never
 below its own time), and replays again until the step settles.
 
-Not modelled: a message that arrives while every core computes also waits for its receiver's turn on
-one. On an idle machine that is microseconds; under load this machine showed anything from 0.5 to 6 ms,
-too erratic to measure in the second a pipeline's build may spend on it.
+Not modelled: a message that arrives while every core computes also waits for its sender's and its
+receiver's threads to get one (microseconds on an idle machine, 1 to 5 ms in the demo's step here). The
+plan that runs is rehearsed on its ranks for that (:mod:`dynapipe.runtime.rehearsal`); the partitioner's
+search, which tries hundreds of splits, uses this model alone.
 """
 
 from __future__ import annotations
