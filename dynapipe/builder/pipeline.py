@@ -121,8 +121,9 @@ def build_pipeline(
         compiled=compiled,
         how_compiled=how_compiled,
     )
-    if reporter is not None:  # at this machine's rates on CPU processes, the plan's step is rehearsed
+    if reporter is not None:  # a training step at this machine's rates on CPU processes is rehearsed
         rehearse = config.rates == "measure" and _device(inputs).type == "cpu" and mesh.n_pp > 1
+        rehearse = rehearse and torch.is_grad_enabled()  # not a pipeline built for inference (generate)
         reporter.finish(plan, pipeline, rehearse, started)
     return pipeline, captured.shapes
 
