@@ -49,6 +49,7 @@ def _train(rank: int, world: int, options: dict, steps: int = 1) -> dict:
         "rates": plan.rates,
         "predicted": plan.predicted_step_s,
         "rehearsed": plan.rehearsed_step_s,
+        "stages timed": plan.measured_stages,
         "simulated": plan.predicted.makespan,
         "times": times,
         "first_s": times[0],
@@ -76,6 +77,10 @@ def test_measured_rates_drive_the_plan_and_predict_the_step() -> None:
     # nominal rates describe another machine, so nothing is rehearsed here
     assert measured[0]["predicted"] == measured[0]["rehearsed"] == measured[1]["rehearsed"]
     assert "rehearsed on these ranks" in measured[0]["text"]
+    # with each stage's time as it runs (every rank its own, exchanged), printed beside the plan's
+    timed = measured[0]["stages timed"]
+    assert timed is not None and timed == measured[1]["stages timed"] and all(s.time_s > 0 for s in timed)
+    assert "stages timed as they run" in measured[0]["text"]
     assert nominal[0]["rehearsed"] is None and nominal[0]["predicted"] == nominal[0]["simulated"]
 
 

@@ -28,9 +28,9 @@ from ..compiled_stage import CompiledStage, compile_stages
 from ..config import PipelineConfig
 from ..cost import Rates, graph_costs
 from ..errors import ConfigError, PartitionError
-from ..graph import CapturedGraph, CaptureShapes, Sizes, written_in_place
-from ..microbatch import check_divisible, infer_batch_size
-from ..plan import CostSource, Explanation, Plan, action_seconds, plan_pipeline, stage_count
+from ..graph import CapturedGraph, CaptureShapes, written_in_place
+from ..microbatch import check_divisible, infer_batch_size, split_inputs
+from ..plan import CostSource, Explanation, Plan, plan_pipeline, stage_count
 from ..runtime import (
     Comm,
     Pipeline,
@@ -59,11 +59,10 @@ from ..schedules import (
 from .models import check_models, fill_state
 from .outputs import loss_index, output_specs
 from .rates import plan_rates
+from .rehearsed import rehearsed
 from .report import StepReport
 
 __all__ = ["build_pipeline", "input_shapes"]
-
-_REHEARSAL_S = 1.0  # what rehearsing the plan's step may take, about (see _rehearsed)
 
 
 def build_pipeline(
@@ -121,11 +120,28 @@ def build_pipeline(
         compiled=compiled,
         how_compiled=how_compiled,
     )
-    if reporter is not None:  # a training step at this machine's rates on CPU processes is rehearsed
-        rehearse = config.rates == "measure" and _device(inputs).type == "cpu" and mesh.n_pp > 1
-        rehearse = rehearse and torch.is_grad_enabled()  # not a pipeline built for inference (generate)
-        reporter.finish(plan, pipeline, rehearse, started)
+    if reporter is not None:
+        reporter.finish(
+            plan, pipeline, _rehearsal_inputs(config, mesh, captured, arguments, batch_size), started
+        )
     return pipeline, captured.shapes
+
+
+def _rehearsal_inputs(
+    config: PipelineConfig,
+    mesh: PipelineMesh,
+    captured: CapturedGraph,
+    arguments: dict[str, Any],
+    batch_size: int,
+) -> list[Any] | None:
+    """The graph inputs of the call's first microbatch, where the plan's step is rehearsed: a training
+    call's (not a pipeline built for inference, as generate() builds), at this machine's rates, on CPU
+    processes; else None."""
+    values = [eval(source, {"L": arguments}) for source in captured.input_sources]  # noqa: S307 - Dynamo sources
+    on_cpu = all(v.device.type == "cpu" for v in values if isinstance(v, torch.Tensor)) and mesh.n_pp > 1
+    if config.rates != "measure" or not on_cpu or not torch.is_grad_enabled():
+        return None
+    return split_inputs(values, captured.n_microbatches, batch_size)[0]
 
 
 def _batch_size(inputs: dict[str, Any]) -> int:
@@ -135,17 +151,6 @@ def _batch_size(inputs: dict[str, Any]) -> int:
             "the compiled call has no input tensor with a batch dimension to split into microbatches"
         )
     return batch_size
-
-
-def _rehearsed(explanation: Explanation, plan: Plan, pipeline: Pipeline) -> Explanation:
-    """``explanation`` with its step rehearsed on the pipeline's ranks: CPU processes sharing a machine
-    pay delays no simulation of them knows (:mod:`dynapipe.runtime.rehearsal`). As many rounds as fit in
-    about a second, from 2 to 5."""
-    simulated = explanation.predicted_step_s or 0.0
-    rounds = min(max(int(_REHEARSAL_S / max(simulated, 1e-3)), 2), 5)
-    seconds = action_seconds(plan, explanation.stages)
-    step = pipeline.rehearse(Sizes(explanation.captured.shapes.hints), seconds, rounds)
-    return dataclasses.replace(explanation, rehearsed_step_s=step)
 
 
 def _capture(
@@ -254,10 +259,11 @@ class _Reporter:
     plan: Explanation
     build_s: float = 0.0
 
-    def finish(self, plan: Plan, pipeline: Pipeline, rehearse: bool, started: float) -> None:
-        """Once the pipeline is built: its plan's step rehearsed (if ``rehearse``), and the build's time
-        since ``started`` (``time.perf_counter()``), the rehearsal's included."""
-        self.plan = _rehearsed(self.plan, plan, pipeline) if rehearse else self.plan
+    def finish(self, plan: Plan, pipeline: Pipeline, microbatch: list[Any] | None, started: float) -> None:
+        """Once the pipeline is built: its plan's step rehearsed on the graph inputs of the first
+        ``microbatch`` (None: not rehearsed), and the build's time since ``started``
+        (``time.perf_counter()``), the rehearsal's included."""
+        self.plan = rehearsed(self.plan, plan, pipeline, microbatch) if microbatch is not None else self.plan
         self.build_s = time.perf_counter() - started
 
     def __call__(self, record: StepRecord) -> None:

@@ -40,6 +40,7 @@ class Explanation:
     # the plan's step rehearsed on the machine's own ranks (CPU processes at measured rates; see
     # dynapipe.runtime.rehearsal): what the simulation of ``predicted`` leaves out, paid for real
     rehearsed_step_s: float | None = None
+    measured_stages: tuple[StageCost, ...] | None = None  # the stages' times as they ran when rehearsed
 
     @classmethod
     def of(cls, captured: CapturedGraph, plan: Plan) -> Explanation:
@@ -190,7 +191,21 @@ class Explanation:
             f"predicted step ({self.captured.n_microbatches} microbatches, {len(self.predicted.ranks)} ranks), "
             f"{how}: {format_seconds(step)}; bubble {self.predicted.bubble_fraction:.1%}; lower bound (all work / "
             f"ranks) {format_seconds(self.lower_bound_s)}, the plan takes {ratio} of it",
+            *self._measured_line(),
             self.rates.describe(),
+        ]
+
+    def _measured_line(self) -> list[str]:
+        """The stages' times as they ran (timed before the rehearsal) against the plan's."""
+        if not self.measured_stages:
+            return []
+        parts = [
+            f"{m.index}: {format_seconds(m.time_s)} ({m.time_s / p.time_s - 1:+.0%})"
+            for m, p in zip(self.measured_stages, self.stages, strict=True)
+            if p.time_s > 0
+        ]
+        return [
+            f"stages timed as they run, forward + backward per microbatch, against the plan: {', '.join(parts)}"
         ]
 
     def __str__(self) -> str:

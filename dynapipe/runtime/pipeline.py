@@ -11,7 +11,7 @@ call whose loss is never back-propagated leaves ``.grad`` untouched.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from .executor import Executor, device_of
 from .grad_norm import register_pipeline_params
 from .mesh import PipelineMesh
 from .rehearsal import rehearse
+from .stage_times import time_stages
 from .state import allocate_read_inputs, refresh_state, state_readers
 
 __all__ = ["OutputSpec", "Pipeline", "StepRecord"]
@@ -168,6 +169,26 @@ class Pipeline:
             watchdog_s=self.watchdog_s,
             compiled=self.compiled,
         )
+
+    def time_stages(
+        self, inputs: Sequence[Any], sizes: Sizes, rounds: int, at_once: int
+    ) -> dict[int, tuple[float, float]] | str:
+        """Every stage's (forward, backward) seconds as it runs (:mod:`.stage_times`) on the microbatch
+        graph inputs ``inputs``, each rank timing its own, ``at_once`` ranks at a time (ranks that share
+        cores take turns); or why some rank could not. Every rank of the pipeline calls it."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine: dict[int, tuple[float, float]] | str = {}
+        for turn in range(-(-world // at_once)):
+            if rank // at_once == turn:
+                try:
+                    mine = time_stages(self.executor, inputs, sizes, self.local_stages, rounds)
+                except Exception as err:  # noqa: BLE001 - the plan's own times stand in, and say why
+                    mine = f"rank {rank}: {type(err).__name__}: {str(err)[:200]}"
+            if at_once < world:
+                self.comm.gather_objects(None, "timing the stages in turns")  # the next turn starts together
+        every = self.comm.gather_objects(mine, "the stages' measured times")
+        failed = [m for m in every if isinstance(m, str)]
+        return failed[0] if failed else {s: t for m in every if isinstance(m, dict) for s, t in m.items()}
 
     def rehearse(self, sizes: Sizes, seconds: Mapping[Action, float], rounds: int) -> float:
         """The slowest rank's step when this pipeline's training table runs with every compute action
