@@ -16,7 +16,7 @@ from ..schedules import StageCost
 __all__ = ["rehearsed"]
 
 _REHEARSAL_S = 1.0  # what rehearsing the plan's step may take, about
-_STAGE_ROUNDS = 3  # timed runs of each stage, after one not counted
+_STAGE_ROUNDS = 5  # timed runs of each stage, after one not counted
 
 
 def rehearsed(

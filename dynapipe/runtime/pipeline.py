@@ -179,13 +179,13 @@ class Pipeline:
         rank, world = dist.get_rank(), dist.get_world_size()
         mine: dict[int, tuple[float, float]] | str = {}
         for turn in range(-(-world // at_once)):
+            # each turn starts together: a rank still building its stages would slow another's timing
+            self.comm.gather_objects(None, "timing the stages in turns")
             if rank // at_once == turn:
                 try:
                     mine = time_stages(self.executor, inputs, sizes, self.local_stages, rounds)
                 except Exception as err:  # noqa: BLE001 - the plan's own times stand in, and say why
                     mine = f"rank {rank}: {type(err).__name__}: {str(err)[:200]}"
-            if at_once < world:
-                self.comm.gather_objects(None, "timing the stages in turns")  # the next turn starts together
         every = self.comm.gather_objects(mine, "the stages' measured times")
         failed = [m for m in every if isinstance(m, str)]
         return failed[0] if failed else {s: t for m in every if isinstance(m, dict) for s, t in m.items()}
