@@ -23,7 +23,7 @@ def rehearsed(
     explanation: Explanation, plan: Plan, pipeline: Pipeline, microbatch: Sequence[Any]
 ) -> Explanation:
     """``explanation`` with its stages' measured times and its step rehearsed on the pipeline's ranks, as
-    many rounds as fit in about a second, from 2 to 5; ``microbatch``: the graph inputs of the call's
+    many rounds as fit in about a second, from 1 to 5; ``microbatch``: the graph inputs of the call's
     first microbatch."""
     sizes = Sizes(explanation.captured.shapes.hints)
     cores = explanation.rates.cores
@@ -38,7 +38,7 @@ def rehearsed(
     else:
         stages = [_as_measured(c, *measured[c.index]) for c in stages]
     simulated = explanation.predicted_step_s or 0.0
-    rounds = min(max(int(_REHEARSAL_S / max(simulated, 1e-3)), 2), 5)
+    rounds = min(max(int(_REHEARSAL_S / max(simulated, 1e-3)), 1), 5)  # a long step: once
     step = pipeline.rehearse(sizes, action_seconds(plan, stages), rounds)
     return dataclasses.replace(
         explanation,

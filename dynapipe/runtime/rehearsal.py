@@ -34,16 +34,17 @@ def rehearse(
     seconds: Mapping[Action, float],
     rounds: int,
 ) -> float:
-    """The median over ``rounds`` (after one more, not counted) of the slowest rank's step, each round
-    started together: ``table`` with every compute action taking its ``seconds`` of CPU time. Every rank
-    of the pipeline calls it with its own table."""
+    """The median over ``rounds`` (after one more, not counted, unless ``rounds`` is 1) of the slowest
+    rank's step, each round started together: ``table`` with every compute action taking its ``seconds``
+    of CPU time. Every rank of the pipeline calls it with its own table."""
     steps = []
-    for i in range(rounds + 1):
+    warm = rounds > 1
+    for i in range(rounds + warm):
         executor.comm.gather_objects(None, "starting a rehearsal round together")
         start = time.perf_counter()
         _Rehearsal(executor, sizes, seconds).run(table, (), ())
         took = executor.comm.gather_objects(time.perf_counter() - start, "the rehearsed step's time")
-        if i:
+        if i or not warm:
             steps.append(max(took))
     return statistics.median(steps)
 

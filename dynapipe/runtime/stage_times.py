@@ -24,6 +24,8 @@ from .executor import Executor
 
 __all__ = ["time_stages"]
 
+_BUDGET_S = 0.5  # what timing one stage may take, about, after its first run
+
 
 def time_stages(
     executor: Executor, inputs: Sequence[Any], sizes: Sizes, stages: Sequence[int], rounds: int
@@ -48,11 +50,15 @@ def time_stages(
 def _time(
     executor: Executor, stage: int, inputs: Sequence[Any], sizes: Sizes, rounds: int
 ) -> tuple[float, float]:
+    """The stage's median (forward, backward) over up to ``rounds`` runs after one not counted, as many
+    as fit in about :data:`_BUDGET_S` (at least one: a big stage is timed once)."""
     plan = executor.stages[stage]
     module = executor.compiled.get(stage, plan.module)
     received = [_stand_in(b.shape.at(sizes), b.dtype, b.requires_grad) for b in plan.receives]
-    forwards, backwards = [], []
-    for i in range(rounds + 1):
+
+    held: list[Any] = []  # the run before's outputs, as a pipeline holds other microbatches' memory
+
+    def run() -> tuple[float, float]:
         start = time.perf_counter()
         outputs = module(*[inputs[k] for k in plan.inputs], *received)
         middle = time.perf_counter()
@@ -68,11 +74,12 @@ def _time(
         if targets:
             torch.autograd.backward(targets, grads)
         end = time.perf_counter()
-        if i:
-            forwards.append(middle - start)
-            backwards.append(end - after)
-        del outputs, targets
-    return statistics.median(forwards), statistics.median(backwards)
+        held[:] = [outputs, grads]  # freeing it all at once here would hand memory back to the system
+        return middle - start, end - after
+
+    warm = run()
+    runs = [run() for _ in range(min(rounds, max(int(_BUDGET_S / max(sum(warm), 1e-6)), 1)))]
+    return statistics.median(f for f, _ in runs), statistics.median(b for _, b in runs)
 
 
 def _stand_in(shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool) -> torch.Tensor:
