@@ -26,9 +26,7 @@ def rehearsed(
     many rounds as fit in about a second, from 1 to 5; ``microbatch``: the graph inputs of the call's
     first microbatch."""
     sizes = Sizes(explanation.captured.shapes.hints)
-    cores = explanation.rates.cores
-    at_once = max(int(cores), 1) if cores else len(pipeline.rank_of_stage)
-    measured = pipeline.time_stages(microbatch, sizes, _STAGE_ROUNDS, at_once)
+    measured = pipeline.time_stages(microbatch, sizes, _STAGE_ROUNDS, explanation.rates.cores)
     stages = explanation.stages
     if isinstance(measured, str):
         warnings.warn(

@@ -171,12 +171,13 @@ class Pipeline:
         )
 
     def time_stages(
-        self, inputs: Sequence[Any], sizes: Sizes, rounds: int, at_once: int
+        self, inputs: Sequence[Any], sizes: Sizes, rounds: int, cores: float
     ) -> dict[int, tuple[float, float]] | str:
         """Every stage's (forward, backward) seconds as it runs (:mod:`.stage_times`) on the microbatch
-        graph inputs ``inputs``, each rank timing its own, ``at_once`` ranks at a time (ranks that share
-        cores take turns); or why some rank could not. Every rank of the pipeline calls it."""
+        graph inputs ``inputs``, each rank timing its own (where the ranks share ``cores`` cores, as many
+        at a time; 0: all at once); or why some rank could not. Every rank calls it."""
         rank, world = dist.get_rank(), dist.get_world_size()
+        at_once = max(int(cores), 1) if cores else world
         mine: dict[int, tuple[float, float]] | str = {}
         for turn in range(-(-world // at_once)):
             # each turn starts together: a rank still building its stages would slow another's timing
