@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -139,16 +138,12 @@ def _time_my_share(
     there are cores (ranks that time at once on one core would each see the other's time too, and the
     simulator already charges the ranks that compute at once)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    at_once = max(int(cores), 1) if cores else world
-    mine: dict[str, OpTimes] = {}
-    entry = 0.0
-    for turn in range(math.ceil(world / at_once)):
-        if rank // at_once == turn:
-            entry = backward_entry_s(graph_device(captured.gm.graph))
-            mine = time_ops(captured, estimate, set(wanted[rank::world]), entry=entry)
-        if at_once < world:
-            comm.gather_objects(None, "timing the operations in turns")  # the next turn starts together
-    return mine, entry
+
+    def timed() -> tuple[dict[str, OpTimes], float]:
+        entry = backward_entry_s(graph_device(captured.gm.graph))
+        return time_ops(captured, estimate, set(wanted[rank::world]), entry=entry), entry
+
+    return comm.in_turns(cores, timed, "timing the operations") or ({}, 0.0)
 
 
 def _shared_cores(device: torch.device, mesh: PipelineMesh) -> float:

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError, PipelineError
+
+_T = TypeVar("_T")
 
 __all__ = ["ensure_process_group", "Comm", "restart_attempt"]
 
@@ -218,6 +221,19 @@ class Comm:
         except RuntimeError as err:
             raise self._fail(err, f"all-reducing {what}", None) from err
         self.wait(work, f"all-reducing {what}", None)
+
+    def in_turns(self, cores: float, work: Callable[[], _T], what: str) -> _T | None:
+        """``work`` on this rank, the ranks taking turns as many at once as they share ``cores`` (0: all at
+        once), each turn starting together (a rank timing something on a core another rank also uses
+        would see that rank's time too); None on a rank whose turn ran nothing. Every rank calls it."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        at_once = max(int(cores), 1) if cores else world
+        result = None
+        for turn in range(-(-world // at_once)):
+            self.gather_objects(None, f"{what} in turns")
+            if rank // at_once == turn:
+                result = work()
+        return result
 
     def gather_objects(self, obj: object, what: str) -> list:
         """``obj`` from every rank, in rank order (pickled; for set-up, not the hot path)."""

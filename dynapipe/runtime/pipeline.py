@@ -176,17 +176,14 @@ class Pipeline:
         """Every stage's (forward, backward) seconds as it runs (:mod:`.stage_times`) on the microbatch
         graph inputs ``inputs``, each rank timing its own (where the ranks share ``cores`` cores, as many
         at a time; 0: all at once); or why some rank could not. Every rank calls it."""
-        rank, world = dist.get_rank(), dist.get_world_size()
-        at_once = max(int(cores), 1) if cores else world
-        mine: dict[int, tuple[float, float]] | str = {}
-        for turn in range(-(-world // at_once)):
-            # each turn starts together: a rank still building its stages would slow another's timing
-            self.comm.gather_objects(None, "timing the stages in turns")
-            if rank // at_once == turn:
-                try:
-                    mine = time_stages(self.executor, inputs, sizes, self.local_stages, rounds)
-                except Exception as err:  # noqa: BLE001 - the plan's own times stand in, and say why
-                    mine = f"rank {rank}: {type(err).__name__}: {str(err)[:200]}"
+
+        def timed() -> dict[int, tuple[float, float]] | str:
+            try:
+                return time_stages(self.executor, inputs, sizes, self.local_stages, rounds)
+            except Exception as err:  # noqa: BLE001 - the plan's own times stand in, and say why
+                return f"rank {dist.get_rank()}: {type(err).__name__}: {str(err)[:200]}"
+
+        mine = self.comm.in_turns(cores, timed, "timing the stages")
         every = self.comm.gather_objects(mine, "the stages' measured times")
         failed = [m for m in every if isinstance(m, str)]
         return failed[0] if failed else {s: t for m in every if isinstance(m, dict) for s, t in m.items()}
