@@ -247,6 +247,19 @@ def test_min_cut_moves_work_to_where_it_is_read():
         torch.testing.assert_close(out[0], captured.gm(x[:4], w[:4])[0])
 
 
+def test_values_made_from_nothing_are_made_where_they_are_read():
+    """Llama called as in training, cache on (its default): each layer's attention starts an empty key and
+    value cache, ``torch.tensor([])``, which depends on nothing and weighs nothing. Sending one costs a
+    message; the min-cut makes it in the stage that reads it."""
+    ids = _ids()
+    captured = capture(_model("llama"), dict(input_ids=ids, labels=ids), n_microbatches=N_MICRO)
+    at_capture = Sizes(captured.shapes.hints)
+    for n_stages in (2, 4):
+        plans = build_stages(captured, assign_balanced(captured, n_stages), n_stages)
+        empty = [(p.index, b.name) for p in plans for b in p.sends if math.prod(b.shape.at(at_capture)) == 0]
+        assert not empty, f"{n_stages} stages send empty tensors {empty}"
+
+
 class _Block(nn.Module):
     def __init__(self, d: int) -> None:
         super().__init__()

@@ -4,9 +4,9 @@
 nodes that carry FLOPs (or much time) stay on their side (infinite edges from the source / to the
 sink), as do side-effect nodes and the members of every group above; FLOP-free nodes (views,
 elementwise, masks, label shifting) may move. Each node is split into ``_in -> _out`` halves with
-capacity = the bytes it would send, data edges ``u_out -> v_in`` and reverse edges ``v_in -> u_in``
-are infinite, so the source side of the min cut is a closed cut that sends the fewest bytes for the
-same heavy nodes -- stage times do not change. This moves, e.g., a mask computed early but read late
+capacity = the bytes it would send and a message's worth (:data:`_MESSAGE_BYTES`), data edges
+``u_out -> v_in`` and reverse edges ``v_in -> u_in`` are infinite, so the source side of the min cut
+is a closed cut that sends the fewest bytes for the same heavy nodes -- stage times do not change. This moves, e.g., a mask computed early but read late
 to where it is read. Only the neighbourhood of each cut enters the flow graph: nodes whose side
 follows from the pinned ones (ancestors of source-side, descendants of sink-side) are left out.
 
@@ -27,6 +27,10 @@ from .chain import Chain
 __all__ = ["refine"]
 
 _INF = math.inf
+# What one more tensor crossing a cut costs beyond its bytes, as bytes (its own message to post and wait
+# for): a value made from nothing, such as an empty cache tensor, is then made where it is read instead
+# of being sent there for free (the demo's Llama sent 12 of them from its first stage to every other).
+_MESSAGE_BYTES = 4096
 
 
 def refine(chain: Chain, cuts: list[int], memory: float) -> tuple[list[set[int]], bool]:
@@ -81,7 +85,8 @@ def _min_cut(chain: Chain, nx, p: int, previous: set[int]) -> set[int] | None:
     is_free = set(free)
     feeding = sorted({a for i in free for a in chain.inputs[i] if source_side[a]})
     for i in feeding + free:
-        add(half(i, "in"), half(i, "out"), chain.out_bytes[i], "bytes sent if a later stage reads it")
+        sent = chain.out_bytes[i] + _MESSAGE_BYTES
+        add(half(i, "in"), half(i, "out"), sent, "bytes sent if a later stage reads it, and a message")
         if i in is_free:
             add(half(i, "out"), half(i, "in"), _INF, "an output exists only where its node runs")
         for u in chain.users[i]:
