@@ -1,5 +1,5 @@
 """Timing this rank's stages as they will run: their own code (compiled, where it is), forward then
-backward, on the call's first microbatch.
+backward, on the call's first microbatch, each through the executor's own handlers.
 
 The plan's stage times are sums of operations timed one at a time, each repeated on the same buffers
 (warm caches, memory reused). A stage runs them one after another and keeps every activation for its
@@ -13,14 +13,15 @@ its state, compiled stages their counts of runs.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ..graph import Sizes
-from .executor import Executor
+from ..schedules import Action, Kind
+from .executor import Executor, Step
+from .routes import BWD, FWD
 
 __all__ = ["time_stages"]
 
@@ -55,38 +56,34 @@ def _time(
     executor: Executor, stage: int, inputs: Sequence[Any], sizes: Sizes, rounds: int
 ) -> tuple[float, float]:
     """The stage's median (forward, backward) over up to ``rounds`` runs after one not counted, as many
-    as fit in about :data:`_BUDGET_S` (at least one: a big stage is timed once)."""
+    as fit in about :data:`_BUDGET_S` (at least one: a big stage is timed once). Each run is a step of
+    the stage's forward and backward through the executor's own handlers, so what a step pays per action
+    around the stage's code (taking messages, autograd's entry, holding results to send) is timed too."""
     plan = executor.stages[stage]
-    module = executor.compiled.get(stage, plan.module)
-    received = [_stand_in(b.shape.at(sizes), b.dtype, b.requires_grad) for b in plan.receives]
-
-    held: list[Any] = []  # the run before's outputs, as a pipeline holds other microbatches' memory
+    forward, backward = Action(stage, Kind.F, 0), Action(stage, Kind.B, 0)
+    held: list[Step] = []  # the run before, as a pipeline holds other microbatches' memory
 
     def run() -> tuple[float, float]:
-        start = time.perf_counter()
-        outputs = module(*[inputs[k] for k in plan.inputs], *received)
-        middle = time.perf_counter()
-        if stage == executor.last:
-            loss = outputs[executor.loss_index] if executor.loss_index is not None else None
-            targets = [loss] if loss is not None and loss.requires_grad else []
-        else:
-            targets = [
-                o for o, b in zip(outputs, plan.sends, strict=True) if b.requires_grad and o.requires_grad
-            ]
-        grads = [torch.ones_like(t) for t in targets]
-        after = time.perf_counter()
-        if targets:
-            torch.autograd.backward(targets, grads)
-        end = time.perf_counter()
-        held[:] = [outputs, grads]  # freeing it all at once here would hand memory back to the system
-        return middle - start, end - after
+        step = Step(executor, [list(inputs)], sizes, train=True, on_results=None)
+        for b in plan.receives:  # the messages a forward takes, handed over in memory
+            step.inbox[(b.name, stage, 0, FWD)] = (_stand_in(b.shape.at(sizes), b.dtype), None, None)
+        if stage != executor.last:  # the gradients its backward takes
+            for b in plan.sends:
+                for c in b.consumers if b.requires_grad else ():
+                    step.inbox[(b.name, c, 0, BWD)] = (_stand_in(b.shape.at(sizes), b.dtype), None, None)
+        step.run([forward, backward], (), ())
+        held[:] = [step]  # freeing it all at once here would hand memory back to the system
+        took = {
+            action: step.clock.seconds(end) - step.clock.seconds(start) for action, start, end in step.spans
+        }
+        return took[forward], took[backward]
 
     warm = run()
     runs = [run() for _ in range(min(rounds, max(int(_BUDGET_S / max(sum(warm), 1e-6)), 1)))]
     return statistics.median(f for f, _ in runs), statistics.median(b for _, b in runs)
 
 
-def _stand_in(shape: tuple[int, ...], dtype: torch.dtype, requires_grad: bool) -> torch.Tensor:
+def _stand_in(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if dtype.is_floating_point or dtype.is_complex:
-        return torch.randn(shape, dtype=dtype).requires_grad_(requires_grad)
+        return torch.randn(shape, dtype=dtype)
     return torch.zeros(shape, dtype=dtype)
