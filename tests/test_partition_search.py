@@ -16,6 +16,7 @@ import torch.nn as nn
 from fixtures import stage_records
 
 from dynapipe.config import PipelineConfig
+from dynapipe.cost import Rates, graph_costs
 from dynapipe.errors import ConfigError
 from dynapipe.explain import capture
 from dynapipe.partition.bottleneck import min_bottleneck
@@ -124,3 +125,51 @@ def test_balance_slack_is_validated() -> None:
         ConfigError, match="balance_slack shapes the automatic partition, but the stages are given"
     ):
         plan_pipeline(captured, config, spec=get_schedule("1f1b"), n_ranks=2, n_stages=2)
+
+
+class _ThreeBlocks(nn.Module):
+    """Three equal residual blocks: two stages balance best cut inside the middle block, where the
+    stream and the block's hidden activation both cross (two tensors, two gradients back)."""
+
+    def __init__(self, width: int = 256) -> None:
+        super().__init__()
+        self.ups = nn.ModuleList(nn.Linear(width, width) for _ in range(3))
+        self.downs = nn.ModuleList(nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, x):
+        for up, down in zip(self.ups, self.downs, strict=True):
+            x = x + down(torch.relu(up(x)))
+        return x.square().mean()
+
+
+def test_messages_cost_their_cpu_and_the_plan_sends_fewer() -> None:
+    """Where every message costs CPU at both ends (measured on CPU processes: ``Rates.message_s``), a cut
+    that sends two tensors is dearer than one that sends one: the plan moves to a block boundary. Slow
+    compute (1 GFLOP/s), so that balance, not the link, decides without the messages' cost."""
+    torch.manual_seed(0)
+    captured = capture(_ThreeBlocks(), (torch.randn(16, SEQ, 256),), n_microbatches=16)
+    config = PipelineConfig(n_stages=2, n_microbatches=16)
+
+    def plan_at(message_s: float):
+        rates = Rates(flop_rate=1e9, memory_bandwidth=1e9, message_s=message_s)
+        plan = plan_pipeline(
+            captured,
+            config,
+            spec=get_schedule("1f1b"),
+            n_ranks=2,
+            n_stages=2,
+            costs=lambda captured, config: graph_costs(captured, optimizer=config.optimizer, rates=rates),
+        )
+        assert plan.costs is not None
+        return plan, stage_records(captured, plan.stage_of, costs=plan.costs)
+
+    free, free_stages = plan_at(0.0)
+    assert dict(free_stages[0].messages) == {1: 2}  # messages cost nothing: the balanced cut, mid-block
+    dear, dear_stages = plan_at(0.01)
+    assert (dict(dear_stages[0].messages), dict(dear_stages[0].grad_messages)) == ({1: 1}, {1: 1})
+
+    def seconds(plan, name: str) -> float:  # one action's simulated time in the plan's step
+        return next(e.end - e.start for e in predict_step(plan, dear_stages).events if e.name == name)
+
+    for name in ("0F0", "1F0", "1B0", "0B0"):  # each end pays its message, forward and backward
+        assert seconds(dear, name) == pytest.approx(seconds(free, name) + 0.01)

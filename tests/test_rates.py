@@ -68,6 +68,7 @@ def test_measured_rates_drive_the_plan_and_predict_the_step() -> None:
     assert measured[0]["random stream kept"] and measured[1]["random stream kept"]
     assert rates.measured and rates.flop_rate < NOMINAL_RATES.flop_rate / 10  # a CPU, not the nominal GPU
     assert rates.link_latency_s != NOMINAL_RATES.link_latency_s and rates.link_bandwidth > 0
+    assert rates.message_s > 0 and "CPU per message at each end" in measured[0]["text"]  # CPU processes
     assert "measured on this machine by 2 ranks" in rates.source and "rates: measured" in measured[0]["text"]
     assert nominal[0]["rates"] == NOMINAL_RATES and "rates: nominal" in nominal[0]["text"]
     step = statistics.median(measured[0]["times"][1:])

@@ -41,7 +41,7 @@ _LINK_SIZES = (4 << 10, 1 << 20)
 _LINK_ROUNDS = 8
 # Part of the cache's key: raised whenever what is measured, or how, changes, so that a cache written by
 # another version of dynapipe is never read as this one's numbers.
-RATES_FORMAT = "5"
+RATES_FORMAT = "6"
 
 
 def plan_rates(
@@ -103,11 +103,15 @@ def _measure(
     }
     flop_rate, memory_bandwidth, overhead = fit_roofline(estimate, all_ops)
     if base is not None:
-        latency, bandwidth, entry = base.link_latency_s, base.link_bandwidth, base.backward_entry_s
+        latency, bandwidth, message = base.link_latency_s, base.link_bandwidth, base.message_s
+        entry = base.backward_entry_s
         extra = (base.forward_extra_s, base.backward_extra_s)
     else:
         samples = [s for _, samples, _ in everyone for s in samples]
-        latency, bandwidth = fit_link(samples) if samples else (0.0, NOMINAL_RATES.link_bandwidth)
+        latency, bandwidth, message = (
+            fit_link(samples) if samples else (0.0, NOMINAL_RATES.link_bandwidth, 0.0)
+        )
+        message = message if device.type == "cpu" else 0.0  # a GPU computes while its host posts messages
         entry = statistics.median(e for _, _, e in everyone)
         # one rank, while the others wait: how operations compose, not how ranks share cores (the
         # simulator charges that where they compute at once)
@@ -120,6 +124,7 @@ def _measure(
         link_latency_s=latency,
         link_bandwidth=bandwidth,
         backward_entry_s=entry,
+        message_s=message,
         cores=cores,
         forward_extra_s=extra[0],
         backward_extra_s=extra[1],

@@ -37,6 +37,9 @@ class Rates:
     link_latency_s: float = 20e-6  # a transfer takes link_latency_s + bytes / link_bandwidth
     link_bandwidth: float = 25e9  # PCIe 4/5 or a 200 Gb/s network (NVLink is faster)
     backward_entry_s: float = 0.0  # entering the autograd engine, once per backward action
+    # CPU seconds a message costs each end, sender and receiver (posting it, the transport's threads); on
+    # CPU processes that time is taken from the rank's compute (0: a GPU, where the host's work overlaps)
+    message_s: float = 0.0
     cores: float = 0.0  # cores one pipeline's ranks share (CPU processes); 0: each rank has its own device
     forward_extra_s: float = 0.0  # per operation, what a stage's forward adds to its own time (calibrate)
     backward_extra_s: float = 0.0  # the same for the backward
@@ -51,6 +54,8 @@ class Rates:
     def describe(self) -> str:
         """One line: where the rates come from and the numbers a reader can check."""
         link = f"link {_us(self.link_latency_s)} + bytes / {self.link_bandwidth / 1e9:.3g} GB/s"
+        if self.message_s:
+            link += f", {_us(self.message_s)} CPU per message at each end"
         if self.cores:
             link += f"; the ranks share {self.cores:g} cores"
         if not self.measured:
@@ -103,16 +108,19 @@ class Rates:
 NOMINAL_RATES = Rates()
 
 
-def fit_link(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
-    """(latency seconds, bytes/s) from (bytes, one-way seconds) samples at a small and a large size:
-    the line through the medians of the two sizes."""
-    by_size: dict[int, list[float]] = {}
-    for nbytes, seconds in samples:
-        by_size.setdefault(nbytes, []).append(seconds)
+def fit_link(samples: Sequence[tuple[int, float, float]]) -> tuple[float, float, float]:
+    """(latency seconds, bytes/s, CPU seconds per message) from (bytes, one-way seconds, CPU seconds)
+    samples at a small and a large size, each a round in which a rank sends one message and receives
+    one: the line through the medians of the two sizes, and half the small rounds' median CPU."""
+    by_size: dict[int, list[tuple[float, float]]] = {}
+    for nbytes, seconds, cpu in samples:
+        by_size.setdefault(nbytes, []).append((seconds, cpu))
     small, large = min(by_size), max(by_size)
-    t_small, t_large = statistics.median(by_size[small]), statistics.median(by_size[large])
+    t_small = statistics.median(s for s, _ in by_size[small])
+    t_large = statistics.median(s for s, _ in by_size[large])
     bandwidth = (large - small) / max(t_large - t_small, 1e-9)
-    return max(t_small - small / bandwidth, 0.0), bandwidth
+    message = statistics.median(c for _, c in by_size[small]) / 2
+    return max(t_small - small / bandwidth, 0.0), bandwidth, message
 
 
 def _us(seconds: float) -> str:

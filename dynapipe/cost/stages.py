@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch.fx as fx
 
-from ..graph import CapturedGraph, module_counts, modules_of, settle_getitems
+from ..graph import CapturedGraph, carries_gradient, module_counts, modules_of, settle_getitems
 from ..schedules.simulate import PhaseCost, StageCost
 from .records import GraphCosts
 
@@ -28,7 +28,7 @@ def stage_costs(
     for node, s in stage_of.items():
         members[s].append(node)
     output = graph.find_nodes(op="output")[0]
-    sends = _sends(stage_of, costs, output, n_stages)
+    sends, messages, grad_messages = _sends(stage_of, costs, output, n_stages)
     module_count = module_counts(stage_of)
     records = []
     for s, nodes in enumerate(members):
@@ -47,6 +47,8 @@ def stage_costs(
                 grad_bytes=sum(x[1] for x in state),
                 optimizer_bytes=sum(x[2] for x in state),
                 sends=sends[s],
+                messages=messages[s],
+                grad_messages=grad_messages[s],
                 modules=modules_of(nodes, module_count),
                 n_nodes=len(nodes),
             )
@@ -60,12 +62,16 @@ def _state_read(nodes: list[fx.Node], costs: GraphCosts) -> list[fx.Node]:
 
 def _sends(
     stage_of: Mapping[fx.Node, int], costs: GraphCosts, output: fx.Node, n_stages: int
-) -> list[dict[int, int]]:
-    """Per stage, the bytes it sends each other stage: a value once to each stage that reads it (what
-    the graph returns goes to the last stage)."""
+) -> tuple[list[dict[int, int]], list[dict[int, int]], list[dict[int, int]]]:
+    """Per stage, the bytes it sends each other stage, a value once to each stage that reads it (what the
+    graph returns goes to the last stage); the tensors; and those of them whose gradient comes back."""
     last = n_stages - 1
     sends: list[dict[int, int]] = [{} for _ in range(n_stages)]
+    messages: list[dict[int, int]] = [{} for _ in range(n_stages)]
+    grad_messages: list[dict[int, int]] = [{} for _ in range(n_stages)]
     for node, s in stage_of.items():
         for reader in sorted({last if u is output else stage_of[u] for u in node.users} - {s}):
             sends[s][reader] = sends[s].get(reader, 0) + costs.nodes[node].out_bytes
-    return sends
+            messages[s][reader] = messages[s].get(reader, 0) + 1
+            grad_messages[s][reader] = grad_messages[s].get(reader, 0) + carries_gradient(node)
+    return sends, messages, grad_messages

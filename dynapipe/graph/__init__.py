@@ -4,6 +4,7 @@ from .captured import CapturedGraph
 from .modules import module_counts, modules_of, prefixes
 from .nodes import (
     autocast_regions,
+    carries_gradient,
     compute_nodes,
     grad_modes,
     is_autocast_node,
@@ -21,6 +22,7 @@ __all__ = [
     "Sizes",
     "SymbolicShape",
     "autocast_regions",
+    "carries_gradient",
     "compute_nodes",
     "dims_of",
     "grad_modes",

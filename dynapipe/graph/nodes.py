@@ -12,6 +12,7 @@ import torch.fx as fx
 
 __all__ = [
     "autocast_regions",
+    "carries_gradient",
     "compute_nodes",
     "grad_modes",
     "is_autocast_node",
@@ -27,6 +28,13 @@ _COMPUTE_OPS = ("call_function", "call_method", "call_module")
 def is_size_node(node: fx.Node) -> bool:
     """Whether ``node`` computes a size from the graph inputs' sizes (see :func:`_mark_size_nodes`)."""
     return bool(node.meta.get("dynapipe.size"))
+
+
+def carries_gradient(node: fx.Node) -> bool:
+    """Whether ``node``'s value, sent to a later stage, has a gradient sent back (its captured value
+    requires grad)."""
+    value = node.meta.get("example_value")
+    return isinstance(value, torch.Tensor) and value.requires_grad
 
 
 def compute_nodes(graph: fx.Graph) -> list[fx.Node]:

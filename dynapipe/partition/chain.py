@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from ..cost import GraphCosts, NodeCost
 from ..errors import ConfigError
-from ..graph import CapturedGraph, compute_nodes, is_autocast_node, prefixes, unpacked_by
+from ..graph import CapturedGraph, carries_gradient, compute_nodes, is_autocast_node, prefixes, unpacked_by
 from ..schedules import StageCost
 from .manual import _inside, layer_boundaries
 
@@ -52,6 +52,7 @@ class Chain:
         c = [costs.nodes[node] for node in self.nodes]
         self.out_bytes = [x.out_bytes if x.crossable else _INF for x in c]
         self.names = [node.name for node in self.nodes]
+        self.grad = [int(carries_gradient(node)) for node in self.nodes]
         weight = [x.time_s for x in c]
         self.timed = any(weight)
         # per position, the forward, input-gradient and weight-gradient seconds of the nodes before it
@@ -172,16 +173,20 @@ class Chain:
 
     def stage_costs(self, cuts: list[int]) -> list[StageCost]:
         """What the simulator needs of each stage of a split at chain positions ``cuts``: its F, I and W
-        seconds and the bytes it sends each later stage (each value once to each stage that reads it, as
-        codegen sends skips: straight from producer to consumer)."""
+        seconds and the bytes and tensors it sends each later stage (each value once to each stage that
+        reads it, as codegen sends skips: straight from producer to consumer)."""
         ends = [*cuts, len(self.nodes) - 1]
         stage = [bisect.bisect_left(ends, i) for i in range(len(self.nodes))]
         last = len(ends) - 1
         sends: list[dict[int, float]] = [{} for _ in ends]
+        messages: list[dict[int, int]] = [{} for _ in ends]
+        grad_messages: list[dict[int, int]] = [{} for _ in ends]
         for i, s in enumerate(stage):
             readers = {stage[u] for u in self.users[i]} | ({last} if self.to_output[i] else set())
             for d in readers - {s}:
                 sends[s][d] = sends[s].get(d, 0) + self.out_bytes[i]
+                messages[s][d] = messages[s].get(d, 0) + 1
+                grad_messages[s][d] = grad_messages[s].get(d, 0) + self.grad[i]
         out, start = [], 0
         for s, end in enumerate(ends):
             a, b = self.phase_prefix[start], self.phase_prefix[end + 1]
@@ -194,6 +199,8 @@ class Chain:
                     send_bytes=max(sent.values(), default=0),
                     index=s,
                     sends=sent,
+                    messages=messages[s],
+                    grad_messages=grad_messages[s],
                 )
             )
             start = end + 1

@@ -202,18 +202,23 @@ def _simulate(
 ) -> Timeline:
     """The step at ``rates``, with every edge the stages send over (skips too): the same for the
     partitioner's objective and for explain()'s prediction. Every backward action also pays the autograd
-    engine's entry; ranks that share cores slow one another down where they compute at once
+    engine's entry, and every action the CPU of the messages it sends and receives (measured on CPU
+    processes); ranks that share cores slow one another down where they compute at once
     (:mod:`dynapipe.schedules.sharing`)."""
     edges = sorted({(s, d) for s, cost in enumerate(costs) for d in cost.sends})
     split = any(a.kind is Kind.W for actions in table.values() for a in actions if a is not None)
     entry = rates.backward_entry_s
+    forward_messages, backward_messages = _messages(
+        costs, placement_map(spec.placement, n_ranks=n_ranks, n_stages=len(costs))
+    )
     paid = [
         dataclasses.replace(
             c,
-            backward_input=c.backward_input + entry,
+            forward=c.forward + rates.message_s * forward_messages[s],
+            backward_input=c.backward_input + entry + rates.message_s * backward_messages[s],
             backward_weight=c.backward_weight + (entry if split else 0.0),
         )
-        for c in costs
+        for s, c in enumerate(costs)
     ]
     replay = partial(
         simulate,
@@ -229,6 +234,19 @@ def _simulate(
     if shared and 0 < rates.cores < n_ranks:
         return shared_cores(lambda durations: replay(durations=durations), rates.cores)
     return replay()
+
+
+def _messages(costs: Sequence[StageCost], rank_of: Mapping[int, int]) -> tuple[list[int], list[int]]:
+    """Per stage, the messages its forward and its backward send and receive between ranks (each of the
+    tensors of :attr:`StageCost.messages`, and of those the gradients coming back)."""
+    forward, backward = [0] * len(costs), [0] * len(costs)
+    for s, cost in enumerate(costs):
+        for d, n in cost.messages.items():
+            if rank_of[d] != rank_of[s]:  # stages on one rank hand tensors over in memory
+                grads = cost.grad_messages.get(d, 0)
+                forward[s], forward[d] = forward[s] + n, forward[d] + n
+                backward[s], backward[d] = backward[s] + grads, backward[d] + grads
+    return forward, backward
 
 
 def stage_count(config: PipelineConfig, spec: ScheduleSpec, world: int) -> int:

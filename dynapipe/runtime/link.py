@@ -20,10 +20,11 @@ _TAG = 1 << 30  # no pipeline traffic uses tags this high
 
 def time_link(
     mesh: PipelineMesh, device: torch.device, sizes: Sequence[int], rounds: int, timeout: timedelta
-) -> list[tuple[int, float]]:
-    """(bytes, seconds) of each round in which every rank of this pipeline sends ``bytes`` to the next
-    one and receives as much from the previous one, all at once, as a step's transfers run; the first
-    round of each size is a warm-up. Every rank of the pipeline must call it with the same arguments."""
+) -> list[tuple[int, float, float]]:
+    """(bytes, seconds, CPU seconds of this process) of each round in which every rank of this pipeline
+    sends ``bytes`` to the next one and receives as much from the previous one, all at once, as a step's
+    transfers run; the first round of each size is a warm-up. Every rank of the pipeline must call it
+    with the same arguments."""
     if mesh.n_pp == 1:
         return []
     after = mesh.global_rank((mesh.pp_index + 1) % mesh.n_pp)
@@ -33,7 +34,7 @@ def time_link(
         send = torch.zeros(max(size // 4, 1), dtype=torch.float32, device=device)
         recv = torch.empty_like(send)
         for i in range(rounds + 1):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()  # the transport's threads too
             # c10d's own functions: P2POp checks them by identity, and the build may run inside Dynamo,
             # where torch.distributed's names can stand for traceable wrappers
             works = c10d.batch_isend_irecv(
@@ -51,5 +52,5 @@ def time_link(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i:
-                samples.append((send.numel() * 4, time.perf_counter() - start))
+                samples.append((send.numel() * 4, time.perf_counter() - start, time.process_time() - cpu))
     return samples

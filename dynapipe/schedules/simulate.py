@@ -76,8 +76,9 @@ class StageCost(PhaseCost):
     ``send_bytes`` is the most the stage sends to any one other stage (its output activation; its
     gradient travels back with the same size); ``sends`` maps each later stage to what this one sends
     it (a tensor read by two later stages goes to each); the simulator charges each edge its own bytes
-    (:meth:`bytes_to`). The simulator reads the phase seconds and the sends; the cost model fills the
-    rest too (``modules`` names the modules the stage covers, ``(part)`` marking one shared with another
+    (:meth:`bytes_to`). ``messages`` counts the tensors sent each later stage, ``grad_messages`` those
+    of them whose gradient comes back (each a message of its own, whose CPU a caller may charge). The
+    simulator reads the phase seconds and the sends; the cost model fills the rest too (``modules`` names the modules the stage covers, ``(part)`` marking one shared with another
     stage).
     """
 
@@ -88,6 +89,8 @@ class StageCost(PhaseCost):
     grad_bytes: int = 0
     optimizer_bytes: int = 0
     sends: Mapping[int, int] = field(default_factory=dict, hash=False)
+    messages: Mapping[int, int] = field(default_factory=dict, hash=False)
+    grad_messages: Mapping[int, int] = field(default_factory=dict, hash=False)
     modules: tuple[str, ...] = ()
     n_nodes: int = 0
 
