@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from dynapipe.cost import graph_costs, stage_costs
+from dynapipe.cost import fit_link, graph_costs, stage_costs
 from dynapipe.cost.records import NodeCost
 from dynapipe.explain import capture
 from dynapipe.graph import compute_nodes
@@ -194,3 +194,17 @@ def test_node_and_stage_costs_share_one_phase_record():
     assert (
         node.duration(Kind.B) == 6.0 and node.time_s == stage.time_s == 7.0 and node.flops == stage.flops == 8
     )
+
+
+def test_link_fit_is_a_line_through_two_sizes_and_survives_noise():
+    """Latency and bandwidth from the medians at a small and a large size; each round a rank sends one
+    message and receives one, so a message's CPU is half a round's. Where noise makes the large size no
+    slower than the small one, the large message's whole time counts as bandwidth (never infinite)."""
+    small, large = 4 << 10, 1 << 20
+    rounds = [(small, 1e-4 + small / 1e9, 2e-5), (large, 1e-4 + large / 1e9, 3e-5)] * 3
+    latency, bandwidth, message = fit_link(rounds)
+    assert (
+        latency == pytest.approx(1e-4) and bandwidth == pytest.approx(1e9) and message == pytest.approx(1e-5)
+    )
+    latency, bandwidth, _ = fit_link([(small, 2e-3, 0.0), (large, 1e-3, 0.0)])
+    assert latency == 2e-3 and bandwidth == pytest.approx(large / 1e-3)

@@ -91,11 +91,10 @@ def _measure(
     mine, my_entry = _time_my_share(
         captured, estimate, sorted(wanted - set(base.op_times) if base else wanted), cores, comm
     )
-    link = (
-        []
-        if base
-        else time_link(mesh, device, _LINK_SIZES, _LINK_ROUNDS, timedelta(seconds=config.timeout_s))
-    )
+    link = []
+    if base is None:  # together: a rank still timing its operations would be timed as the link
+        comm.gather_objects(None, "starting to time the link together")
+        link = time_link(mesh, device, _LINK_SIZES, _LINK_ROUNDS, timedelta(seconds=config.timeout_s))
     everyone = comm.gather_objects((mine, link, my_entry), "the measured rates")
     all_ops = {
         **(base.op_times if base else {}),

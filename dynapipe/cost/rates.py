@@ -118,8 +118,10 @@ def fit_link(samples: Sequence[tuple[int, float, float]]) -> tuple[float, float,
     small, large = min(by_size), max(by_size)
     t_small = statistics.median(s for s, _ in by_size[small])
     t_large = statistics.median(s for s, _ in by_size[large])
-    bandwidth = (large - small) / max(t_large - t_small, 1e-9)
     message = statistics.median(c for _, c in by_size[small]) / 2
+    if t_large <= t_small:  # noise hid what the bytes take: the large message's whole time is bandwidth
+        return t_small, large / t_large, message
+    bandwidth = (large - small) / (t_large - t_small)
     return max(t_small - small / bandwidth, 0.0), bandwidth, message
 
 
