@@ -49,6 +49,7 @@ def _train(rank: int, world: int, options: dict, steps: int = 1) -> dict:
         "rates": plan.rates,
         "predicted": plan.predicted_step_s,
         "rehearsed": plan.rehearsed_step_s,
+        "rehearsal": plan.rehearsal_source,
         "stages timed": plan.measured_stages,
         "simulated": plan.predicted.makespan,
         "times": times,
@@ -77,7 +78,7 @@ def test_measured_rates_drive_the_plan_and_predict_the_step() -> None:
     # at measured rates on CPU processes the prediction is the rehearsed step, which every rank agrees on;
     # nominal rates describe another machine, so nothing is rehearsed here
     assert measured[0]["predicted"] == measured[0]["rehearsed"] == measured[1]["rehearsed"]
-    assert "rehearsed on these ranks" in measured[0]["text"]
+    assert "rehearsed on these ranks (measured now, cached in" in measured[0]["text"]  # profile: afresh
     # with each stage's time as it runs (every rank its own, exchanged), printed beside the plan's
     timed = measured[0]["stages timed"]
     assert timed is not None and timed == measured[1]["stages timed"] and all(s.time_s > 0 for s in timed)
@@ -86,9 +87,16 @@ def test_measured_rates_drive_the_plan_and_predict_the_step() -> None:
 
 
 def test_the_cache_is_reused_and_a_foreign_one_ignored() -> None:
-    first = run_distributed(_train, 2, {}, timeout=240)[0]["rates"]
-    again = run_distributed(_train, 2, {}, timeout=240)[0]["rates"]
+    first_run = run_distributed(_train, 2, {}, timeout=240)[0]
+    again_run = run_distributed(_train, 2, {}, timeout=240)[0]
+    first, again = first_run["rates"], again_run["rates"]
     assert again.source.startswith("cached on this machine") and again.op_times == first.op_times
+    # the same plan on the same machine: its stages' times and rehearsed step are not measured again
+    assert again_run["rehearsal"].startswith("cached in") and "rehearsal-" in again_run["rehearsal"]
+    assert (
+        again_run["predicted"] == first_run["predicted"]
+        and again_run["stages timed"] == first_run["stages timed"]
+    )
     path = cache_path(dict(first.machine))
     data = json.loads(path.read_text())
     for change in ({"torch": "1.0"}, {"rates format": "0"}):  # another torch's, another dynapipe's numbers

@@ -223,8 +223,9 @@ def call_values_worker(rank: int, world: int) -> None:
     ref = ScaledNet()
     x, y = torch.randn(8, 8), torch.randint(0, 3, (8,))
     # on_step: the plan is reported, so its stages are timed on the call's inputs and its step rehearsed
-    # before the first step; both must leave the buffers, gradients and random stream as they were
-    options = {"split_points": ["b"], "n_microbatches": 2, "on_step": lambda report: None}
+    # before the first step (profile: afresh, not from the cache); both must leave the buffers, gradients
+    # and random stream as they were
+    options = {"split_points": ["b"], "n_microbatches": 2, "on_step": lambda report: None, "profile": True}
     step = torch.compile(net, backend="dynapipe", options=options)
     # Dynamo makes the numbers graph inputs from their second value on: every value must reach the stages
     for scale, weight in [(0.5, 1), (2.0, 2), (3.0, 3), (0.5, 4)]:

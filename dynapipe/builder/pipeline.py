@@ -121,9 +121,8 @@ def build_pipeline(
         how_compiled=how_compiled,
     )
     if reporter is not None:
-        reporter.finish(
-            plan, pipeline, _rehearsal_inputs(config, mesh, captured, arguments, batch_size), started
-        )
+        microbatch = _rehearsal_inputs(config, mesh, captured, arguments, batch_size)
+        reporter.finish(plan, pipeline, microbatch, config.profile, started)
     return pipeline, captured.shapes
 
 
@@ -259,11 +258,14 @@ class _Reporter:
     plan: Explanation
     build_s: float = 0.0
 
-    def finish(self, plan: Plan, pipeline: Pipeline, microbatch: list[Any] | None, started: float) -> None:
+    def finish(
+        self, plan: Plan, pipeline: Pipeline, microbatch: list[Any] | None, fresh: bool, started: float
+    ) -> None:
         """Once the pipeline is built: its plan's step rehearsed on the graph inputs of the first
-        ``microbatch`` (None: not rehearsed), and the build's time since ``started``
-        (``time.perf_counter()``), the rehearsal's included."""
-        self.plan = rehearsed(self.plan, plan, pipeline, microbatch) if microbatch is not None else self.plan
+        ``microbatch`` (None: not rehearsed; ``fresh``: not taken from the cache), and the build's time
+        since ``started`` (``time.perf_counter()``), the rehearsal's included."""
+        if microbatch is not None:
+            self.plan = rehearsed(self.plan, plan, pipeline, microbatch, fresh)
         self.build_s = time.perf_counter() - started
 
     def __call__(self, record: StepRecord) -> None:

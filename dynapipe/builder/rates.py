@@ -34,7 +34,7 @@ from ..graph import CapturedGraph
 from ..runtime import Comm, PipelineMesh
 from ..runtime.link import time_link
 
-__all__ = ["cache_path", "machine", "plan_rates"]
+__all__ = ["cache_path", "machine", "plan_rates", "write_cache"]
 
 # Sizes the link is timed at: a small message (its latency) and one large enough for its bandwidth.
 _LINK_SIZES = (4 << 10, 1 << 20)
@@ -70,7 +70,7 @@ def plan_rates(
             captured, config, comm, mesh, device, wanted, base and Rates.from_json(base, ""), key
         )
     if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:
-        _write_cache(cache_path(key), rates)
+        write_cache(cache_path(key), rates.to_json())
     return rates
 
 
@@ -181,10 +181,11 @@ def machine(device: torch.device, mesh: PipelineMesh) -> dict[str, str]:
     }
 
 
-def cache_path(key: dict[str, str]) -> Path:
+def cache_path(key: dict[str, str], kind: str = "rates") -> Path:
+    """Where what was measured under ``key`` is cached: one file per key and kind."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dynapipe"
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return root / f"rates-{digest}.json"
+    return root / f"{kind}-{digest}.json"
 
 
 def _read_cache(path: Path, key: dict[str, str]) -> Rates | None:
@@ -197,13 +198,13 @@ def _read_cache(path: Path, key: dict[str, str]) -> Rates | None:
     return rates if dict(rates.machine) == key else None
 
 
-def _write_cache(path: Path, rates: Rates) -> None:
+def write_cache(path: Path, data: dict) -> None:
     """Write atomically (a rank of another script may be reading); a cache that cannot be written only
     costs the next run its measuring."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(rates.to_json(), indent=1, sort_keys=True))
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         os.replace(tmp, path)
     except OSError:
         pass

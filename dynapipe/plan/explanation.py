@@ -41,6 +41,7 @@ class Explanation:
     # dynapipe.runtime.rehearsal): what the simulation of ``predicted`` leaves out, paid for real
     rehearsed_step_s: float | None = None
     measured_stages: tuple[StageCost, ...] | None = None  # the stages' times as they ran when rehearsed
+    rehearsal_source: str = ""  # "measured now, cached in PATH", or "cached in PATH" by an earlier run
 
     @classmethod
     def of(cls, captured: CapturedGraph, plan: Plan) -> Explanation:
@@ -183,7 +184,8 @@ class Explanation:
         step = self.predicted_step_s or self.predicted.makespan
         ratio = f"{step / self.lower_bound_s:.3f}x" if self.lower_bound_s > 0 else "-"
         how = (
-            f"rehearsed on these ranks (the simulation alone: {format_seconds(self.predicted.makespan)})"
+            f"rehearsed on these ranks ({self.rehearsal_source}; the simulation alone: "
+            f"{format_seconds(self.predicted.makespan)})"
             if self.rehearsed_step_s is not None
             else "simulated"
         )
