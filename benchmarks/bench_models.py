@@ -14,8 +14,10 @@ and **equal** (``split_points`` at equal numbers of layers, what a person writes
 untimed step after the switch and then the timed one (switching plans disturbs the memory allocator: a
 plan's first step after another's pays page faults that a training run of one plan does not); every
 step's time is the slowest rank's. Reported per plan: the median step (min-max) in ms and the step its plan predicted
-(``StepReport.plan.predicted_step_s``, at the rates measured when it was built); and the ratio of the
-auto plan to the better of the other two, the median of the rounds' ratios (below 1: auto is faster).
+(``StepReport.plan.predicted_step_s``: rehearsed on the ranks when it was built); the ratio of the auto
+plan to the better of the other two, the median of the rounds' ratios (below 1: auto is faster); and
+over the row's plans, predicted / measured and simulated / measured (the partitioner's model alone, at
+the measured rates).
 """
 
 from __future__ import annotations
@@ -76,8 +78,11 @@ def _model(name: str) -> tuple[Any, str, int, int, int]:
     return GPT2LMHeadModel(config), "transformer.h", VOCAB, 16, SEQ
 
 
-def _worker(name: str, n_mb: int, steps: int) -> tuple[dict[str, list[float]], dict[str, float | None], bool]:
-    """One rank's timed steps of every plan, each plan's predicted step, and whether 'even' is 'auto'."""
+def _worker(
+    name: str, n_mb: int, steps: int
+) -> tuple[dict[str, list[float]], dict[str, float | None], dict[str, float], bool]:
+    """One rank's timed steps of every plan, each plan's predicted and simulated step, and whether 'even'
+    is 'auto'."""
     torch.set_num_threads(1)
     world = int(os.environ["WORLD_SIZE"])
     _, layers, vocab, batch, seq = _model(name)
@@ -115,8 +120,9 @@ def _worker(name: str, n_mb: int, steps: int) -> tuple[dict[str, list[float]], d
                 if i >= 2 and not settle:
                     times[variant].append(elapsed.item())
     predicted = {v: r[0].plan.predicted_step_s for v, r in reports.items()}
+    simulated = {v: r[0].plan.predicted.makespan for v, r in reports.items()}
     same = _cuts(reports["auto"][0]) == _cuts(reports["even"][0])
-    return times, predicted, same
+    return times, predicted, simulated, same
 
 
 def _cuts(report: Any) -> list[str]:
@@ -143,7 +149,7 @@ def main() -> None:
     )
     print(
         f"{'model':6s} {'p':>2s} {'m':>3s} {'auto':>28s} {'even (slack .03)':>28s} {'equal layers':>28s} "
-        f"{'auto/better':>11s} {'pred/meas':>18s}"
+        f"{'auto/better':>11s} {'pred/meas':>11s} {'sim/meas':>11s}"
     )
 
     def cell(ts: list[float], predicted: float | None) -> str:
@@ -154,16 +160,17 @@ def main() -> None:
         for n_stages in args.stages:
             for per_stage in args.micro:
                 n_mb = n_stages * per_stage
-                times, predicted, same = launch(
+                times, predicted, simulated, same = launch(
                     _worker, name, n_mb, args.steps, nproc=n_stages, timeout=1800
                 )[0]
                 better = min(("even", "equal"), key=lambda v: statistics.median(times[v]))
                 accuracy = [predicted[v] / statistics.median(times[v]) for v in times if predicted[v]]
+                alone = [simulated[v] / statistics.median(times[v]) for v in times]
                 even = "(same)" if same else cell(times["even"], predicted["even"])
                 print(
                     f"{name:6s} {n_stages:2d} {n_mb:3d} {cell(times['auto'], predicted['auto']):>28s} {even:>28s} "
                     f"{cell(times['equal'], predicted['equal']):>28s} {_paired(times['auto'], times[better]):11.3f} "
-                    f"{f'{min(accuracy):.2f}-{max(accuracy):.2f}x':>18s}",
+                    f"{f'{min(accuracy):.2f}-{max(accuracy):.2f}x':>11s} {f'{min(alone):.2f}-{max(alone):.2f}x':>11s}",
                     flush=True,
                 )
 

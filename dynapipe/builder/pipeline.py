@@ -121,8 +121,8 @@ def build_pipeline(
         how_compiled=how_compiled,
     )
     if reporter is not None:
-        microbatch = _rehearsal_inputs(config, mesh, captured, arguments, batch_size)
-        reporter.finish(plan, pipeline, microbatch, config.profile, started)
+        microbatches = _rehearsal_inputs(config, mesh, captured, arguments, batch_size)
+        reporter.finish(plan, pipeline, microbatches, config.profile, started)
     return pipeline, captured.shapes
 
 
@@ -133,14 +133,14 @@ def _rehearsal_inputs(
     arguments: dict[str, Any],
     batch_size: int,
 ) -> list[Any] | None:
-    """The graph inputs of the call's first microbatch, where the plan's step is rehearsed: a training
+    """The graph inputs of the call's microbatches, on which the plan's step is rehearsed: a training
     call's (not a pipeline built for inference, as generate() builds), at this machine's rates, on CPU
     processes; else None."""
     values = [eval(source, {"L": arguments}) for source in captured.input_sources]  # noqa: S307 - Dynamo sources
     on_cpu = all(v.device.type == "cpu" for v in values if isinstance(v, torch.Tensor)) and mesh.n_pp > 1
     if config.rates != "measure" or not on_cpu or not torch.is_grad_enabled():
         return None
-    return split_inputs(values, captured.n_microbatches, batch_size)[0]
+    return split_inputs(values, captured.n_microbatches, batch_size)
 
 
 def _batch_size(inputs: dict[str, Any]) -> int:
@@ -259,13 +259,18 @@ class _Reporter:
     build_s: float = 0.0
 
     def finish(
-        self, plan: Plan, pipeline: Pipeline, microbatch: list[Any] | None, fresh: bool, started: float
+        self,
+        plan: Plan,
+        pipeline: Pipeline,
+        microbatches: list[list[Any]] | None,
+        fresh: bool,
+        started: float,
     ) -> None:
-        """Once the pipeline is built: its plan's step rehearsed on the graph inputs of the first
-        ``microbatch`` (None: not rehearsed; ``fresh``: not taken from the cache), and the build's time
+        """Once the pipeline is built: its plan's step rehearsed on the graph inputs of the call's
+        ``microbatches`` (None: not rehearsed; ``fresh``: not taken from the cache), and the build's time
         since ``started`` (``time.perf_counter()``), the rehearsal's included."""
-        if microbatch is not None:
-            self.plan = rehearsed(self.plan, plan, pipeline, microbatch, fresh)
+        if microbatches is not None:
+            self.plan = rehearsed(self.plan, plan, pipeline, microbatches, fresh)
         self.build_s = time.perf_counter() - started
 
     def __call__(self, record: StepRecord) -> None:

@@ -1,9 +1,10 @@
 """The plan's step as this machine runs it: the stages timed as they run, then the step rehearsed on the
-ranks with those times (:mod:`dynapipe.runtime.stage_times`, :mod:`dynapipe.runtime.rehearsal`).
+ranks, on the call's own microbatches (:mod:`dynapipe.runtime.stage_times`,
+:mod:`dynapipe.runtime.rehearsal`).
 
 What they measured is cached beside the rates (:func:`~.rates.cache_path`), keyed by the machine and by
 everything the measurement depends on: every stage's code and how it is compiled, the schedule's table,
-the sizes and the microbatch's shapes, the planned stage times. A restart or a second run of the same
+the sizes and the microbatch's shapes. A restart or a second run of the same
 script on this machine measures nothing again; ``profile=True`` measures afresh.
 """
 
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..graph import Sizes
-from ..plan import Explanation, Plan, action_seconds
+from ..plan import Explanation, Plan
 from ..runtime import Pipeline
 from ..schedules import StageCost
 from .rates import cache_path, write_cache
@@ -34,12 +35,12 @@ _STAGE_ROUNDS = 5  # timed runs of each stage, after one not counted
 
 
 def rehearsed(
-    explanation: Explanation, plan: Plan, pipeline: Pipeline, microbatch: Sequence[Any], fresh: bool
+    explanation: Explanation, plan: Plan, pipeline: Pipeline, microbatches: list[list[Any]], fresh: bool
 ) -> Explanation:
     """``explanation`` with its stages' measured times and its step rehearsed on the pipeline's ranks, as
     many rounds as fit in about a second, from 1 to 5, or both as cached by an earlier run (unless
-    ``fresh``); ``microbatch``: the graph inputs of the call's first microbatch."""
-    key = _key(explanation, plan, pipeline, microbatch)
+    ``fresh``); ``microbatches``: the graph inputs of the call's microbatches."""
+    key = _key(explanation, plan, pipeline, microbatches[0])
     path = cache_path(key, "rehearsal")
     cached = None if fresh else _read(path, key)
     views = pipeline.comm.gather_objects(cached, "the cached rehearsal")
@@ -47,16 +48,15 @@ def rehearsed(
         times, step = {int(s): (f, b) for s, (f, b) in cached["stages"].items()}, cached["step_s"]
         return _with(explanation, times, step, f"cached in {path}")
     sizes = Sizes(explanation.captured.shapes.hints)
-    measured = pipeline.time_stages(microbatch, sizes, _STAGE_ROUNDS, explanation.rates.cores)
+    measured = pipeline.time_stages(microbatches[0], sizes, _STAGE_ROUNDS, explanation.rates.cores)
     if isinstance(measured, str):
         warnings.warn(
-            f"dynapipe rehearsed the step with the planned stage times: timing a stage failed ({measured})",
+            f"dynapipe shows no measured stage times beside the plan's: timing a stage failed ({measured})",
             stacklevel=2,
         )
-    stages = explanation.stages if isinstance(measured, str) else _as_measured(explanation.stages, measured)
     simulated = explanation.predicted_step_s or 0.0
     rounds = min(max(int(_REHEARSAL_S / max(simulated, 1e-3)), 1), 5)  # a long step: once
-    step = pipeline.rehearse(sizes, action_seconds(plan, stages), rounds)
+    step = pipeline.rehearse(microbatches, sizes, rounds)
     if isinstance(measured, str):
         return dataclasses.replace(explanation, rehearsed_step_s=step, rehearsal_source="measured now")
     if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:
@@ -106,7 +106,6 @@ def _key(
             [list(v.shape), str(v.dtype)] if isinstance(v, torch.Tensor) else type(v).__name__
             for v in microbatch
         ],
-        "planned": [[c.forward, c.backward_input, c.backward_weight] for c in explanation.stages],
         "cores": explanation.rates.cores,
     }
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()

@@ -7,7 +7,6 @@ from .explanation import Explanation
 from .planner import (
     CostSource,
     Plan,
-    action_seconds,
     local_costs,
     plan_pipeline,
     predict_step,
@@ -19,7 +18,6 @@ __all__ = [
     "CostSource",
     "Explanation",
     "Plan",
-    "action_seconds",
     "local_costs",
     "plan_pipeline",
     "predict_step",

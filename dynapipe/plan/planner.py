@@ -37,7 +37,6 @@ from ..partition import (
     balanced_partition,
 )
 from ..schedules import (
-    Action,
     Kind,
     ScheduleError,
     ScheduleSpec,
@@ -52,7 +51,6 @@ from ..schedules.sharing import shared_cores
 __all__ = [
     "CostSource",
     "Plan",
-    "action_seconds",
     "local_costs",
     "plan_pipeline",
     "predict_step",
@@ -178,18 +176,6 @@ def predict_step(plan: Plan, stages: Sequence[StageCost]) -> Timeline:
     """One simulated training step of ``plan``'s schedule over its per-stage costs, at its costs' rates."""
     rates = plan.costs.rates if plan.costs is not None else NOMINAL_RATES
     return _simulate(plan.table, plan.spec, plan.n_ranks, stages, rates)
-
-
-def action_seconds(plan: Plan, stages: Sequence[StageCost]) -> dict[Action, float]:
-    """Each compute action's own time in ``plan``'s step (with no ranks sharing cores: a rehearsal on
-    the machine shares them for real)."""
-    rates = plan.costs.rates if plan.costs is not None else NOMINAL_RATES
-    timeline = _simulate(plan.table, plan.spec, plan.n_ranks, stages, rates, shared=False)
-    return {
-        e.action: e.end - e.start
-        for e in timeline.events
-        if e.action is not None and e.action.kind.is_compute
-    }
 
 
 def _simulate(

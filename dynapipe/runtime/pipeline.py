@@ -11,7 +11,8 @@ call whose loss is never back-propagated leaves ``.grad`` untouched.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,10 +189,22 @@ class Pipeline:
         failed = [m for m in every if isinstance(m, str)]
         return failed[0] if failed else {s: t for m in every if isinstance(m, dict) for s, t in m.items()}
 
-    def rehearse(self, sizes: Sizes, seconds: Mapping[Action, float], rounds: int) -> float:
-        """The slowest rank's step when this pipeline's training table runs with every compute action
-        taking ``seconds`` of CPU time (:mod:`.rehearsal`); every rank of the pipeline calls it."""
-        return rehearse(self.executor, self.actions, sizes, seconds, rounds)
+    def rehearse(self, microbatches: list[list[Any]], sizes: Sizes, rounds: int) -> float:
+        """The slowest rank's step when this pipeline's training table runs on the microbatch graph inputs
+        ``microbatches``, leaving nothing behind (:mod:`.rehearsal`); every rank of the pipeline calls it."""
+        epilogue = [("all-reduce shared gradients", self._reduce_tied)] if self.tied else []
+        with self._peers_told():
+            return rehearse(self.executor, self.actions, microbatches, sizes, rounds, epilogue)
+
+    @contextmanager
+    def _peers_told(self) -> Iterator[None]:
+        """This rank's own error in a step reaches its peers at once (a peer's names itself)."""
+        try:
+            yield
+        except Exception as err:
+            if not isinstance(err, PipelineError):
+                self.comm.report_failure(f"raised {type(err).__name__}: {str(err)[:200]}", learn=False)
+            raise
 
     def agree(self, values: dict[str, str], what: str) -> None:
         """Fail on every rank, naming the difference, unless every rank of the pipeline has ``values``."""
@@ -230,12 +243,9 @@ class Pipeline:
         if train and self.tied:
             epilogue.insert(0, ("all-reduce shared gradients", self._reduce_tied))
         try:
-            step = self.executor.run(table, inputs, sizes, train, delivery.send, prologue, epilogue)
+            with self._peers_told():
+                step = self.executor.run(table, inputs, sizes, train, delivery.send, prologue, epilogue)
             grads = [p.grad for p in self.params]
-        except Exception as err:
-            if not isinstance(err, PipelineError):  # this rank's own error: its peers will name it
-                self.comm.report_failure(f"raised {type(err).__name__}: {str(err)[:200]}", learn=False)
-            raise
         finally:
             for p, g in held.items():
                 p.grad = g

@@ -13,7 +13,8 @@ its state, compiled stages their counts of runs.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from ..schedules import Action, Kind
 from .executor import Executor, Step
 from .routes import BWD, FWD
 
-__all__ = ["time_stages"]
+__all__ = ["time_stages", "unchanged"]
 
 _BUDGET_S = 0.5  # what timing one stage may take, about, after its first run
 
@@ -33,6 +34,14 @@ def time_stages(
 ) -> dict[int, tuple[float, float]]:
     """(forward, backward) seconds of each of ``stages`` (this rank's), the median of ``rounds`` after
     one not counted, on the microbatch graph inputs ``inputs``."""
+    with unchanged(executor, stages):
+        return {s: _time(executor, s, inputs, sizes, rounds) for s in stages}
+
+
+@contextmanager
+def unchanged(executor: Executor, stages: Sequence[int]) -> Iterator[None]:
+    """Run the ``stages`` (this rank's) for a measurement and leave them as they were: the parameters'
+    ``.grad``, the buffers' values, the user's random stream, the compiled graphs' counts of runs."""
     params = [p for s in stages for p in executor.stages[s].module.parameters()]
     buffers = [b for s in stages for b in executor.stages[s].module.buffers()]
     grads = [p.grad for p in params]
@@ -40,7 +49,7 @@ def time_stages(
     counts = {s: dict(executor.compiled[s].runs) for s in stages if s in executor.compiled}
     try:
         with torch.random.fork_rng(devices=[]):
-            return {s: _time(executor, s, inputs, sizes, rounds) for s in stages}
+            yield
     finally:
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
