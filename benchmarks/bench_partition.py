@@ -160,7 +160,7 @@ def llama3(stages: list[int]) -> None:
     chain = Chain(captured, costs, (), k, 1)
     bound = min_bottleneck(chain, float("inf"), chain.allowed)
     spec = get_schedule("1f1b")
-    steps = {m: step_time(spec, n_ranks=k, n_stages=k, n_microbatches=m) for m in (1, 8)}
+    steps = {m: step_time(spec.build(n_ranks=k, n_stages=k, n_microbatches=m), spec, k) for m in (1, 8)}
     print(f"{k} stages, use_cache=False: the fewest-bytes split within each balance limit")
     print(f"{'limit':>6s} {'balance':>8s} {'max send':>9s} {'step m=1':>9s} {'step m=8':>9s}")
     for share in (0.0, 0.01, 0.03, 0.05, 0.075, 0.1):
