@@ -64,14 +64,12 @@ def main() -> None:
             captured = capture(model, dict(input_ids=ids, labels=ids, use_cache=False), n_microbatches=m)
             config = PipelineConfig(n_stages=n_stages, n_microbatches=m)
             plan = plan_pipeline(captured, config, spec=spec, n_ranks=n_stages, n_stages=n_stages)
-            shown = Explanation.of(captured, plan, config)
+            shown = Explanation.of(captured, plan)
             assert plan.costs is not None
             chain = Chain(captured, plan.costs, (), n_stages, max(plan.in_flight))
             best = fewest_bytes(chain, min_bottleneck(chain, math.inf, chain.allowed) * (1 + 1e-9), math.inf)
             assert best is not None
-            balanced = step_time(spec, n_ranks=n_stages, n_stages=n_stages, n_microbatches=m)(
-                chain.stage_costs(best[1])
-            )
+            balanced = step_time(plan.table, spec, n_stages)(chain.stage_costs(best[1]))
             send = max(s.send_bytes for s in shown.stages) / 2**20
             print(
                 f"{n_stages:6d}  {m:12d}  {shown.imbalance:9.3f}  {shown.layer_imbalance or 0:11.3f}  "
