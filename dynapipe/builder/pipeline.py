@@ -132,7 +132,7 @@ def _rehearsal_inputs(
     captured: CapturedGraph,
     arguments: dict[str, Any],
     batch_size: int,
-) -> list[Any] | None:
+) -> list[list[Any]] | None:
     """The graph inputs of the call's microbatches, on which the plan's step is rehearsed: a training
     call's (not a pipeline built for inference, as generate() builds), at this machine's rates, on CPU
     processes; else None."""

@@ -4,8 +4,8 @@ ranks, on the call's own microbatches (:mod:`dynapipe.runtime.stage_times`,
 
 What they measured is cached beside the rates (:func:`~.rates.cache_path`), keyed by the machine and by
 everything the measurement depends on: every stage's code and how it is compiled, the schedule's table,
-the sizes and the microbatch's shapes. A restart or a second run of the same
-script on this machine measures nothing again; ``profile=True`` measures afresh.
+the sizes and the microbatch's shapes. A restart or a second run of the same script on this machine
+measures nothing again; ``profile=True`` measures afresh.
 """
 
 from __future__ import annotations
