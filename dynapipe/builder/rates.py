@@ -34,7 +34,7 @@ from ..graph import CapturedGraph
 from ..runtime import Comm, PipelineMesh
 from ..runtime.link import time_link
 
-__all__ = ["cache_path", "machine", "plan_rates", "write_cache"]
+__all__ = ["cache_path", "machine", "plan_rates", "read_cache", "write_cache"]
 
 # Sizes the link is timed at: a small message (its latency) and one large enough for its bandwidth.
 _LINK_SIZES = (4 << 10, 1 << 20)
@@ -191,11 +191,21 @@ def cache_path(key: dict[str, str], kind: str = "rates") -> Path:
 def _read_cache(path: Path, key: dict[str, str]) -> Rates | None:
     """The cached rates of exactly this machine, torch and layout; anything else (none, damaged,
     another machine's) is not used."""
+    data = read_cache(path)
     try:
-        rates = Rates.from_json(json.loads(path.read_text()), f"cached on this machine ({path})")
-    except (OSError, ValueError, TypeError):
+        rates = Rates.from_json(data, f"cached on this machine ({path})") if data is not None else None
+    except (ValueError, TypeError):
         return None
-    return rates if dict(rates.machine) == key else None
+    return rates if rates is not None and dict(rates.machine) == key else None
+
+
+def read_cache(path: Path) -> dict | None:
+    """A cache file's contents; None where there is none or it is damaged (it is measured again)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def write_cache(path: Path, data: dict) -> None:

@@ -16,7 +16,6 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from ..graph import Sizes
 from ..plan import Explanation, Plan
 from ..runtime import Pipeline
 from ..schedules import StageCost
-from .rates import cache_path, write_cache
+from .rates import cache_path, read_cache, write_cache
 
 __all__ = ["rehearsed"]
 
@@ -42,7 +41,8 @@ def rehearsed(
     ``fresh``); ``microbatches``: the graph inputs of the call's microbatches."""
     key = _key(explanation, plan, pipeline, microbatches[0])
     path = cache_path(key, "rehearsal")
-    cached = None if fresh else _read(path, key)
+    found = None if fresh else read_cache(path)
+    cached = found if found is not None and found.get("key") == key else None
     views = pipeline.comm.gather_objects(cached, "the cached rehearsal")
     if cached is not None and views.count(cached) == len(views):  # every rank holds the same
         times, step = {int(s): (f, b) for s, (f, b) in cached["stages"].items()}, cached["step_s"]
@@ -110,12 +110,3 @@ def _key(
     }
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
     return {**explanation.rates.machine, "plan": digest}
-
-
-def _read(path: Path, key: dict[str, str]) -> dict | None:
-    """What an earlier run measured under exactly ``key``; anything else (none, damaged) is not used."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("key") == key else None

@@ -192,9 +192,10 @@ class Pipeline:
     def rehearse(self, microbatches: list[list[Any]], sizes: Sizes, rounds: int) -> float:
         """The slowest rank's step when this pipeline's training table runs on the microbatch graph inputs
         ``microbatches``, leaving nothing behind (:mod:`.rehearsal`); every rank of the pipeline calls it."""
-        epilogue = [("all-reduce shared gradients", self._reduce_tied)] if self.tied else []
         with self._peers_told():
-            return rehearse(self.executor, self.actions, microbatches, sizes, rounds, epilogue)
+            return rehearse(
+                self.executor, self.actions, microbatches, sizes, rounds, self._shared_gradients()
+            )
 
     @contextmanager
     def _peers_told(self) -> Iterator[None]:
@@ -239,9 +240,10 @@ class Pipeline:
             ("refresh shared state", lambda: refresh_state(self.state_readers, self.serial, self.comm)),
             ("post output receives", delivery.post),
         ]
-        epilogue = [("receive outputs", lambda: outputs.extend(delivery.receive()))]
-        if train and self.tied:
-            epilogue.insert(0, ("all-reduce shared gradients", self._reduce_tied))
+        epilogue = [
+            *(self._shared_gradients() if train else []),
+            ("receive outputs", lambda: outputs.extend(delivery.receive())),
+        ]
         try:
             with self._peers_told():
                 step = self.executor.run(table, inputs, sizes, train, delivery.send, prologue, epilogue)
@@ -272,6 +274,10 @@ class Pipeline:
             {s: dict(c.runs) for s, c in self.compiled.items()},
             dict(self.rank_of_stage),
         )
+
+    def _shared_gradients(self) -> list[tuple[str, Callable[[], None]]]:
+        """A training step's work after its table where parameters are shared across ranks."""
+        return [("all-reduce shared gradients", self._reduce_tied)] if self.tied else []
 
     def _reduce_tied(self) -> None:
         """Sum the gradient of each parameter used by stages on several ranks over just those ranks."""
