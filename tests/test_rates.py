@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from models import HF_CASES
 
 import dynapipe
 from dynapipe.builder.rates import cache_path
+from dynapipe.builder.rehearsed import CHECKED_STEPS
 from dynapipe.cost import NOMINAL_RATES, Rates
 from dynapipe.errors import ConfigError
 
@@ -37,10 +40,12 @@ def _train(rank: int, world: int, options: dict, steps: int = 1) -> dict:
     step = torch.compile(case.step, backend="dynapipe", options=options)
     times, started = [], time.perf_counter()
     torch.manual_seed(5)
-    for _ in range(steps):
-        began = time.perf_counter()
-        step(*case.args).backward()
-        times.append(time.perf_counter() - began)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            began = time.perf_counter()
+            step(*case.args).backward()
+            times.append(time.perf_counter() - began)
     plan = reports[0].plan
     drawn = torch.rand(4)  # what the user's script draws next (the step itself draws nothing)
     torch.manual_seed(5)
@@ -56,6 +61,7 @@ def _train(rank: int, world: int, options: dict, steps: int = 1) -> dict:
         "first_s": times[0],
         "total_s": time.perf_counter() - started,
         "text": str(plan),
+        "warnings": [str(w.message) for w in caught],
     }
 
 
@@ -107,6 +113,24 @@ def test_the_cache_is_reused_and_a_foreign_one_ignored() -> None:
     path.write_text("{not json")  # a damaged cache is measured again, not an error
     assert run_distributed(_train, 2, {}, timeout=240)[0]["rates"].source.startswith("measured")
     assert json.loads(path.read_text())["machine"] == data["machine"]  # and rewritten
+
+
+def test_a_cached_rehearsal_the_run_contradicts_is_dropped() -> None:
+    first = run_distributed(_train, 2, {}, timeout=240)[0]
+    path = Path(first["rehearsal"].split("cached in ")[1].split(";")[0])
+    data = json.loads(path.read_text())
+    # as if rehearsed in a second when the machine ran 3x slower than it does now
+    path.write_text(json.dumps({**data, "rounds": [3 * r for r in data["rounds"]]}))
+    checked = run_distributed(_train, 2, {}, 1 + CHECKED_STEPS, timeout=240)
+    assert checked[0]["rehearsal"].startswith(f"cached in {path}")
+    assert checked[0]["predicted"] == pytest.approx(3 * first["predicted"])
+    # the run's steps 2-6 contradict it: the rank that wrote the entry deletes it and says so
+    assert not path.exists()
+    said = [w for w in checked[0]["warnings"] if "rehearsed step" in w]
+    assert len(said) == 1 and f"dropped {path}, so the next run rehearses again" in said[0], said
+    assert not any("rehearsed step" in w for w in checked[1]["warnings"])
+    again = run_distributed(_train, 2, {}, timeout=240)[0]
+    assert again["rehearsal"].startswith("measured now, cached in") and path.exists()
 
 
 def test_saved_rates_are_loaded_and_bad_ones_refused(tmp_path) -> None:

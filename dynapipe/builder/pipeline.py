@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -35,7 +34,6 @@ from ..runtime import (
     Comm,
     Pipeline,
     PipelineMesh,
-    StepRecord,
     build_mesh,
     ensure_process_group,
     owner_stages,
@@ -59,8 +57,7 @@ from ..schedules import (
 from .models import check_models, fill_state
 from .outputs import loss_index, output_specs
 from .rates import plan_rates
-from .rehearsed import rehearsed
-from .report import StepReport
+from .report import Reporter
 
 __all__ = ["build_pipeline", "input_shapes"]
 
@@ -100,7 +97,7 @@ def build_pipeline(
     place_state(stages, local, comm, fill=partial(fill_state, models, config.checkpoint))
     record_owners(stages, tuple(pp_of_stage[s] for s in range(n_stages)))
     compiled, how_compiled = _compile(config, stages, local, inputs, captured.shapes, comm)
-    reporter = _Reporter(config.on_step, Explanation.of(captured, plan)) if config.on_step else None
+    reporter = Reporter(config.on_step, Explanation.of(captured, plan)) if config.on_step else None
     pipeline = Pipeline(
         stages=stages,
         rank_of_stage={s: mesh.global_rank(pp) for s, pp in pp_of_stage.items()},
@@ -247,35 +244,6 @@ def _plan_stages(
         # the owners' stages would send a value that cannot cross stages: cut anew, fetch weights
         plan = plan_for()
         return plan, build_stages(captured, plan.stage_of, n_stages)
-
-
-@dataclass
-class _Reporter:
-    """``on_step`` fed with the runtime's record of each step, the plan that runs (rehearsed once the
-    pipeline exists) and the pipeline's build time."""
-
-    on_step: Callable[[StepReport], None]
-    plan: Explanation
-    build_s: float = 0.0
-
-    def finish(
-        self,
-        plan: Plan,
-        pipeline: Pipeline,
-        microbatches: list[list[Any]] | None,
-        fresh: bool,
-        started: float,
-    ) -> None:
-        """Once the pipeline is built: its plan's step rehearsed on the graph inputs of the call's
-        ``microbatches`` (None: not rehearsed; ``fresh``: not taken from the cache), and the build's time
-        since ``started`` (``time.perf_counter()``), the rehearsal's included."""
-        if microbatches is not None:
-            self.plan = rehearsed(self.plan, plan, pipeline, microbatches, fresh)
-        self.build_s = time.perf_counter() - started
-
-    def __call__(self, record: StepRecord) -> None:
-        fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
-        self.on_step(StepReport(**fields, plan=self.plan, build_s=self.build_s))
 
 
 def _tables(

@@ -41,7 +41,7 @@ _LINK_SIZES = (4 << 10, 1 << 20)
 _LINK_ROUNDS = 8
 # Part of the cache's key: raised whenever what is measured, or how, changes, so that a cache written by
 # another version of dynapipe is never read as this one's numbers.
-RATES_FORMAT = "6"
+RATES_FORMAT = "7"
 
 
 def plan_rates(

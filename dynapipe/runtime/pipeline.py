@@ -189,9 +189,10 @@ class Pipeline:
         failed = [m for m in every if isinstance(m, str)]
         return failed[0] if failed else {s: t for m in every if isinstance(m, dict) for s, t in m.items()}
 
-    def rehearse(self, microbatches: list[list[Any]], sizes: Sizes, rounds: int) -> float:
-        """The slowest rank's step when this pipeline's training table runs on the microbatch graph inputs
-        ``microbatches``, leaving nothing behind (:mod:`.rehearsal`); every rank of the pipeline calls it."""
+    def rehearse(self, microbatches: list[list[Any]], sizes: Sizes, rounds: int) -> list[float]:
+        """The slowest rank's step in each of ``rounds`` when this pipeline's training table runs on the
+        microbatch graph inputs ``microbatches``, leaving nothing behind (:mod:`.rehearsal`); every rank of
+        the pipeline calls it."""
         with self._peers_told():
             return rehearse(
                 self.executor, self.actions, microbatches, sizes, rounds, self._shared_gradients()
