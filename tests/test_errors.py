@@ -180,3 +180,38 @@ def test_every_survivor_names_the_rank_that_died() -> None:
         message = str(results[rank])
         assert f"PipelineError: rank {rank}:" in message, message
         assert "rank 2 went silent first: it died or hung" in message, message
+
+
+def rehearsal_failing_worker(rank: int, world: int, victim: int) -> float:
+    import contextlib
+
+    from models import mlp
+
+    import dynapipe.runtime.rehearsal as rehearsal
+
+    if rank == victim:  # this rank's rehearsal breaks as it starts, before its peers hear from it
+
+        @contextlib.contextmanager
+        def broken(*args):
+            raise RuntimeError("the rehearsal broke here")
+            yield
+
+        rehearsal.unchanged = broken
+    case = mlp(world)
+    options = {"split_points": case.split_points, "n_microbatches": 4, "timeout_s": 30, "on_step": print}
+    step = torch.compile(case.step, backend="dynapipe", options={**options, "profile": True})
+    start = time.monotonic()
+    try:
+        step(*case.args)
+    except Exception as err:  # noqa: BLE001
+        raise RuntimeError(f"noticed after {time.monotonic() - start:.1f} seconds: {err}") from err
+    raise AssertionError("the step finished although a rank's rehearsal failed")
+
+
+def test_a_rehearsal_that_fails_on_one_rank_fails_every_rank_fast() -> None:
+    results = run_distributed(rehearsal_failing_worker, 2, 1, timeout=120, allow_failure=True)
+    assert "RuntimeError: the rehearsal broke here" in str(results[1]), results[1]
+    message = str(results[0])
+    assert "rank 1" in message and "the rehearsal broke here" in message, message
+    seconds = float(re.search(r"noticed after ([0-9.]+) seconds", message).group(1))
+    assert seconds < 25, f"rank 0 needed {seconds:.1f} s to notice (its timeout: 30 s)"
