@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ..formatting import format_seconds
 from ..graph import Sizes
-from ..plan import DISAGREE, Explanation, Plan
+from ..plan import Explanation, Plan
 from ..runtime import Pipeline
 from ..schedules import StageCost
 from .rates import cache_path, read_cache, write_cache
@@ -37,7 +37,10 @@ __all__ = ["CHECKED_STEPS", "drop_if_contradicted", "rehearsed"]
 
 _REHEARSAL_S = 1.0  # what rehearsing the plan's step may take, about
 _STAGE_ROUNDS = 5  # timed runs of each stage, after one not counted
-CHECKED_STEPS = 5  # the run's training steps, after its first, whose median checks the rehearsal's cache
+CHECKED_STEPS = 10  # the run's training steps, after its first, whose median checks the rehearsal's cache
+# A cached rehearsal this far off the median of those steps is dropped: beyond the spread of ten steps
+# here (a benchmark row read 1.16x over steps 2-6 and 0.98x over 24), within what a slowdown does (1.5x).
+CONTRADICTED = 0.25
 
 
 def rehearsed(
@@ -76,10 +79,10 @@ def rehearsed(
 
 def drop_if_contradicted(explanation: Explanation, path: Path, steps: Sequence[float]) -> None:
     """Delete the cached rehearsal at ``path`` (on the rank that wrote it, which says so) where the median
-    of the run's training ``steps`` on this rank is off its step by more than :data:`DISAGREE`: the
+    of the run's training ``steps`` on this rank is off its step by more than :data:`CONTRADICTED`: the
     machine's load changed since it was measured, and the next run rehearses again."""
     predicted, step = explanation.rehearsed_step_s, statistics.median(steps)
-    if predicted is None or abs(predicted / step - 1) <= DISAGREE:
+    if predicted is None or abs(predicted / step - 1) <= CONTRADICTED:
         return
     if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0 and path.exists():
         path.unlink(missing_ok=True)

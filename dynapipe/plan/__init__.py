@@ -3,7 +3,7 @@
 The backend and :func:`dynapipe.explain` both call :func:`plan_pipeline` (and :func:`stage_count`), so
 what ``explain()`` prints is the partition that runs."""
 
-from .explanation import DISAGREE, Explanation
+from .explanation import Explanation
 from .planner import (
     CostSource,
     Plan,
@@ -15,7 +15,6 @@ from .planner import (
 )
 
 __all__ = [
-    "DISAGREE",
     "CostSource",
     "Explanation",
     "Plan",
