@@ -36,6 +36,7 @@ from .rates import cache_path, read_cache, write_cache
 __all__ = ["CHECKED_STEPS", "drop_if_contradicted", "rehearsed"]
 
 _REHEARSAL_S = 1.0  # what rehearsing the plan's step may take, about
+_MOST_ROUNDS = 9  # of a short step: 5 rounds of the demo's 45 ms steps spread 39-47 ms
 _STAGE_ROUNDS = 5  # timed runs of each stage, after one not counted
 CHECKED_STEPS = 10  # the run's training steps, after its first, whose median checks the rehearsal's cache
 # A cached rehearsal this far off the median of those steps is dropped: beyond the spread of ten steps
@@ -47,7 +48,7 @@ def rehearsed(
     explanation: Explanation, plan: Plan, pipeline: Pipeline, microbatches: list[list[Any]], fresh: bool
 ) -> tuple[Explanation, Path | None]:
     """``explanation`` with its stages' measured times and its step rehearsed on the pipeline's ranks, as
-    many rounds as fit in about a second, from 1 to 5, or both as cached by an earlier run (unless
+    many rounds as fit in about a second, from 1 to 9, or both as cached by an earlier run (unless
     ``fresh``), and the cache entry that holds them (None: not cached); ``microbatches``: the graph inputs
     of the call's microbatches."""
     key = _key(explanation, plan, pipeline, microbatches[0])
@@ -65,7 +66,8 @@ def rehearsed(
     # collected inside them, as in every step
     gc.collect()
     measured = pipeline.time_stages(microbatches[0], sizes, _STAGE_ROUNDS, explanation.rates.cores)
-    rounds = pipeline.rehearse(microbatches, sizes, min(max(int(_REHEARSAL_S / max(simulated, 1e-3)), 1), 5))
+    fit = int(_REHEARSAL_S / max(simulated, 1e-3))
+    rounds = pipeline.rehearse(microbatches, sizes, min(max(fit, 1), _MOST_ROUNDS))
     if isinstance(measured, str):
         warnings.warn(
             f"dynapipe shows no measured stage times beside the plan's: timing a stage failed ({measured})",
