@@ -41,7 +41,8 @@ class Explanation:
     # dynapipe.runtime.rehearsal): what the simulation of ``predicted`` leaves out, paid for real
     rehearsed_step_s: float | None = None
     measured_stages: tuple[StageCost, ...] | None = None  # the stages' times as they ran when rehearsed
-    rehearsal_source: str = ""  # "measured now, cached in PATH", or "cached in PATH" by an earlier run
+    # "measured now, cached in PATH", or "cached in PATH" by an earlier run; then the rounds' median, spread
+    rehearsal_source: str = ""
 
     @classmethod
     def of(cls, captured: CapturedGraph, plan: Plan) -> Explanation:
