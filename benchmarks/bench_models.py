@@ -6,19 +6,18 @@ every plan's predicted step beside its measured one.
     python benchmarks/bench_models.py --models demo --stages 4 --micro 1 4 --steps 24
 
 Each row trains a randomly initialised causal LM on local CPU processes (gloo), one per stage, with 1F1B
-and ``n_microbatches`` = the stage count times ``--micro``. Three plans of the same model, each
-compiled on its own copy in the same processes: **auto** (the default options), **even**
-(``balance_slack=0.03``: every stage within 3% of the best balance; "(same)" where it is the auto plan)
-and **equal** (``split_points`` at equal numbers of layers, what a person writes). Their steps alternate
-(auto, even, equal, auto, ...) so that load on the machine falls on all alike, each plan running one
-untimed step after the switch and then the timed one (switching plans disturbs the memory allocator: a
-plan's first step after another's pays page faults that a training run of one plan does not); every
-step's time is the slowest rank's. Reported per plan: the median step (min-max) in ms and the step its plan predicted
+and ``n_microbatches`` = the stage count times ``--micro``. Three plans of the same model, each compiled
+on its own copy in the same processes: **auto** (the default options), **even** (``balance_slack=0.03``:
+every stage within 3% of the best balance; "(same)" where it is the auto plan) and **equal**
+(``split_points`` at equal numbers of layers, what a person writes). Their steps alternate (auto, even,
+equal, auto, ...) so that load on the machine falls on all alike, each plan running one untimed step after
+the switch and then the timed one (switching plans disturbs the memory allocator: a plan's first step
+after another's pays page faults that a training run of one plan does not); every step's time is the
+slowest rank's. Reported per plan: the median step (min-max) in ms and the step its plan predicted
 (``StepReport.plan.predicted_step_s``: rehearsed on the ranks when it was built); the ratio of the auto
-plan to the better of the other two (to the equal layers where the even plan is the auto plan), the
-median of the rounds' ratios (below 1: auto is faster); and
-over the row's plans, predicted / measured and simulated / measured (the partitioner's model alone, at
-the measured rates).
+plan to the better of the other two (to the equal layers where the even plan is the auto plan), the median
+of the rounds' ratios (below 1: auto is faster); and over the row's plans, predicted / measured and
+simulated / measured (the partitioner's model alone, at the measured rates).
 """
 
 from __future__ import annotations

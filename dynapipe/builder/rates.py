@@ -1,14 +1,14 @@
 """The rates a pipeline is planned at (``options["rates"]``): measured on this machine by its ranks
 and cached per machine, nominal, or loaded from a saved set.
 
-Measuring times each distinct operation of the captured graph at its microbatch shapes (every rank a
-share of them, on a core of its own: ranks that share cores take turns, and the simulator charges what
-they cost one another where they compute at once), how the operations compose (one rank runs a window
-of the graph), and the link between pipeline neighbours over the real process group, all ranks at once.
-The ranks exchange what they measured, so all plan with the same numbers. The cache (``$XDG_CACHE_HOME/dynapipe``, else
-``~/.cache/dynapipe``) is keyed by the device, the torch version, the world's layout and
-:data:`RATES_FORMAT`; a cache from another machine, torch, layout or way of measuring is never read, and a restart or a second script only times the
-operations the cache lacks.
+Measuring times each distinct operation of the captured graph at its microbatch shapes (every rank a share
+of them, on a core of its own: ranks that share cores take turns, and the simulator charges what they cost
+one another where they compute at once), how the operations compose (one rank runs a window of the graph),
+and the link between pipeline neighbours over the real process group, all ranks at once. The ranks
+exchange what they measured, so all plan with the same numbers. The cache (``$XDG_CACHE_HOME/dynapipe``,
+else ``~/.cache/dynapipe``) is keyed by the device, the torch version, the world's layout and
+:data:`RATES_FORMAT`; a cache from another machine, torch, layout or way of measuring is never read, and a
+restart or a second script only times the operations the cache lacks.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ..graph import CapturedGraph
 from ..runtime import Comm, PipelineMesh
 from ..runtime.link import time_link
 
-__all__ = ["cache_path", "machine", "plan_rates", "read_cache", "write_cache"]
+__all__ = ["cache_path", "machine", "plan_rates", "read_cache", "write_cache", "writes_cache"]
 
 # Sizes the link is timed at: a small message (its latency) and one large enough for its bandwidth.
 _LINK_SIZES = (4 << 10, 1 << 20)
@@ -69,7 +69,7 @@ def plan_rates(
         rates = _measure(
             captured, config, comm, mesh, device, wanted, base and Rates.from_json(base, ""), key
         )
-    if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:
+    if writes_cache():
         write_cache(cache_path(key), rates.to_json())
     return rates
 
@@ -206,6 +206,12 @@ def read_cache(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def writes_cache() -> bool:
+    """Whether this rank writes (and deletes) its host's cache files: the first rank on each host, so that
+    a file has one writer."""
+    return int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
 
 
 def write_cache(path: Path, data: dict) -> None:

@@ -16,7 +16,6 @@ import dataclasses
 import gc
 import hashlib
 import json
-import os
 import statistics
 import warnings
 from collections.abc import Sequence
@@ -24,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..formatting import format_seconds
 from ..graph import Sizes
 from ..plan import Explanation, Plan
 from ..runtime import Pipeline
 from ..schedules import StageCost
-from .rates import cache_path, read_cache, write_cache
+from .rates import cache_path, read_cache, write_cache, writes_cache
 
 __all__ = ["CHECKED_STEPS", "drop_if_contradicted", "rehearsed"]
 
@@ -74,7 +72,7 @@ def rehearsed(
             stacklevel=2,
         )
         return _with(explanation, None, rounds, "measured now"), None
-    if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:
+    if writes_cache():
         write_cache(path, {"key": key, "stages": measured, "rounds": rounds})
     return _with(explanation, measured, rounds, f"measured now, cached in {path}"), path
 
@@ -86,7 +84,7 @@ def drop_if_contradicted(explanation: Explanation, path: Path, steps: Sequence[f
     predicted, step = explanation.rehearsed_step_s, statistics.median(steps)
     if predicted is None or abs(predicted / step - 1) <= CONTRADICTED:
         return
-    if int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0 and path.exists():
+    if writes_cache() and path.exists():
         path.unlink(missing_ok=True)
         warnings.warn(
             f"dynapipe: the plan's rehearsed step ({format_seconds(predicted)}) is {predicted / step:.2f}x "

@@ -1,14 +1,14 @@
 """Min-cut refinement of chain cuts (networkx), the functorch way.
 
-**Min-cut refinement** (the functorch way, ``torch/_functorch/partitioners.py``). For each cut,
-nodes that carry FLOPs (or much time) stay on their side (infinite edges from the source / to the
-sink), as do side-effect nodes and the members of every group above; FLOP-free nodes (views,
-elementwise, masks, label shifting) may move. Each node is split into ``_in -> _out`` halves with
-capacity = the bytes it would send and a message's worth (:data:`_MESSAGE_BYTES`), data edges
-``u_out -> v_in`` and reverse edges ``v_in -> u_in`` are infinite, so the source side of the min cut
-is a closed cut that sends the fewest bytes for the same heavy nodes -- stage times do not change.
-This moves, e.g., a mask computed early but read late to where it is read. Only the neighbourhood of each cut enters the flow graph: nodes whose side
-follows from the pinned ones (ancestors of source-side, descendants of sink-side) are left out.
+**Min-cut refinement** (the functorch way, ``torch/_functorch/partitioners.py``). For each cut, nodes that
+carry FLOPs (or much time) stay on their side (infinite edges from the source / to the sink), as do
+side-effect nodes and the members of every group above; FLOP-free nodes (views, elementwise, masks, label
+shifting) may move. Each node is split into ``_in -> _out`` halves with capacity = the bytes it would send
+and a message's worth (:data:`_MESSAGE_BYTES`), data edges ``u_out -> v_in`` and reverse edges ``v_in ->
+u_in`` are infinite, so the source side of the min cut is a closed cut that sends the fewest bytes for the
+same heavy nodes -- stage times do not change. This moves, e.g., a mask computed early but read late to
+where it is read. Only the neighbourhood of each cut enters the flow graph: nodes whose side follows from
+the pinned ones (ancestors of source-side, descendants of sink-side) are left out.
 
 Determinism: everything iterates lists in graph order; networkx's minimum_cut returns the unique cut
 whose sink side is what can still reach the sink in the residual graph, whatever flow it found; byte
